@@ -1,0 +1,41 @@
+"""The app factory: FastAPI with the REST API, the Gradio UI at /, and the studio's lifespan."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from studio.api import build_router
+from studio.config import Settings
+from studio.runtime import Studio
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    studio = Studio(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Blocking start-up on purpose: no request is served before the store
+        # and the model server are ready. The shutdown half also runs on
+        # SIGINT/SIGTERM, which uvicorn turns into a graceful exit.
+        studio.start()
+        try:
+            yield
+        finally:
+            studio.stop()
+
+    app = FastAPI(title="Preference Studio", lifespan=lifespan)
+    app.state.studio = studio
+    app.include_router(build_router())
+    if settings.ui:
+        import gradio as gr
+
+        from studio.ui import build_ui
+
+        app = gr.mount_gradio_app(app, build_ui(studio), path="/", footer_links=[])
+    return app

@@ -1,0 +1,186 @@
+"""The running studio: store, model version, serving backend and sampler, started and stopped together."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from studio.config import Settings
+from studio.model_prep import check_hf_folder, folder_hash, prepare_default_model
+from studio.sampling import Sampler
+from studio.serving.client import OpenAIChatBackend
+from studio.serving.vllm_server import ServingError, VLLMServer
+from studio.store import Store
+
+BASE_VERSION = "base"
+
+
+def say(message: str) -> None:
+    print(f"[studio] {message}", file=sys.stderr, flush=True)
+
+
+def version_name_for(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name).strip("-") or "model"
+
+
+def cached_folder_hash(folder: Path, cache_file: Path) -> str:
+    """Hash a model folder once per change of its files (a 7B folder takes minutes to hash)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    signature = json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    key = hashlib.sha256(signature.encode()).hexdigest()
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if key not in cache:
+        cache[key] = folder_hash(folder)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache))
+    return cache[key]
+
+
+class Studio:
+    """Everything one studio process owns. `start()` brings it up, `stop()` takes it down."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store: Store | None = None
+        self.server: VLLMServer | None = None
+        self.backend: OpenAIChatBackend | None = None
+        self.sampler: Sampler | None = None
+        self.base_version: str = BASE_VERSION
+
+    def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(s.db_path)
+        say(f"store: {s.db_path} (migrations applied now: {self.store.applied_now or 'none'})")
+        try:
+            if s.backend_url:
+                self._use_external_backend(s.backend_url)
+            else:
+                self._start_managed_vllm()
+        except BaseException:
+            self.stop()
+            raise
+        assert self.backend is not None
+        self.sampler = Sampler(self.store, self.backend)
+        # CLI commands read this to find the running studio (the database is ours now).
+        self._server_file.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
+        say(f"Preference Studio is ready: open {self.url}/")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    @property
+    def _server_file(self) -> Path:
+        return self.settings.data_dir / "server.json"
+
+    def _register_local_model(self) -> tuple[str, Path]:
+        s, store = self.settings, self.store
+        assert store is not None
+        if s.model is None:
+            say(
+                "preparing the packaged model SmolLM2-135M-Instruct "
+                "(the first start converts its GGUF file, about 30 s)"
+            )
+            prepared = prepare_default_model(s.data_dir)
+            name = s.model_name or BASE_VERSION
+            store.register_model_version(
+                name,
+                path=str(prepared.path),
+                content_hash=prepared.content_hash,
+                source=prepared.source,
+            )
+            return name, prepared.path
+        check_hf_folder(s.model)
+        name = s.model_name or version_name_for(s.model)
+        say(f"hashing model folder {s.model} (cached after the first start)")
+        digest = cached_folder_hash(s.model, s.data_dir / "cache" / "model-hashes.json")
+        store.register_model_version(
+            name, path=str(s.model.resolve()), content_hash=digest, source=f"local:{s.model.resolve()}"
+        )
+        return name, s.model
+
+    def _start_managed_vllm(self) -> None:
+        name, path = self._register_local_model()
+        self.base_version = name
+        self.server = VLLMServer(
+            path,
+            name,
+            self.settings.log_dir / "vllm.log",
+            port=self.settings.vllm_port,
+            startup_timeout=self.settings.vllm_startup_timeout,
+            progress=say,
+        )
+        say(f"starting vLLM on {path} as version '{name}'")
+        self.server.start()
+        self.backend = OpenAIChatBackend(self.server.url)
+
+    def _use_external_backend(self, url: str) -> None:
+        assert self.store is not None
+        backend = OpenAIChatBackend(url)
+        try:
+            served = backend.models()
+        except Exception as exc:
+            backend.close()
+            raise ServingError(
+                f"--backend-url {url}: no OpenAI-compatible server answered /v1/models ({exc}); "
+                "check the URL and that the server is running"
+            ) from None
+        name = self.settings.model_name or served[0]
+        if name not in served:
+            backend.close()
+            raise ServingError(
+                f"--model-name {name}: the server at {url} serves {', '.join(served)}; pick one"
+            )
+        self.store.register_model_version(
+            name,
+            path=url,
+            content_hash="external:" + hashlib.sha256(f"{url}|{name}".encode()).hexdigest(),
+            source=f"external:{url}",
+        )
+        self.base_version = name
+        self.backend = backend
+        say(f"using the external server at {url}, model '{name}'")
+
+    def stop(self) -> None:
+        try:
+            if json.loads(self._server_file.read_text()).get("pid") == os.getpid():
+                self._server_file.unlink()
+        except (OSError, ValueError):
+            pass
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        if self.server is not None:
+            say("stopping vLLM")
+            self.server.stop()
+            self.server = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def health(self) -> dict[str, Any]:
+        store_state: dict[str, Any] = {"path": str(self.settings.db_path), "ok": False}
+        if self.store is not None:
+            try:
+                store_state.update(ok=True, migrations=self.store.migrations())
+            except Exception as exc:  # report, never crash the health route
+                store_state["error"] = str(exc)
+        if self.server is not None:
+            backend = self.server.status()
+        elif self.backend is not None:
+            backend = {"kind": "external", "url": self.backend.base_url, "healthy": self.backend.health()}
+        else:
+            backend = {"kind": "none", "healthy": False}
+        ok = store_state["ok"] and bool(backend.get("healthy"))
+        return {
+            "studio": "ok" if ok else "degraded",
+            "store": store_state,
+            "backend": backend,
+            "base_version": self.base_version,
+        }

@@ -1,0 +1,1 @@
+"""Serving: the vLLM process manager and the OpenAI-compatible client."""

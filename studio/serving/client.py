@@ -1,0 +1,130 @@
+"""The one sampling client: chat messages in, n completions out.
+
+It speaks the OpenAI-compatible chat API, which vLLM serves; any server that
+speaks it (an external vLLM on a GPU machine, say) works through `--backend-url`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+class BackendError(RuntimeError):
+    """The serving backend did not answer as expected."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 128
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # backend extensions, sent as they are
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n <= 64:
+            raise ValueError(f"n={self.n}: the number of completions must be between 1 and 64")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise ValueError(f"temperature={self.temperature}: must be between 0 and 5")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        if not 1 <= self.max_tokens <= 8192:
+            raise ValueError(f"max_tokens={self.max_tokens}: must be between 1 and 8192")
+
+    def as_request(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            **self.extra,
+        }
+        if self.seed is not None:
+            body["seed"] = self.seed
+        return body
+
+
+@dataclass(frozen=True)
+class Completion:
+    index: int
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    completions: list[Completion]
+    latency_ms: float
+    request: dict[str, Any]
+
+
+class OpenAIChatBackend:
+    """Blocking client for an OpenAI-compatible `/v1/chat/completions` endpoint."""
+
+    def __init__(self, base_url: str, *, timeout: float = 600.0, api_key: str | None = None):
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # One pooled client per backend: a new TCP connection per call costs
+        # more than a short completion on this machine.
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def health(self) -> bool:
+        try:
+            return self._http.get("/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def models(self) -> list[str]:
+        resp = self._http.get("/v1/models", timeout=10.0)
+        resp.raise_for_status()
+        return [m["id"] for m in resp.json()["data"]]
+
+    def chat(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> ChatResult:
+        body = {"model": model, "messages": messages, **params.as_request()}
+        # vLLM extension: per-choice token ids, so each completion has its own
+        # token count (usage only gives the sum over the n choices).
+        body.setdefault("return_token_ids", True)
+        started = time.perf_counter()
+        try:
+            resp = self._http.post("/v1/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"serving backend at {self.base_url} did not answer: {exc}") from exc
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        if resp.status_code != 200:
+            raise BackendError(
+                f"serving backend at {self.base_url} refused the request "
+                f"(HTTP {resp.status_code}): {resp.text[:500]}"
+            )
+        data = resp.json()
+        usage = data.get("usage") or {}
+        prompt_tokens = usage.get("prompt_tokens")
+        choices = sorted(data["choices"], key=lambda c: c["index"])
+        completions = []
+        for choice in choices:
+            token_ids = choice.get("token_ids")
+            if token_ids is not None:
+                n_tokens: int | None = len(token_ids)
+            elif len(choices) == 1:
+                n_tokens = usage.get("completion_tokens")
+            else:
+                n_tokens = None  # the server did not say per choice; do not guess
+            completions.append(
+                Completion(
+                    index=choice["index"],
+                    text=choice["message"].get("content") or "",
+                    finish_reason=choice.get("finish_reason"),
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=n_tokens,
+                )
+            )
+        return ChatResult(completions, latency_ms, body)

