@@ -15,15 +15,18 @@ from studio.runtime import Studio
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def create_app(settings: Settings) -> FastAPI:
-    studio = Studio(settings)
+def create_app(settings: Settings, studio: Studio | None = None) -> FastAPI:
+    """Build the app. Pass an already started `studio` (as `studio serve` does, so that
+    start-up errors reach the user as plain messages); otherwise the lifespan starts one."""
+    studio = studio or Studio(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Blocking start-up on purpose: no request is served before the store
         # and the model server are ready. The shutdown half also runs on
         # SIGINT/SIGTERM, which uvicorn turns into a graceful exit.
-        studio.start()
+        if not studio.started:
+            studio.start()
         try:
             yield
         finally:

