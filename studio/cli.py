@@ -89,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backend_url=args.backend_url,
             vllm_port=args.vllm_port,
             ui=not args.no_ui,
+            lora=not args.no_lora,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
@@ -245,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--vllm-port", type=int, help="port for the managed vLLM (default: a free one)")
     serve.add_argument("--no-ui", action="store_true", help="serve the REST API only")
+    serve.add_argument(
+        "--no-lora",
+        action="store_true",
+        help="start vLLM without runtime LoRA: faster sampling on the CPU, but "
+        "trained adapters cannot be hot-loaded",
+    )
     serve.set_defaults(func=cmd_serve)
 
     imp = sub.add_parser(

@@ -33,6 +33,7 @@ class Settings:
     backend_url: str | None = None  # an external OpenAI-compatible server instead of our vLLM
     vllm_port: int | None = None
     vllm_startup_timeout: float = 600.0
+    lora: bool = True  # runtime LoRA in vLLM: needed to hot-load trained adapters
     ui: bool = True
 
     def __post_init__(self) -> None:

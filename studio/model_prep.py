@@ -100,14 +100,22 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def default_model_dir(data_dir: Path) -> Path:
+    return data_dir / "models" / BASE_DIR_NAME
+
+
+def default_model_ready(data_dir: Path) -> bool:
+    return (default_model_dir(data_dir) / DONE_MARKER).is_file()
+
+
 def prepare_default_model(data_dir: Path) -> PreparedModel:
     """Return the converted default model, converting it on the first call only.
 
     The conversion writes into a temporary folder and renames it into place, so
     a crash half-way never leaves a folder that later starts would trust.
     """
-    models = data_dir / "models"
-    target = models / BASE_DIR_NAME
+    target = default_model_dir(data_dir)
+    models = target.parent
     marker = target / DONE_MARKER
     if marker.is_file():
         meta = json.loads(marker.read_text())

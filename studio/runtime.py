@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from studio.config import Settings
-from studio.model_prep import check_hf_folder, folder_hash, prepare_default_model
+from studio.model_prep import (
+    check_hf_folder,
+    default_model_ready,
+    folder_hash,
+    prepare_default_model,
+)
 from studio.sampling import Sampler
 from studio.serving.client import OpenAIChatBackend
 from studio.serving.vllm_server import ServingError, VLLMServer
@@ -87,10 +92,11 @@ class Studio:
         s, store = self.settings, self.store
         assert store is not None
         if s.model is None:
-            say(
-                "preparing the packaged model SmolLM2-135M-Instruct "
-                "(the first start converts its GGUF file, about 30 s)"
-            )
+            if not default_model_ready(s.data_dir):
+                say(
+                    "converting the packaged model SmolLM2-135M-Instruct from GGUF "
+                    "(first start only, about 30 s)"
+                )
             prepared = prepare_default_model(s.data_dir)
             name = s.model_name or BASE_VERSION
             store.register_model_version(
@@ -118,6 +124,7 @@ class Studio:
             self.settings.log_dir / "vllm.log",
             port=self.settings.vllm_port,
             startup_timeout=self.settings.vllm_startup_timeout,
+            lora=self.settings.lora,
             progress=say,
         )
         say(f"starting vLLM on {path} as version '{name}'")

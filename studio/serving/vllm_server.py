@@ -78,6 +78,7 @@ class VLLMServer:
         kv_cache_gib: int = 2,
         startup_timeout: float = 600.0,
         max_restarts: int = 5,
+        lora: bool = True,
         extra_args: list[str] | None = None,
         progress: Progress | None = None,
     ):
@@ -90,6 +91,7 @@ class VLLMServer:
         self.kv_cache_gib = kv_cache_gib
         self.startup_timeout = startup_timeout
         self.max_restarts = max_restarts
+        self.lora = lora
         self.extra_args = extra_args or []
         self.progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.state = "stopped"  # stopped | starting | ready | restarting | failed
@@ -123,13 +125,13 @@ class VLLMServer:
             self.served_name,
             "--max-model-len",
             str(self.max_model_len),
-            "--enable-lora",
-            "--max-lora-rank",
-            "16",
-            "--max-loras",
-            "2",
             "--disable-uvicorn-access-log",
         ]
+        if self.lora:
+            # Runtime LoRA is how trained versions are hot-loaded. It costs
+            # sampling speed on the CPU (benchmarks/README.md), hence the switch.
+            cmd += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2"]
+
         if on_cpu_build():
             # Measured on the 2-core CPU: float32 beats bfloat16 (oneDNN falls back for bf16).
             cmd += ["--dtype", "float32"]
