@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from tempfile import mkdtemp
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field, model_validator
+from starlette.background import BackgroundTask
 
+from studio import campaigns as camp
+from studio import labeling, quality, users
+from studio.export import KINDS, write_export
 from studio.importer import PromptFileError, normalize_messages, to_prompt
 from studio.runtime import Studio
 from studio.serving.client import BackendError, SamplingParams
 from studio.store import StoreError
+from studio.users import AuthError, User
 
 
 class SampleRequest(BaseModel):
@@ -41,8 +49,84 @@ class ImportRequest(BaseModel):
     )
 
 
+class CampaignRequest(BaseModel):
+    name: str
+    prompt_set: str
+    model: str = Field(camp.POLICY, description="a model version or alias ('policy' by default)")
+    n: int = Field(4, description="completions per task (2-8)")
+    overlap: int = Field(1, description="different annotators per task")
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 128
+    seed: int | None = None
+    task_timeout_s: int = Field(1800, description="an unsubmitted task goes back to the pool after this")
+    guidelines: str = ""
+
+
+class GuidelinesRequest(BaseModel):
+    text: str
+
+
+class JudgmentRequest(BaseModel):
+    assignment_id: str
+    ranks: list[int] | None = Field(None, description="rank per shown completion, 1 = best, equal = tie")
+    best: int | None = Field(None, description="quick mode: position of the best completion")
+    worst: int | None = Field(None, description="quick mode: position of the worst completion")
+    all_bad: bool = False
+    strength: int | None = Field(None, description="1 slight, 2 clear, 3 strong")
+    flags: dict[int, list[str]] = Field(default_factory=dict, description="position -> flags")
+    rationale: str | None = None
+    edited_text: str | None = None
+    idempotency_key: str | None = Field(None, description="retries with the same key store one judgment")
+    shown_at: float | None = Field(None, description="unix time the task was shown, for timings")
+    next: bool = Field(True, description="also return the next task")
+
+
+class UserRequest(BaseModel):
+    name: str
+    role: str
+    password: str
+
+
 def studio_of(request: Request) -> Studio:
     return request.app.state.studio
+
+
+def allowed(capability: str) -> Callable[[Request], User]:
+    """Dependency: the caller's user from `Authorization: Bearer TOKEN`, checked for `capability`."""
+
+    def check(request: Request) -> User:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        store = studio_of(request).store
+        user = users.user_for_token(store, token.strip()) if scheme.lower() == "bearer" and token else None
+        if user is None:
+            raise HTTPException(
+                401,
+                "missing or unknown token: send 'Authorization: Bearer TOKEN' "
+                "(a token comes with `studio users add`, or `studio users token NAME`)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        try:
+            return user.require(capability)
+        except AuthError as exc:
+            raise HTTPException(403, str(exc)) from None
+
+    return check
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """User mistakes become 422 with the message; the backend being down becomes 503."""
+
+    async def bad_input(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    async def backend_down(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    for exc_type in (StoreError, PromptFileError):
+        app.add_exception_handler(exc_type, bad_input)
+    app.add_exception_handler(BackendError, backend_down)
 
 
 def build_router() -> APIRouter:
@@ -53,16 +137,22 @@ def build_router() -> APIRouter:
         report = studio_of(request).health()
         return JSONResponse(report, status_code=200 if report["studio"] == "ok" else 503)
 
+    @router.get("/me")
+    def me(user: User = Depends(allowed("view"))) -> dict[str, Any]:
+        return {"name": user.name, "role": user.role}
+
     @router.post("/sample")
-    def sample(body: SampleRequest, request: Request) -> dict[str, Any]:
+    def sample(
+        body: SampleRequest, request: Request, user: User = Depends(allowed("sample"))
+    ) -> dict[str, Any]:
         studio = studio_of(request)
         assert studio.sampler is not None
+        messages = (
+            normalize_messages(body.prompt, "request", "prompt")
+            if body.prompt is not None
+            else normalize_messages(body.messages, "request", "messages")
+        )
         try:
-            messages = (
-                normalize_messages(body.prompt, "request", "prompt")
-                if body.prompt is not None
-                else normalize_messages(body.messages, "request", "messages")
-            )
             params = SamplingParams(
                 n=body.n,
                 temperature=body.temperature,
@@ -70,37 +160,31 @@ def build_router() -> APIRouter:
                 max_tokens=body.max_tokens,
                 seed=body.seed,
             )
-            rows = studio.sampler.sample(messages, params, version=body.model or studio.base_version)
-        except (PromptFileError, StoreError, ValueError) as exc:
+        except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        except BackendError as exc:
-            raise HTTPException(503, str(exc)) from None
+        version = camp.resolve_model(studio.store, body.model or studio.base_version)
+        rows = studio.sampler.sample(messages, params, version=version)
         return {"generations": [_public(r) for r in rows]}
 
     @router.get("/models")
-    def models(request: Request) -> dict[str, Any]:
+    def models(request: Request, user: User = Depends(allowed("view"))) -> dict[str, Any]:
         store = studio_of(request).store
-        assert store is not None
-        return {"models": [_public(v) for v in store.model_versions()]}
+        return {"models": [_public(v) for v in store.model_versions()], "aliases": camp.aliases(store)}
 
     @router.get("/prompt-sets")
-    def prompt_sets(request: Request) -> dict[str, Any]:
-        store = studio_of(request).store
-        assert store is not None
-        return {"prompt_sets": [_public(s) for s in store.prompt_sets()]}
+    def prompt_sets(request: Request, user: User = Depends(allowed("view"))) -> dict[str, Any]:
+        return {"prompt_sets": [_public(s) for s in studio_of(request).store.prompt_sets()]}
 
     @router.post("/prompt-sets/{name}/prompts")
-    def import_prompts(name: str, body: ImportRequest, request: Request) -> dict[str, Any]:
+    def import_prompts(
+        name: str, body: ImportRequest, request: Request, user: User = Depends(allowed("import"))
+    ) -> dict[str, Any]:
         store = studio_of(request).store
-        assert store is not None
         locations = body.locations or [f"record {i}" for i in range(1, len(body.records) + 1)]
         if len(locations) != len(body.records):
             raise HTTPException(422, "'locations' must have one entry per record")
-        try:
-            prompts = [to_prompt(r, where) for r, where in zip(body.records, locations, strict=True)]
-            result = store.import_prompts(name, prompts, source=body.source)
-        except (PromptFileError, StoreError) as exc:
-            raise HTTPException(422, str(exc)) from None
+        prompts = [to_prompt(r, where) for r, where in zip(body.records, locations, strict=True)]
+        result = store.import_prompts(name, prompts, source=body.source)
         return {
             "set": result.set_name,
             "added": result.added,
@@ -108,7 +192,127 @@ def build_router() -> APIRouter:
             "summary": result.summary(),
         }
 
+    # users ----------------------------------------------------------------------
+    @router.get("/users")
+    def list_users(request: Request, user: User = Depends(allowed("admin"))) -> dict[str, Any]:
+        return {"users": [_public(u) for u in users.list_users(studio_of(request).store)]}
+
+    @router.post("/users")
+    def add_user(
+        body: UserRequest, request: Request, user: User = Depends(allowed("admin"))
+    ) -> dict[str, Any]:
+        token = users.add_user(studio_of(request).store, body.name, body.role, body.password)
+        return {"name": body.name, "role": body.role, "token": token}
+
+    # campaigns --------------------------------------------------------------------
+    @router.get("/campaigns")
+    def list_campaigns(request: Request, user: User = Depends(allowed("view"))) -> dict[str, Any]:
+        return {"campaigns": [_campaign_public(c) for c in camp.list_campaigns(studio_of(request).store)]}
+
+    @router.post("/campaigns")
+    def create_campaign(
+        body: CampaignRequest, request: Request, user: User = Depends(allowed("admin"))
+    ) -> dict[str, Any]:
+        studio = studio_of(request)
+        fields = body.model_dump()
+        created = camp.create_campaign(studio.store, fields.pop("name"), created_by=user.name, **fields)
+        if studio.task_sampler:
+            studio.task_sampler.poke()
+        return _campaign_public(created)
+
+    @router.get("/campaigns/{name}")
+    def get_campaign(name: str, request: Request, user: User = Depends(allowed("view"))) -> dict[str, Any]:
+        studio = studio_of(request)
+        out = _campaign_public(camp.get_campaign(studio.store, name))
+        out["progress"] = labeling.progress(studio.store, name, user.name)
+        return out
+
+    @router.put("/campaigns/{name}/guidelines")
+    def set_guidelines(
+        name: str, body: GuidelinesRequest, request: Request, user: User = Depends(allowed("admin"))
+    ) -> dict[str, Any]:
+        camp.set_guidelines(studio_of(request).store, name, body.text)
+        return {"campaign": name, "guidelines": body.text}
+
+    @router.get("/campaigns/{name}/quality")
+    def campaign_quality(
+        name: str, request: Request, user: User = Depends(allowed("admin"))
+    ) -> dict[str, Any]:
+        store = studio_of(request).store
+        camp.get_campaign(store, name)
+        return {
+            "campaign": name,
+            "agreement": quality.campaign_agreement(store, name),
+            "annotators": quality.annotator_quality(store, name),
+            "progress": labeling.progress(store, name),
+        }
+
+    # labeling -----------------------------------------------------------------------
+    @router.post("/campaigns/{name}/next")
+    def next_task(name: str, request: Request, user: User = Depends(allowed("label"))) -> dict[str, Any]:
+        return _next(studio_of(request), name, user)
+
+    @router.post("/judgments")
+    def submit(
+        body: JudgmentRequest, request: Request, user: User = Depends(allowed("label"))
+    ) -> dict[str, Any]:
+        studio = studio_of(request)
+        fields = body.model_dump(exclude={"shown_at", "next"})
+        judgment = labeling.submit(
+            studio.store, user.name, labeling.Submission(**fields), shown_at=body.shown_at
+        )
+        out: dict[str, Any] = {"judgment": judgment}
+        if studio.task_sampler:
+            studio.task_sampler.poke()
+        if body.next:
+            out["next"] = _next(studio, judgment["campaign"], user)
+        return out
+
+    @router.post("/assignments/{assignment_id}/skip")
+    def skip(assignment_id: str, request: Request, user: User = Depends(allowed("label"))) -> dict[str, Any]:
+        labeling.skip(studio_of(request).store, user.name, assignment_id)
+        return {"skipped": assignment_id}
+
+    # export -------------------------------------------------------------------------
+    @router.get("/export")
+    def export(
+        request: Request,
+        kind: str = "preference",
+        format: str = "parquet",
+        campaign: str | None = None,
+        user: User = Depends(allowed("admin")),
+    ) -> FileResponse:
+        if kind not in KINDS:
+            raise HTTPException(422, f"kind={kind}: use one of {', '.join(KINDS)}")
+        if format not in ("parquet", "jsonl"):
+            raise HTTPException(
+                422,
+                f"format={format}: REST serves parquet or jsonl files "
+                "(a datasets folder comes from `studio export`)",
+            )
+        folder = Path(mkdtemp(prefix="studio-export-"))
+        result = write_export(studio_of(request).store, folder / f"{kind}.{format}", kind, format, campaign)
+        import shutil
+
+        return FileResponse(
+            result["path"],
+            filename=f"{campaign or 'all'}-{kind}.{format}",
+            background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True),
+        )
+
     return router
+
+
+def _next(studio: Studio, campaign: str, user: User) -> dict[str, Any]:
+    task = labeling.next_task(studio.store, campaign, user.name)
+    status = labeling.progress(studio.store, campaign, user.name)
+    if task is None and studio.task_sampler and status["remaining"]:
+        studio.task_sampler.poke(campaign, starved=True)
+    return {"task": task, "progress": status}
+
+
+def _campaign_public(row: dict[str, Any]) -> dict[str, Any]:
+    return _public(row)
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from studio.api import build_router
+from studio.api import build_router, install_error_handlers
 from studio.config import Settings
 from studio.runtime import Studio
 
@@ -34,11 +34,23 @@ def create_app(settings: Settings, studio: Studio | None = None) -> FastAPI:
 
     app = FastAPI(title="Preference Studio", lifespan=lifespan)
     app.state.studio = studio
+    install_error_handlers(app)
     app.include_router(build_router())
     if settings.ui:
         import gradio as gr
 
-        from studio.ui import build_ui
+        from studio.ui import SHORTCUTS, build_ui, gradio_auth
 
-        app = gr.mount_gradio_app(app, build_ui(studio), path="/", footer_links=[])
+        # Login is required for every page and Gradio event; roles are then
+        # checked inside each event handler (studio/ui.py `_user`).
+        app = gr.mount_gradio_app(
+            app,
+            build_ui(studio),
+            path="/",
+            footer_links=[],
+            auth=gradio_auth(studio),
+            auth_message="Preference Studio: log in with the account an admin gave you.",
+            head=SHORTCUTS,
+        )
+
     return app

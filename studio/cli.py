@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from studio import campaigns, users
 from studio.config import DEFAULT_PORT, Settings, default_data_dir
+from studio.export import FORMATS as EXPORT_FORMATS
+from studio.export import KINDS, write_export
 from studio.importer import FORMATS, PromptFileError, read_prompts
 from studio.store import DB_FILE, Store, StoreError, StoreLockedError
+from studio.users import local_token
 
 SERVER_FILE = "server.json"  # written by a running studio (runtime.Studio): where to reach it
 
@@ -33,10 +41,17 @@ def studio_url(args: argparse.Namespace) -> str:
     return f"http://127.0.0.1:{DEFAULT_PORT}"
 
 
+def api_token(args: argparse.Namespace) -> str | None:
+    """--token, else $STUDIO_TOKEN, else the first admin's token the studio wrote for its owner."""
+    return getattr(args, "token", None) or os.environ.get("STUDIO_TOKEN") or local_token(Path(args.data_dir))
+
+
 def rest(args: argparse.Namespace, method: str, route: str, **kwargs: Any) -> Any:
     url = studio_url(args)
+    token = api_token(args)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        resp = httpx.request(method, f"{url}/api/v1{route}", timeout=600.0, **kwargs)
+        resp = httpx.request(method, f"{url}/api/v1{route}", timeout=600.0, headers=headers, **kwargs)
     except httpx.HTTPError:
         raise CLIError(
             f"no studio answers at {url}. Start one with `studio serve` in another terminal, "
@@ -115,7 +130,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    uvicorn.run(create_app(settings, studio), host=settings.host, port=settings.port, log_level="warning")
+    config = uvicorn.Config(
+        create_app(settings, studio), host=settings.host, port=settings.port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+
+    def announce_when_listening() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.1)
+        if server.started:
+            studio.announce()
+
+    threading.Thread(target=announce_when_listening, daemon=True).start()
+    server.run()
     return 0
 
 
@@ -171,6 +198,147 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_password(args: argparse.Namespace) -> str:
+    """From a prompt on a terminal (asked twice), else the first line of stdin (for scripts)."""
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"password for {args.name}: ")
+        if first != getpass.getpass("again: "):
+            raise CLIError("the two passwords differ; nothing was changed")
+        return first
+    line = sys.stdin.readline().rstrip("\n")
+    if not line:
+        raise CLIError("no password on stdin: pipe one line, e.g. `echo PASSWORD | studio users add ...`")
+    return line
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    password = read_password(args)
+
+    def direct(store: Store) -> str:
+        return users.add_user(store, args.name, args.role, password)
+
+    def via_rest() -> str:
+        body = {"name": args.name, "role": args.role, "password": password}
+        return rest(args, "POST", "/users", json=body)["token"]
+
+    token = with_store_or_rest(args, direct, via_rest)
+    print(f"user '{args.name}' ({args.role}) added.\nREST token (shown once; keep it secret): {token}")
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    listed = with_store_or_rest(args, users.list_users, lambda: rest(args, "GET", "/users")["users"])
+    for u in listed:
+        print(f"{u['name']:<24} {u['role']:<10} {'disabled' if u['disabled'] else ''}")
+    return 0
+
+
+def cmd_users_passwd(args: argparse.Namespace) -> int:
+    password = read_password(args)
+    store = open_store_for_admin(args)
+    try:
+        users.set_password(store, args.name, password)
+    finally:
+        store.close()
+    print(f"password of '{args.name}' changed")
+    return 0
+
+
+def cmd_users_token(args: argparse.Namespace) -> int:
+    store = open_store_for_admin(args)
+    try:
+        token = users.new_token(store, args.name)
+    finally:
+        store.close()
+    print(f"new REST token for '{args.name}' (the old one no longer works): {token}")
+    return 0
+
+
+def open_store_for_admin(args: argparse.Namespace) -> Store:
+    """Credential changes need the database itself: they are not offered over REST."""
+    try:
+        return Store(Path(args.data_dir) / DB_FILE)
+    except StoreLockedError as exc:
+        raise CLIError(f"{exc}\nChanging credentials needs the studio stopped.") from None
+
+
+def cmd_campaigns_create(args: argparse.Namespace) -> int:
+    fields = {
+        "prompt_set": args.prompt_set,
+        "model": args.model,
+        "n": args.n,
+        "overlap": args.overlap,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_tokens": args.max_tokens,
+        "seed": args.seed,
+        "task_timeout_s": args.task_timeout,
+        "guidelines": args.guidelines.read_text() if args.guidelines else "",
+    }
+
+    def direct(store: Store) -> dict[str, Any]:
+        return campaigns.create_campaign(store, args.name, created_by="cli", **fields)
+
+    created = with_store_or_rest(
+        args, direct, lambda: rest(args, "POST", "/campaigns", json={"name": args.name, **fields})
+    )
+    print(
+        f"campaign '{created['name']}' created: set {created['prompt_set']}, model {created['model']}, "
+        f"n={created['n']}, overlap={created['overlap']}"
+    )
+    return 0
+
+
+def cmd_campaigns_list(args: argparse.Namespace) -> int:
+    listed = with_store_or_rest(
+        args, campaigns.list_campaigns, lambda: rest(args, "GET", "/campaigns")["campaigns"]
+    )
+    for c in listed:
+        print(
+            f"{c['name']:<24} {c['kind']:<6} {c['status']:<8} set={c['prompt_set']} model={c['model']} "
+            f"n={c['n']} overlap={c['overlap']}"
+        )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    fmt = args.format or {".parquet": "parquet", ".jsonl": "jsonl"}.get(args.out.suffix, "datasets")
+
+    def direct(store: Store) -> dict[str, Any]:
+        return write_export(store, args.out, args.kind, fmt, args.campaign)
+
+    def via_rest() -> dict[str, Any]:
+        if fmt == "datasets":
+            raise CLIError(
+                "the studio holds the database and serves exports as parquet or jsonl files; "
+                "pass --format parquet or jsonl, or stop the studio for a datasets folder"
+            )
+        params = {"kind": args.kind, "format": fmt}
+        if args.campaign:
+            params["campaign"] = args.campaign
+        url = studio_url(args)
+        token = api_token(args)
+        resp = httpx.get(
+            f"{url}/api/v1/export",
+            params=params,
+            timeout=600.0,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+        )
+        if resp.status_code != 200:
+            raise CLIError(f"the studio at {url} refused the export (HTTP {resp.status_code}): {resp.text}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_bytes(resp.content)
+        return {"path": str(args.out), "format": fmt, "kind": args.kind, "counts": {}}
+
+    result = with_store_or_rest(args, direct, via_rest)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(result.get("counts", {}).items()))
+    print(
+        f"exported {result['kind']} rows as {result['format']} to {result['path']}"
+        + (f" ({counts})" if counts else "")
+    )
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     body = {
         "prompt": args.prompt,
@@ -215,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--url",
             help="a running studio to go through (default: the one "
             "recorded in the data directory, else http://127.0.0.1:8000)",
+        )
+        p.add_argument(
+            "--token",
+            help="REST token for --url (default: $STUDIO_TOKEN, else the first admin's token "
+            "that a local studio wrote to its data directory)",
         )
 
     serve = sub.add_parser(
@@ -295,6 +468,90 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(sample)
     url_arg(sample)
     sample.set_defaults(func=cmd_sample)
+
+    users_p = sub.add_parser("users", help="user accounts and roles", description="User accounts.")
+    users_sub = users_p.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    uadd = users_sub.add_parser(
+        "add",
+        help="add a user (password from a prompt or stdin)",
+        description="Add a user; prints their REST token once.",
+    )
+    uadd.add_argument("name", help="login name")
+    uadd.add_argument("--role", required=True, choices=users.ROLES, help="what the user may do")
+    ulist = users_sub.add_parser("list", help="list users", description="List users.")
+    upass = users_sub.add_parser(
+        "passwd",
+        help="set a user's password (studio stopped)",
+        description="Set a user's password from a prompt or stdin.",
+    )
+    upass.add_argument("name")
+    utoken = users_sub.add_parser(
+        "token",
+        help="issue a new REST token for a user (studio stopped)",
+        description="Replace a user's REST token.",
+    )
+    utoken.add_argument("name")
+    for p in (uadd, ulist, upass, utoken):
+        data_dir_arg(p)
+    for p in (uadd, ulist):
+        url_arg(p)
+    uadd.set_defaults(func=cmd_users_add)
+    ulist.set_defaults(func=cmd_users_list)
+    upass.set_defaults(func=cmd_users_passwd)
+    utoken.set_defaults(func=cmd_users_token)
+
+    camps = sub.add_parser("campaigns", help="labeling campaigns", description="Labeling campaigns.")
+    camps_sub = camps.add_subparsers(dest="campaigns_command", required=True, metavar="ACTION")
+    ccreate = camps_sub.add_parser(
+        "create",
+        help="create a labeling campaign",
+        description="Create a labeling campaign over a prompt set.",
+    )
+    ccreate.add_argument("name")
+    ccreate.add_argument("--prompt-set", required=True, help="an imported prompt set")
+    ccreate.add_argument("--model", default=campaigns.POLICY, help="version or alias (default: policy)")
+    ccreate.add_argument("-n", type=int, default=4, help="completions per task, 2-8 (default 4)")
+    ccreate.add_argument("--overlap", type=int, default=1, help="annotators per task (default 1)")
+    ccreate.add_argument("--temperature", type=float, default=0.8, help="default 0.8")
+    ccreate.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
+    ccreate.add_argument("--max-tokens", type=int, default=128, help="default 128")
+    ccreate.add_argument("--seed", type=int, help="sampling seed")
+    ccreate.add_argument(
+        "--task-timeout",
+        type=int,
+        default=1800,
+        help="seconds before an unsubmitted task goes back to the pool (default 1800)",
+    )
+    ccreate.add_argument("--guidelines", type=Path, help="a Markdown file with the guidelines")
+    clist = camps_sub.add_parser("list", help="list campaigns", description="List campaigns.")
+    for p in (ccreate, clist):
+        data_dir_arg(p)
+        url_arg(p)
+    ccreate.set_defaults(func=cmd_campaigns_create)
+    clist.set_defaults(func=cmd_campaigns_list)
+
+    exp = sub.add_parser(
+        "export",
+        help="export judgments for training",
+        description="Export judgments as TRL-ready rows with a data card.",
+    )
+    exp.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="preference",
+        help="preference (prompt/chosen/rejected/margin), unpaired (prompt/completion/label) "
+        "or sft (messages); default preference",
+    )
+    exp.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        help="datasets folder, parquet or jsonl (default: from --out's suffix, else datasets)",
+    )
+    exp.add_argument("--out", type=Path, required=True, help="file or folder to write")
+    exp.add_argument("--campaign", help="only this campaign (default: all)")
+    data_dir_arg(exp)
+    url_arg(exp)
+    exp.set_defaults(func=cmd_export)
     return parser
 
 
@@ -302,9 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, StoreLockedError) as exc:
+    except (CLIError, StoreLockedError, StoreError) as exc:
         print(f"studio: {exc}", file=sys.stderr)
         return 1
+
     except KeyboardInterrupt:
         return 130
 

@@ -45,13 +45,6 @@ class Settings:
                 "--model and --backend-url both given: --model starts our own vLLM on a local "
                 "folder, --backend-url uses a server that already runs; pass one of them"
             )
-        if not is_loopback(self.host):
-            # Until users and roles exist, anyone who reaches the port could
-            # write to the store: refuse rather than expose it.
-            raise ValueError(
-                f"--host {self.host}: the studio has no user accounts yet, so it serves only on "
-                "a loopback address; use --host 127.0.0.1 (and an SSH tunnel for remote access)"
-            )
 
     @property
     def db_path(self) -> Path:

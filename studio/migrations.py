@@ -58,4 +58,94 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX generations_prompt ON generations(prompt_id);
         """,
     ),
+    (
+        "002_annotation",
+        """
+        CREATE TABLE users (
+            name          VARCHAR PRIMARY KEY,
+            role          VARCHAR NOT NULL,   -- annotator | expert | engineer | admin
+            password_hash VARCHAR NOT NULL,   -- argon2id
+            token_hash    VARCHAR UNIQUE,     -- sha256 of the REST token; the token is shown once
+            disabled      BOOLEAN NOT NULL DEFAULT false,
+            created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE TABLE aliases (
+            name        VARCHAR PRIMARY KEY,  -- e.g. 'policy'
+            version     VARCHAR NOT NULL REFERENCES model_versions(name),
+            updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE TABLE campaigns (
+            name          VARCHAR PRIMARY KEY,
+            kind          VARCHAR NOT NULL,   -- 'label' (battles arrive with the arena)
+            prompt_set    VARCHAR NOT NULL REFERENCES prompt_sets(name),
+            model         VARCHAR NOT NULL,   -- a version or an alias, resolved when sampled
+            n             INTEGER NOT NULL,
+            sampling      JSON NOT NULL,
+            overlap       INTEGER NOT NULL,   -- k different annotators per task
+            task_timeout_s INTEGER NOT NULL,  -- an assignment not submitted by then goes back
+            guidelines    VARCHAR NOT NULL DEFAULT '',
+            status        VARCHAR NOT NULL DEFAULT 'active',
+            created_by    VARCHAR,
+            created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE TABLE tasks (
+            id             VARCHAR PRIMARY KEY,
+            campaign       VARCHAR NOT NULL REFERENCES campaigns(name),
+            prompt_id      VARCHAR NOT NULL REFERENCES prompts(id),
+            model_version  VARCHAR NOT NULL,  -- what the alias resolved to at sampling time
+            generation_ids VARCHAR[] NOT NULL,
+            created_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+            UNIQUE (campaign, prompt_id)
+        );
+        CREATE TABLE assignments (
+            id          VARCHAR PRIMARY KEY,  -- also the idempotency key of its judgment
+            task_id     VARCHAR NOT NULL REFERENCES tasks(id),
+            annotator   VARCHAR NOT NULL REFERENCES users(name),
+            display_order VARCHAR[] NOT NULL, -- generation ids in the shuffled order shown
+            assigned_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            expires_at  TIMESTAMPTZ NOT NULL,
+            status      VARCHAR NOT NULL DEFAULT 'open',  -- open | done | skipped
+            UNIQUE (task_id, annotator)
+        );
+        CREATE TABLE judgments (
+            id              VARCHAR PRIMARY KEY,
+            idempotency_key VARCHAR NOT NULL UNIQUE,
+            assignment_id   VARCHAR NOT NULL,
+            campaign        VARCHAR NOT NULL,
+            task_id         VARCHAR NOT NULL,
+            annotator       VARCHAR NOT NULL,
+            generation_ids  VARCHAR[] NOT NULL,  -- in the order shown to the annotator
+            ranks           INTEGER[] NOT NULL,  -- rank per shown completion; 1 = best, equal = tie
+            all_bad         BOOLEAN NOT NULL,
+            strength        INTEGER,             -- 1 slight, 2 clear, 3 strong
+            flags           JSON NOT NULL,       -- {generation_id: [flag, ...]}
+            rationale       VARCHAR,
+            edited_text     VARCHAR,             -- the best answer edited into an ideal one
+            edited_from     VARCHAR,             -- generation id it was edited from
+            shown_at        TIMESTAMPTZ,
+            submitted_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+            duration_ms     DOUBLE
+        );
+        CREATE INDEX judgments_campaign ON judgments(campaign);
+        CREATE INDEX assignments_task ON assignments(task_id);
+        -- Pairs are derived, never stored: every ordered pair (i, j) of shown
+        -- completions where i is ranked strictly better, plus tie pairs once.
+        CREATE VIEW judgment_pairs AS
+        WITH items AS (
+            SELECT j.id AS judgment_id, j.campaign, j.task_id, j.annotator, j.strength, j.all_bad,
+                   unnest(j.generation_ids) AS generation_id,
+                   unnest(j.ranks) AS rank,
+                   unnest(range(len(j.generation_ids))) AS position
+            FROM judgments j
+        )
+        SELECT a.judgment_id, a.campaign, a.task_id, a.annotator, a.strength, a.all_bad,
+               a.generation_id AS chosen_id, b.generation_id AS rejected_id,
+               a.rank AS chosen_rank, b.rank AS rejected_rank,
+               a.position AS chosen_position, b.position AS rejected_position,
+               a.rank = b.rank AS is_tie
+        FROM items a JOIN items b
+          ON a.judgment_id = b.judgment_id
+         AND (a.rank < b.rank OR (a.rank = b.rank AND a.position < b.position));
+        """,
+    ),
 ]

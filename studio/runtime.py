@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from studio.config import Settings
+from studio.campaigns import ensure_policy_alias
+from studio.config import Settings, is_loopback
 from studio.model_prep import (
     check_hf_folder,
     default_model_ready,
@@ -21,6 +22,8 @@ from studio.sampling import Sampler
 from studio.serving.client import OpenAIChatBackend
 from studio.serving.vllm_server import ServingError, VLLMServer
 from studio.store import Store
+from studio.task_sampler import TaskSampler
+from studio.users import BOOTSTRAP_FILE, bootstrap_admin, user_count
 
 BASE_VERSION = "base"
 
@@ -55,6 +58,7 @@ class Studio:
         self.server: VLLMServer | None = None
         self.backend: OpenAIChatBackend | None = None
         self.sampler: Sampler | None = None
+        self.task_sampler: TaskSampler | None = None
         self.base_version: str = BASE_VERSION
 
     def start(self) -> None:
@@ -63,6 +67,7 @@ class Studio:
         self.store = Store(s.db_path)
         say(f"store: {s.db_path} (migrations applied now: {self.store.applied_now or 'none'})")
         try:
+            self._check_users()
             if s.backend_url:
                 self._use_external_backend(s.backend_url)
             else:
@@ -72,6 +77,12 @@ class Studio:
             raise
         assert self.backend is not None
         self.sampler = Sampler(self.store, self.backend)
+        ensure_policy_alias(self.store, self.base_version)
+        self.task_sampler = TaskSampler(self.store, self.sampler)
+        self.task_sampler.start()
+
+    def announce(self) -> None:
+        """Called once the HTTP server listens: tell the user, and tell CLI commands where we are."""
         # CLI commands read this to find the running studio (the database is ours now).
         self._server_file.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
         say(f"Preference Studio is ready: open {self.url}/")
@@ -158,7 +169,29 @@ class Studio:
         self.backend = backend
         say(f"using the external server at {url}, model '{name}'")
 
+    def _check_users(self) -> None:
+        assert self.store is not None
+        if not is_loopback(self.settings.host):
+            if not user_count(self.store):
+                # anyone who reaches the port would meet an account-less studio
+                raise ServingError(
+                    f"--host {self.settings.host}: no users exist yet, so the studio serves only on "
+                    "a loopback address. Create an admin first (`studio users add NAME --role admin`), "
+                    "or use --host 127.0.0.1"
+                )
+            return
+        creds = bootstrap_admin(self.store, self.settings.data_dir)
+        if creds:
+            say(
+                f"created the first user: admin / {creds['password']} (also in "
+                f"{self.settings.data_dir / BOOTSTRAP_FILE}, readable only by you). "
+                "Add people with `studio users add NAME --role ROLE`."
+            )
+
     def stop(self) -> None:
+        if self.task_sampler is not None:
+            self.task_sampler.stop()
+            self.task_sampler = None
         try:
             if json.loads(self._server_file.read_text()).get("pid") == os.getpid():
                 self._server_file.unlink()

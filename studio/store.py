@@ -313,9 +313,11 @@ class Store:
         return [_decode(r, "messages", "sampling") for r in rows]
 
     def count(self, table: str) -> int:
-        if table not in {"prompt_sets", "prompts", "model_versions", "generations"}:
+        """Rows in one of the studio's tables (the name is checked against the catalog)."""
+        known = {r[0] for r in self.cursor().execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        if table not in known:
             raise ValueError(f"unknown table {table}")
-        return self.cursor().execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        return self.cursor().execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
 
 
 def _decode(row: dict[str, Any], *json_cols: str) -> dict[str, Any]:

@@ -1,19 +1,300 @@
-"""The Gradio studio mounted at /. One function per tab."""
+"""The Gradio studio mounted at /. One function per tab.
+
+Every event handler takes the `gr.Request` and checks the user's role on the
+server first (`_user`): hiding a tab or Gradio's API page is not a check.
+"""
 
 from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from studio.importer import PromptFileError, normalize_messages
+from studio import campaigns as camp
+from studio import labeling, quality, users
+from studio.export import FORMATS, KINDS, write_export
+from studio.importer import PromptFileError, normalize_messages, read_prompts
 from studio.runtime import Studio
 from studio.serving.client import BackendError, SamplingParams
 from studio.store import StoreError
+from studio.users import AuthError, User
+
+MAX_SLOTS = 8  # completions per labeling task (campaigns allow n <= 8)
+USER_ERRORS = (AuthError, StoreError, PromptFileError, BackendError, ValueError)
+STRENGTH_CHOICES = [("slight", 1), ("clear", 2), ("strong", 3)]
+FLAG_CHOICES = [
+    ("unsafe", "unsafe"),
+    ("hallucination", "hallucination"),
+    ("unhelpful refusal", "unhelpful_refusal"),
+    ("identity leak", "identity_leak"),
+    ("other", "other"),
+]
+
+# Keyboard shortcuts (ignored while typing in a text field):
+# 1-8 pick the best answer (quick mode), Ctrl/Cmd+Enter submits, s skips, n asks for the next task.
+SHORTCUTS = """
+<script>
+document.addEventListener("keydown", (e) => {
+  const t = e.target;
+  const typing = t && (t.tagName === "TEXTAREA" || (t.tagName === "INPUT" && t.type === "text"));
+  const click = (id) => {
+    const b = document.querySelector(`#${id}`);
+    if (b) { b.click(); e.preventDefault(); }
+  };
+
+  if ((e.ctrlKey || e.metaKey) && e.key === "Enter") return click("label-submit");
+  if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
+  if (e.key === "s") return click("label-skip");
+  if (e.key === "n") return click("label-next");
+  if (/^[1-8]$/.test(e.key)) {
+    const opts = document.querySelectorAll("#label-best input[type=radio]");
+    const o = opts[Number(e.key) - 1]; if (o) { o.click(); e.preventDefault(); }
+  }
+});
+</script>
+"""
 
 
+def _user(studio: Studio, request: gr.Request | None, capability: str) -> User:
+    """The logged-in user, checked for `capability`; raises gr.Error otherwise."""
+    name = getattr(request, "username", None) if request is not None else None
+    user = users.get_user(studio.store, name) if name else None
+    if user is None:
+        raise gr.Error("not logged in: open /login")
+    try:
+        return user.require(capability)
+    except AuthError as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def _fail(exc: Exception) -> gr.Error:
+    return gr.Error(str(exc))
+
+
+def _campaign_choices(studio: Studio) -> list[str]:
+    return [c["name"] for c in camp.list_campaigns(studio.store, kind="label") if c["status"] == "active"]
+
+
+# -- Label ---------------------------------------------------------------------------
+def _label_tab(studio: Studio, demo: gr.Blocks) -> None:
+    with gr.Tab("Label", id="label"):
+        state = gr.State({})
+        with gr.Row():
+            campaign = gr.Dropdown(label="Campaign", choices=[], scale=3, elem_id="label-campaign")
+            next_btn = gr.Button("Next task (n)", elem_id="label-next", scale=1)
+        status = gr.Markdown("Pick a campaign and press **Next task**.", elem_id="label-status")
+        with gr.Accordion("Guidelines", open=False):
+            guidelines = gr.Markdown()
+        prompt = gr.Markdown(elem_id="label-prompt")
+        slots = []
+        for i in range(MAX_SLOTS):
+            with gr.Group(visible=False) as group:
+                text = gr.Markdown(elem_id=f"label-completion-{i}", sanitize_html=True)
+                with gr.Row():
+                    rank = gr.Dropdown(
+                        label=f"Rank of answer {i + 1} (1 = best; equal = tie)",
+                        choices=[],
+                        elem_id=f"label-rank-{i}",
+                        scale=1,
+                    )
+                    flags = gr.CheckboxGroup(FLAG_CHOICES, label="Flags", elem_id=f"label-flags-{i}", scale=3)
+            slots.append((group, text, rank, flags))
+        with gr.Row():
+            best = gr.Radio(label="Quick mode: best (keys 1-8)", choices=[], elem_id="label-best")
+            worst = gr.Radio(label="Quick mode: worst", choices=[], elem_id="label-worst")
+        with gr.Row():
+            all_bad = gr.Checkbox(label="All answers are bad", elem_id="label-all-bad")
+            strength = gr.Radio(
+                STRENGTH_CHOICES, label="How strong is the preference?", elem_id="label-strength"
+            )
+        rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="label-rationale")
+        ideal = gr.Textbox(
+            label="Ideal answer (optional): edit the best answer into an ideal one",
+            lines=4,
+            elem_id="label-ideal",
+        )
+        with gr.Row():
+            submit_btn = gr.Button("Submit (Ctrl+Enter)", variant="primary", elem_id="label-submit")
+            skip_btn = gr.Button("Skip (s)", elem_id="label-skip")
+        timer = gr.Timer(2.0, active=False)
+
+        task_outputs: list[Any] = [
+            state,
+            status,
+            guidelines,
+            prompt,
+            best,
+            worst,
+            all_bad,
+            strength,
+            rationale,
+            ideal,
+            timer,
+        ]
+        for group, text, rank, flags in slots:
+            task_outputs += [group, text, rank, flags]
+
+        def render(task: dict[str, Any] | None, progress: dict[str, Any]) -> list[Any]:
+            done = f"{progress.get('done', 0)} done, {progress.get('remaining', 0)} remaining"
+            if task is None:
+                waiting = progress.get("remaining", 0) > 0
+                note = (
+                    f"Preparing tasks: the model is sampling answers ({progress.get('ready', 0)} "
+                    f"ready). This page updates by itself. ({done})"
+                    if waiting
+                    else f"No tasks left for you in this campaign. Thank you! ({done})"
+                )
+                out = [
+                    {},
+                    note,
+                    gr.update(),
+                    "",
+                    gr.update(choices=[], value=None),
+                    gr.update(choices=[], value=None),
+                    False,
+                    None,
+                    "",
+                    "",
+                    gr.Timer(active=waiting),
+                ]
+                for _ in slots:
+                    out += [gr.Group(visible=False), "", gr.update(choices=[], value=None), []]
+                return out
+            n = len(task["completions"])
+            positions = [(f"Answer {i + 1}", i) for i in range(n)]
+            prompt_md = "\n\n".join(f"**{m['role']}**: {m['content']}" for m in task["prompt"])
+            out = [
+                {
+                    "assignment_id": task["assignment_id"],
+                    "campaign": task["campaign"],
+                    "n": n,
+                    "shown_at": time.time(),
+                },
+                f"Task ready. ({done})",
+                task["guidelines"] or "_No guidelines yet._",
+                prompt_md,
+                gr.update(choices=positions, value=None),
+                gr.update(choices=positions, value=None),
+                False,
+                None,
+                "",
+                "",
+                gr.Timer(active=False),
+            ]
+            for i, _ in enumerate(slots):
+                if i < n:
+                    out += [
+                        gr.Group(visible=True),
+                        f"**Answer {i + 1}**\n\n{task['completions'][i]['text']}",
+                        gr.update(choices=list(range(1, n + 1)), value=None),
+                        [],
+                    ]
+                else:
+                    out += [gr.Group(visible=False), "", gr.update(choices=[], value=None), []]
+            return out
+
+        def load_campaigns(request: gr.Request) -> Any:
+            _user(studio, request, "label")
+            choices = _campaign_choices(studio)
+            return gr.update(choices=choices, value=choices[0] if len(choices) == 1 else None)
+
+        def next_task(campaign_name: str | None, request: gr.Request) -> list[Any]:
+            user = _user(studio, request, "label")
+            if not campaign_name:
+                raise gr.Error("pick a campaign first")
+            try:
+                task = labeling.next_task(studio.store, campaign_name, user.name)
+                progress = labeling.progress(studio.store, campaign_name, user.name)
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            if task is None and studio.task_sampler and progress["remaining"]:
+                studio.task_sampler.poke(campaign_name, starved=True)
+            return render(task, progress)
+
+        def poll(campaign_name: str | None, current: dict[str, Any], request: gr.Request) -> list[Any]:
+            if current.get("assignment_id") or not campaign_name:
+                return [gr.update() for _ in task_outputs]
+            return next_task(campaign_name, request)
+
+        def submit(
+            current: dict[str, Any],
+            best_pos: int | None,
+            worst_pos: int | None,
+            bad: bool,
+            strength_v: int | None,
+            why: str,
+            ideal_text: str,
+            *slot_values: Any,
+            request: gr.Request,
+        ) -> list[Any]:
+            user = _user(studio, request, "label")
+            if not current.get("assignment_id"):
+                raise gr.Error("no task on screen: press Next task")
+            n = current["n"]
+            ranks_raw = [slot_values[2 * i] for i in range(n)]
+            flags = {i: slot_values[2 * i + 1] or [] for i in range(n)}
+            ranks = None
+            if all(r not in (None, "") for r in ranks_raw):
+                ranks = [int(r) for r in ranks_raw]
+            elif any(r not in (None, "") for r in ranks_raw):
+                raise gr.Error("rank every answer, or clear the ranks and use quick best/worst")
+            sub = labeling.Submission(
+                assignment_id=current["assignment_id"],
+                ranks=ranks,
+                best=best_pos,
+                worst=worst_pos,
+                all_bad=bool(bad),
+                strength=strength_v,
+                flags=flags,
+                rationale=why,
+                edited_text=ideal_text,
+                idempotency_key=current["assignment_id"],
+            )
+            try:
+                labeling.submit(studio.store, user.name, sub, shown_at=current.get("shown_at"))
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            if studio.task_sampler:
+                studio.task_sampler.poke()
+            gr.Info("Saved.")
+            return next_task(current["campaign"], request)
+
+        def skip(current: dict[str, Any], request: gr.Request) -> list[Any]:
+            user = _user(studio, request, "label")
+            if not current.get("assignment_id"):
+                raise gr.Error("no task on screen")
+            try:
+                labeling.skip(studio.store, user.name, current["assignment_id"])
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            return next_task(current["campaign"], request)
+
+        slot_inputs = [c for _, _, rank, flags in slots for c in (rank, flags)]
+        demo.load(load_campaigns, None, campaign, api_name="label_campaigns")
+        next_btn.click(next_task, [campaign], task_outputs, api_name="label_next", concurrency_limit=None)
+        campaign.change(next_task, [campaign], task_outputs, api_visibility="private")
+        timer.tick(poll, [campaign, state], task_outputs, api_visibility="private")
+        submit_btn.click(
+            submit,
+            [state, best, worst, all_bad, strength, rationale, ideal, *slot_inputs],
+            task_outputs,
+            api_name="label_submit",
+            concurrency_limit=None,
+        )
+        skip_btn.click(skip, [state], task_outputs, api_name="label_skip", concurrency_limit=None)
+
+
+# -- Playground ----------------------------------------------------------------------------
 def _playground_tab(studio: Studio) -> None:
-    with gr.Tab("Playground"):
-        gr.Markdown("Sample completions from the served model. Every completion is stored.")
+    with gr.Tab("Playground", id="playground"):
+        gr.Markdown(
+            "Sample completions from the served model (engineers and admins). Every completion is stored."
+        )
         prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Ask the model something")
         with gr.Row():
             n = gr.Slider(1, 8, value=4, step=1, label="Completions (n)")
@@ -23,7 +304,10 @@ def _playground_tab(studio: Studio) -> None:
         go = gr.Button("Sample", variant="primary")
         out = gr.Markdown(sanitize_html=True)
 
-        def run(text: str, n_: float, temp: float, max_tok: float, seed_: float | None) -> str:
+        def run(
+            text: str, n_: float, temp: float, max_tok: float, seed_: float | None, request: gr.Request
+        ) -> str:
+            _user(studio, request, "sample")
             assert studio.sampler is not None
             try:
                 messages = normalize_messages(text, "Prompt box", "prompt")
@@ -34,37 +318,257 @@ def _playground_tab(studio: Studio) -> None:
                     seed=None if seed_ is None else int(seed_),
                 )
                 rows = studio.sampler.sample(messages, params, version=studio.base_version)
-            except (PromptFileError, StoreError, ValueError, BackendError) as exc:
-                raise gr.Error(str(exc)) from None
-            parts = []
-            for r in rows:
-                parts.append(
-                    f"**Completion {r['choice_index'] + 1}** · {r['completion_tokens']} tokens · "
-                    f"{r['finish_reason']} · {r['latency_ms']:.0f} ms\n\n{r['text']}\n\n---"
-                )
-            return "\n\n".join(parts)
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            return "\n\n".join(
+                f"**Completion {r['choice_index'] + 1}** · {r['completion_tokens']} tokens · "
+                f"{r['finish_reason']} · {r['latency_ms']:.0f} ms\n\n{r['text']}\n\n---"
+                for r in rows
+            )
 
-        go.click(run, [prompt, n, temperature, max_tokens, seed], out, concurrency_limit=8)
+        go.click(run, [prompt, n, temperature, max_tokens, seed], out, api_name="sample", concurrency_limit=8)
 
 
+# -- Models --------------------------------------------------------------------------------
 def _models_tab(studio: Studio, demo: gr.Blocks) -> None:
-    with gr.Tab("Models"):
+    with gr.Tab("Models", id="models"):
         table = gr.Dataframe(interactive=False)
+        aliases = gr.Markdown()
         refresh = gr.Button("Refresh")
 
-        def load() -> pd.DataFrame:
-            assert studio.store is not None
-            rows = studio.store.model_versions()
+        def load(request: gr.Request) -> tuple[pd.DataFrame, str]:
+            _user(studio, request, "view")
             cols = ["name", "kind", "source", "parent", "content_hash", "created_at", "path"]
-            return pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
+            rows = studio.store.model_versions()
+            frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
+            names = ", ".join(f"`{a}` → `{v}`" for a, v in camp.aliases(studio.store).items())
+            return frame, f"Aliases: {names or 'none'}"
 
-        refresh.click(load, None, table)
-        demo.load(load, None, table)
+        refresh.click(load, None, [table, aliases], api_name="models")
+        demo.load(load, None, [table, aliases], api_visibility="private")
+
+
+# -- Admin ---------------------------------------------------------------------------------
+def _admin_tab(studio: Studio, demo: gr.Blocks) -> None:
+    with gr.Tab("Admin", id="admin"):
+        with gr.Accordion("Campaigns", open=True):
+            campaigns_table = gr.Dataframe(interactive=False, label="Label campaigns and progress")
+            refresh = gr.Button("Refresh")
+            with gr.Row():
+                c_name = gr.Textbox(label="New campaign name")
+                c_set = gr.Dropdown(label="Prompt set", choices=[])
+                c_model = gr.Textbox(label="Model version or alias", value=camp.POLICY)
+            with gr.Row():
+                c_n = gr.Slider(2, MAX_SLOTS, value=4, step=1, label="Completions per task (n)")
+                c_overlap = gr.Slider(1, 10, value=2, step=1, label="Annotators per task (overlap k)")
+                c_temp = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature")
+                c_max = gr.Slider(16, 512, value=128, step=16, label="Max tokens")
+            c_guidelines = gr.Textbox(label="Guidelines (Markdown)", lines=3)
+            c_create = gr.Button("Create campaign", variant="primary")
+            c_msg = gr.Markdown()
+        with gr.Accordion("Import prompts", open=False):
+            i_file = gr.File(label="JSONL, CSV or Parquet file", file_types=[".jsonl", ".csv", ".parquet"])
+            i_set = gr.Textbox(label="Prompt set name")
+            i_go = gr.Button("Import")
+            i_msg = gr.Markdown()
+        with gr.Accordion("Guidelines", open=False):
+            g_campaign = gr.Dropdown(label="Campaign", choices=[])
+            g_text = gr.Textbox(label="Guidelines (Markdown)", lines=8)
+            g_save = gr.Button("Save guidelines")
+            g_msg = gr.Markdown()
+        with gr.Accordion("Agreement and quality", open=False):
+            q_campaign = gr.Dropdown(label="Campaign", choices=[])
+            q_go = gr.Button("Compute")
+            q_summary = gr.Markdown()
+            q_table = gr.Dataframe(interactive=False, label="Per annotator")
+        with gr.Accordion("Export", open=False):
+            with gr.Row():
+                e_campaign = gr.Dropdown(label="Campaign (empty: all)", choices=[])
+                e_kind = gr.Radio(list(KINDS), value="preference", label="Kind")
+                e_format = gr.Radio([f for f in FORMATS if f != "datasets"], value="parquet", label="Format")
+            e_go = gr.Button("Export")
+            e_file = gr.File(label="Download")
+            e_card = gr.JSON(label="Data card")
+        with gr.Accordion("Users", open=False):
+            users_table = gr.Dataframe(interactive=False)
+            with gr.Row():
+                u_name = gr.Textbox(label="Name")
+                u_role = gr.Dropdown(list(users.ROLES), value="annotator", label="Role")
+                u_pass = gr.Textbox(label="Password (8+ characters)", type="password")
+            u_add = gr.Button("Add user")
+            u_msg = gr.Markdown()
+
+        def overview(request: gr.Request) -> list[Any]:
+            _user(studio, request, "admin")
+            rows = []
+            for c in camp.list_campaigns(studio.store, kind="label"):
+                p = labeling.progress(studio.store, c["name"])
+                rows.append(
+                    {
+                        "campaign": c["name"],
+                        "status": c["status"],
+                        "prompt_set": c["prompt_set"],
+                        "model": c["model"],
+                        "n": c["n"],
+                        "overlap": c["overlap"],
+                        "tasks_sampled": p["tasks_sampled"],
+                        "ready": p["ready"],
+                        "judgments": p["judgments"],
+                        "needed": p["judgments_needed"],
+                    }
+                )
+            names = [r["campaign"] for r in rows]
+            sets = [s["name"] for s in studio.store.prompt_sets()]
+            user_rows = pd.DataFrame(
+                [{k: str(v) for k, v in u.items()} for u in users.list_users(studio.store)]
+            )
+            return [
+                pd.DataFrame(rows),
+                gr.update(choices=sets),
+                gr.update(choices=names),
+                gr.update(choices=names),
+                gr.update(choices=["", *names]),
+                user_rows,
+            ]
+
+        overview_outputs = [campaigns_table, c_set, g_campaign, q_campaign, e_campaign, users_table]
+
+        def create(
+            name: str,
+            pset: str,
+            model: str,
+            n: float,
+            overlap: float,
+            temp: float,
+            max_tok: float,
+            guide: str,
+            request: gr.Request,
+        ) -> list[Any]:
+            user = _user(studio, request, "admin")
+            try:
+                camp.create_campaign(
+                    studio.store,
+                    (name or "").strip(),
+                    prompt_set=pset or "",
+                    model=(model or camp.POLICY).strip(),
+                    n=int(n),
+                    overlap=int(overlap),
+                    temperature=float(temp),
+                    max_tokens=int(max_tok),
+                    guidelines=guide,
+                    created_by=user.name,
+                )
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            if studio.task_sampler:
+                studio.task_sampler.poke()
+            return [f"Campaign **{name}** created; sampling has started.", *overview(request)]
+
+        def import_file(file: Any, set_name: str, request: gr.Request) -> str:
+            _user(studio, request, "import")
+            if file is None:
+                raise gr.Error("choose a file to import")
+            path = Path(file if isinstance(file, str) else file.name)
+            try:
+                prompts = read_prompts(path)
+                result = studio.store.import_prompts((set_name or "").strip(), prompts, source=path.name)
+            except USER_ERRORS as exc:
+                raise gr.Error(f"{exc}. Nothing was imported.") from None
+            return result.summary().replace("\n", "\n\n")
+
+        def load_guidelines(name: str | None, request: gr.Request) -> str:
+            _user(studio, request, "admin")
+            return camp.get_campaign(studio.store, name)["guidelines"] if name else ""
+
+        def save_guidelines(name: str | None, text: str, request: gr.Request) -> str:
+            _user(studio, request, "admin")
+            if not name:
+                raise gr.Error("pick a campaign")
+            camp.set_guidelines(studio.store, name, text)
+            return f"Guidelines of **{name}** saved."
+
+        def compute_quality(name: str | None, request: gr.Request) -> tuple[str, pd.DataFrame]:
+            _user(studio, request, "admin")
+            if not name:
+                raise gr.Error("pick a campaign")
+            agreement = quality.campaign_agreement(studio.store, name)
+            fmt = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in agreement.items()}
+            summary = " · ".join(f"**{k}**: {v}" for k, v in fmt.items())
+            return summary, pd.DataFrame(quality.annotator_quality(studio.store, name))
+
+        def export(name: str | None, kind: str, fmt: str, request: gr.Request) -> tuple[str, dict]:
+            _user(studio, request, "admin")
+            folder = Path(tempfile.mkdtemp(prefix="studio-export-"))
+            try:
+                result = write_export(
+                    studio.store, folder / f"{name or 'all'}-{kind}.{fmt}", kind, fmt, name or None
+                )
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            return result["path"], json.loads(json.dumps(result, default=str))
+
+        def add_user(name: str, role: str, password: str, request: gr.Request) -> list[Any]:
+            _user(studio, request, "admin")
+            try:
+                token = users.add_user(studio.store, (name or "").strip(), role, password or "")
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            note = f"User **{name}** ({role}) added. REST token (shown once): `{token}`"
+            return [note, *overview(request)]
+
+        refresh.click(overview, None, overview_outputs, api_name="admin_overview")
+        demo.load(overview_if_admin(studio, overview), None, overview_outputs, api_visibility="private")
+        c_create.click(
+            create,
+            [c_name, c_set, c_model, c_n, c_overlap, c_temp, c_max, c_guidelines],
+            [c_msg, *overview_outputs],
+            api_name="admin_create_campaign",
+        )
+        i_go.click(import_file, [i_file, i_set], i_msg, api_name="admin_import")
+        g_campaign.change(load_guidelines, g_campaign, g_text, api_visibility="private")
+        g_save.click(save_guidelines, [g_campaign, g_text], g_msg, api_name="admin_guidelines")
+        q_go.click(compute_quality, q_campaign, [q_summary, q_table], api_name="admin_quality")
+        e_go.click(export, [e_campaign, e_kind, e_format], [e_file, e_card], api_name="admin_export")
+        u_add.click(add_user, [u_name, u_role, u_pass], [u_msg, *overview_outputs], api_name="admin_add_user")
+
+
+def overview_if_admin(studio: Studio, overview: Any) -> Any:
+    """On page load, fill the admin tab for admins and leave it empty (no error) for others."""
+
+    def load(request: gr.Request) -> list[Any]:
+        name = getattr(request, "username", None)
+        user = users.get_user(studio.store, name) if name else None
+        if user is None or not user.can("admin"):
+            return [gr.update() for _ in range(6)]
+        return overview(request)
+
+    return load
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="Preference Studio") as demo:
-        gr.Markdown("# Preference Studio")
-        _playground_tab(studio)
-        _models_tab(studio, demo)
+        with gr.Row():
+            gr.Markdown("# Preference Studio")
+            who = gr.Markdown(elem_id="whoami")
+            gr.Button("Log out", link="/logout", size="sm", scale=0)
+        with gr.Tabs():
+            _label_tab(studio, demo)
+            _playground_tab(studio)
+            _models_tab(studio, demo)
+            _admin_tab(studio, demo)
+
+        def whoami(request: gr.Request) -> str:
+            user = _user(studio, request, "view")
+            return f"Logged in as **{user.name}** ({user.role})"
+
+        demo.load(whoami, None, who, api_visibility="private")
     return demo
+
+
+def gradio_auth(studio: Studio) -> Any:
+    """Gradio's login check: name and password against the users table."""
+
+    def check(username: str, password: str) -> bool:
+        return studio.store is not None and users.check_password(studio.store, username, password) is not None
+
+    return check

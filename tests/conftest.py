@@ -63,7 +63,9 @@ class LiveStudio:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             if self.server.started:
+                self.studio.announce()
                 return
+
             if not self.thread.is_alive():
                 raise RuntimeError("the studio failed to start; see the output above")
             time.sleep(0.5)
@@ -84,5 +86,11 @@ def live_studio(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture()
 def api(live_studio: LiveStudio) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"{live_studio.url}/api/v1", timeout=300) as client:
+    """REST client authenticated as the first admin (created on the studio's first start)."""
+    from studio.users import local_token
+
+    token = local_token(live_studio.settings.data_dir)
+    assert token, "the first start should have created the admin credentials file"
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=f"{live_studio.url}/api/v1", timeout=300, headers=headers) as client:
         yield client

@@ -20,13 +20,14 @@ def prompt(text: str, where: str = "test") -> ImportedPrompt:
 
 def test_migrations_apply_once_and_only_new_ones_on_reopen(tmp_path: Path, monkeypatch) -> None:
     db = tmp_path / "s.duckdb"
+    names = [name for name, _ in migrations_module.MIGRATIONS]
     first = Store(db)
-    assert first.applied_now == ["001_core"]
+    assert first.applied_now == names
     first.close()
 
     again = Store(db)
     assert again.applied_now == []
-    assert again.migrations() == ["001_core"]
+    assert again.migrations() == names
     again.close()
 
     extra = ("002_test_extra", "CREATE TABLE extra_table (x INTEGER);")
@@ -46,7 +47,7 @@ def test_a_failing_migration_leaves_nothing_half_applied(tmp_path: Path, monkeyp
         Store(tmp_path / "s.duckdb")
     monkeypatch.setattr("studio.store.MIGRATIONS", migrations_module.MIGRATIONS)
     store = Store(tmp_path / "s.duckdb")
-    assert store.migrations() == ["001_core"]
+    assert store.migrations() == [name for name, _ in migrations_module.MIGRATIONS]
     assert not store.query("SELECT * FROM duckdb_tables() WHERE table_name = 'half'")
 
 

@@ -1,0 +1,297 @@
+"""The labeling task pool and judgments.
+
+A task is one prompt of a campaign with its n sampled completions. It goes to
+`overlap` different annotators; an annotator never gets a task they already
+had (done or skipped); an assignment not submitted within the campaign's
+timeout stops holding its place, so the task goes back to the pool. Each
+submitted judgment is one row that keeps the whole ranking; pairs are a view.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+from studio.campaigns import get_campaign
+from studio.store import Store, StoreError, new_id
+
+FLAGS = ("unsafe", "hallucination", "unhelpful_refusal", "identity_leak", "other")
+STRENGTHS = {1: "slight", 2: "clear", 3: "strong"}
+
+# Capacity of a task: submitted judgments plus assignments still within their timeout.
+_TAKEN = """
+    (SELECT count(*) FROM assignments a
+      WHERE a.task_id = t.id
+        AND (a.status = 'done' OR (a.status = 'open' AND a.expires_at > now())))
+"""
+
+
+@dataclass
+class Submission:
+    """What an annotator sends. `ranks` follows the order shown (1 = best; equal = tie)."""
+
+    assignment_id: str
+    ranks: list[int] | None = None
+    best: int | None = None  # quick mode: position of the best completion ...
+    worst: int | None = None  # ... and of the worst
+    all_bad: bool = False
+    strength: int | None = None
+    flags: dict[int, list[str]] = field(default_factory=dict)  # position -> flags
+    rationale: str | None = None
+    edited_text: str | None = None
+    idempotency_key: str | None = None
+
+
+def _task_payload(store: Store, assignment: dict[str, Any], campaign: dict[str, Any]) -> dict[str, Any]:
+    task = store.query("SELECT * FROM tasks WHERE id = ?", [assignment["task_id"]])[0]
+    prompt = store.prompt(task["prompt_id"])
+    gens = {g["id"]: g for g in store.generations(list(assignment["display_order"]))}
+    return {
+        "assignment_id": assignment["id"],
+        "campaign": campaign["name"],
+        "prompt": prompt["messages"],
+        # only what the annotator needs, in the shuffled order they will see
+        "completions": [
+            {"position": i, "text": gens[g]["text"]} for i, g in enumerate(assignment["display_order"])
+        ],
+        "guidelines": campaign["guidelines"],
+        "expires_at": str(assignment["expires_at"]),
+    }
+
+
+def next_task(store: Store, campaign_name: str, annotator: str) -> dict[str, Any] | None:
+    """The annotator's open task in the campaign, or a new one; None when none is ready for them."""
+    campaign = get_campaign(store, campaign_name)
+    if campaign["status"] != "active":
+        raise StoreError(f"campaign '{campaign_name}' is {campaign['status']}; no tasks are handed out")
+    with store.transaction() as cur:
+        open_row = cur.execute(
+            "SELECT a.id FROM assignments a JOIN tasks t ON t.id = a.task_id"
+            " WHERE t.campaign = ? AND a.annotator = ? AND a.status = 'open'"
+            " ORDER BY a.assigned_at LIMIT 1",
+            [campaign_name, annotator],
+        ).fetchone()
+        if open_row:
+            # resuming (a reload, a second tab): same task, fresh timeout
+            cur.execute(
+                "UPDATE assignments SET expires_at = now() + to_seconds(?) WHERE id = ?",
+                [campaign["task_timeout_s"], open_row[0]],
+            )
+            assignment_id = open_row[0]
+        else:
+            row = cur.execute(
+                f"SELECT t.id, t.generation_ids FROM tasks t WHERE t.campaign = ?"
+                f" AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.task_id = t.id AND a.annotator = ?)"
+                f" AND {_TAKEN} < ? ORDER BY t.created_at, t.id LIMIT 1",
+                [campaign_name, annotator, campaign["overlap"]],
+            ).fetchone()
+            if row is None:
+                return None
+            order = list(row[1])
+            random.shuffle(order)
+            assignment_id = new_id()
+            cur.execute(
+                "INSERT INTO assignments (id, task_id, annotator, display_order, expires_at)"
+                " VALUES (?, ?, ?, ?, now() + to_seconds(?))",
+                [assignment_id, row[0], annotator, order, campaign["task_timeout_s"]],
+            )
+    assignment = store.query("SELECT * FROM assignments WHERE id = ?", [assignment_id])[0]
+    return _task_payload(store, assignment, campaign)
+
+
+def normalize_ranks(sub: Submission, n: int) -> list[int]:
+    """Turn a full ranking, quick best/worst, or all-bad into dense ranks (1 = best)."""
+    if sub.all_bad:
+        return [1] * n  # nothing is preferred: a tie among all, marked all_bad
+    if sub.ranks is not None:
+        if len(sub.ranks) != n:
+            raise StoreError(f"ranks: {len(sub.ranks)} given for {n} completions; rank every one")
+        if any(not isinstance(r, int) or not 1 <= r <= n for r in sub.ranks):
+            raise StoreError(f"ranks: each rank must be a whole number from 1 (best) to {n}")
+        if len(set(sub.ranks)) == 1:
+            raise StoreError("ranks: all completions tied; mark 'all bad' or rank at least one higher")
+        distinct = sorted(set(sub.ranks))
+        return [distinct.index(r) + 1 for r in sub.ranks]
+    if sub.best is None or sub.worst is None:
+        raise StoreError("no ranking: give ranks, or best and worst, or mark all bad")
+    if not (0 <= sub.best < n and 0 <= sub.worst < n) or sub.best == sub.worst:
+        raise StoreError(f"best/worst: two different positions from 0 to {n - 1}")
+    ranks = [2] * n  # everything between best and worst ties in the middle
+    ranks[sub.best] = 1
+    ranks[sub.worst] = 3 if n > 2 else 2
+    return ranks
+
+
+def submit(store: Store, annotator: str, sub: Submission, shown_at: float | None = None) -> dict[str, Any]:
+    """Store one judgment. Retries with the same idempotency key return the stored judgment."""
+    key = sub.idempotency_key or sub.assignment_id
+    existing = store.query("SELECT * FROM judgments WHERE idempotency_key = ?", [key])
+    if existing:
+        if existing[0]["annotator"] != annotator:
+            raise StoreError("idempotency key belongs to another annotator's judgment")
+        return _decode_judgment(existing[0])
+    rows = store.query(
+        "SELECT a.*, t.campaign FROM assignments a JOIN tasks t ON t.id = a.task_id WHERE a.id = ?",
+        [sub.assignment_id],
+    )
+    if not rows or rows[0]["annotator"] != annotator:
+        raise StoreError(f"assignment '{sub.assignment_id}' is not one of yours; ask for the next task")
+    assignment = rows[0]
+    if assignment["status"] == "done":
+        # a different key for an assignment already judged: hand back that judgment
+        done = store.query("SELECT * FROM judgments WHERE assignment_id = ?", [assignment["id"]])
+        return _decode_judgment(done[0])
+    order = list(assignment["display_order"])
+    n = len(order)
+    ranks = normalize_ranks(sub, n)
+    if sub.strength is not None and sub.strength not in STRENGTHS:
+        raise StoreError("strength: 1 (slight), 2 (clear) or 3 (strong)")
+    flags: dict[str, list[str]] = {}
+    for pos, names in sub.flags.items():
+        if not 0 <= int(pos) < n:
+            raise StoreError(f"flags: position {pos} is not shown (0 to {n - 1})")
+        bad = [f for f in names if f not in FLAGS]
+        if bad:
+            raise StoreError(f"flags: unknown {', '.join(bad)}; use {', '.join(FLAGS)}")
+        if names:
+            flags[order[int(pos)]] = sorted(set(names))
+    edited = (sub.edited_text or "").strip() or None
+    edited_from = order[ranks.index(1)] if edited and not sub.all_bad else None
+    if edited and sub.all_bad:
+        edited_from = None  # an ideal written from scratch: all shown answers were bad
+    judgment_id = new_id()
+    now = time.time()
+    try:
+        _insert_judgment(
+            store,
+            judgment_id,
+            key,
+            assignment,
+            annotator,
+            order,
+            ranks,
+            sub,
+            flags,
+            edited,
+            edited_from,
+            shown_at,
+            now,
+        )
+    except duckdb.ConstraintException:
+        # a concurrent retry with the same key won the race: return its judgment
+        row = store.query("SELECT * FROM judgments WHERE idempotency_key = ?", [key])
+        if not row:
+            raise
+        return _decode_judgment(row[0])
+    return _decode_judgment(store.query("SELECT * FROM judgments WHERE id = ?", [judgment_id])[0])
+
+
+def _insert_judgment(
+    store: Store,
+    judgment_id: str,
+    key: str,
+    assignment: dict[str, Any],
+    annotator: str,
+    order: list[str],
+    ranks: list[int],
+    sub: Submission,
+    flags: dict[str, list[str]],
+    edited: str | None,
+    edited_from: str | None,
+    shown_at: float | None,
+    now: float,
+) -> None:
+    with store.transaction() as cur:
+        cur.execute(
+            "INSERT INTO judgments (id, idempotency_key, assignment_id, campaign, task_id, annotator,"
+            " generation_ids, ranks, all_bad, strength, flags, rationale, edited_text, edited_from,"
+            " shown_at, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " to_timestamp(?), ?)",
+            [
+                judgment_id,
+                key,
+                assignment["id"],
+                assignment["campaign"],
+                assignment["task_id"],
+                annotator,
+                order,
+                ranks,
+                sub.all_bad,
+                sub.strength,
+                json.dumps(flags),
+                (sub.rationale or "").strip() or None,
+                edited,
+                edited_from,
+                shown_at,
+                None if shown_at is None else (now - shown_at) * 1000.0,
+            ],
+        )
+        cur.execute("UPDATE assignments SET status = 'done' WHERE id = ?", [assignment["id"]])
+
+
+def skip(store: Store, annotator: str, assignment_id: str) -> None:
+    with store.transaction() as cur:
+        row = cur.execute(
+            "SELECT annotator, status FROM assignments WHERE id = ?", [assignment_id]
+        ).fetchone()
+        if row is None or row[0] != annotator:
+            raise StoreError(f"assignment '{assignment_id}' is not one of yours")
+        if row[1] == "open":
+            cur.execute("UPDATE assignments SET status = 'skipped' WHERE id = ?", [assignment_id])
+
+
+def progress(store: Store, campaign_name: str, annotator: str | None = None) -> dict[str, int]:
+    campaign = get_campaign(store, campaign_name)
+    total = store.query("SELECT count(*) AS n FROM prompts WHERE set_name = ?", [campaign["prompt_set"]])[0][
+        "n"
+    ]
+    counts = store.query(
+        "SELECT count(*) FILTER (WHERE TRUE) AS judgments,"
+        " count(DISTINCT task_id) AS judged_tasks FROM judgments WHERE campaign = ?",
+        [campaign_name],
+    )[0]
+    out = {
+        "prompts": total,
+        "tasks_sampled": store.query("SELECT count(*) AS n FROM tasks WHERE campaign = ?", [campaign_name])[
+            0
+        ]["n"],
+        "judgments": counts["judgments"],
+        "judgments_needed": total * campaign["overlap"],
+        "ready": ready_tasks(store, campaign_name),
+    }
+    if annotator is not None:
+        mine = store.query(
+            "SELECT count(*) FILTER (WHERE a.status = 'done') AS done,"
+            " count(*) AS touched FROM assignments a JOIN tasks t ON t.id = a.task_id"
+            " WHERE t.campaign = ? AND a.annotator = ?",
+            [campaign_name, annotator],
+        )[0]
+        full_untouched = store.query(
+            f"SELECT count(*) AS n FROM tasks t WHERE t.campaign = ? AND {_TAKEN} >= ?"
+            " AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.task_id = t.id AND a.annotator = ?)",
+            [campaign_name, campaign["overlap"], annotator],
+        )[0]["n"]
+        out["done"] = mine["done"]
+        out["remaining"] = max(total - mine["touched"] - full_untouched, 0)
+    return out
+
+
+def ready_tasks(store: Store, campaign_name: str) -> int:
+    """Sampled tasks that still have a place for another annotator."""
+    campaign = get_campaign(store, campaign_name)
+    return store.query(
+        f"SELECT count(*) AS n FROM tasks t WHERE t.campaign = ? AND {_TAKEN} < ?",
+        [campaign_name, campaign["overlap"]],
+    )[0]["n"]
+
+
+def _decode_judgment(row: dict[str, Any]) -> dict[str, Any]:
+    row["flags"] = json.loads(row["flags"]) if isinstance(row["flags"], str) else row["flags"]
+    row["generation_ids"] = list(row["generation_ids"])
+    row["ranks"] = list(row["ranks"])
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}

@@ -1,0 +1,110 @@
+"""Background worker that keeps a bounded buffer of ready tasks per active campaign.
+
+Annotators never wait for generation while the buffer is warm: after each
+judgment the worker tops the campaign back up to `buffer` tasks that still
+have a free place. It samples a few prompts at once so that vLLM batches them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from studio.campaigns import list_campaigns, resolve_model, sampling_params
+from studio.labeling import ready_tasks
+from studio.sampling import Sampler
+from studio.store import Store, new_id
+
+
+class TaskSampler:
+    def __init__(
+        self, store: Store, sampler: Sampler, *, buffer: int = 8, parallel: int = 4, interval: float = 0.5
+    ):
+        self.store = store
+        self.sampler = sampler
+        self.buffer = buffer
+        self.parallel = parallel
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(parallel, thread_name_prefix="task-sampler")
+        self.status: dict[str, dict[str, Any]] = {}
+        self._starved: set[str] = set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="task-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def poke(self, campaign: str | None = None, starved: bool = False) -> None:
+        """Wake the worker: a task was taken, or an annotator found none ready."""
+        if campaign and starved:
+            self._starved.add(campaign)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for campaign in list_campaigns(self.store, kind="label"):
+                    if campaign["status"] == "active":
+                        self._fill(campaign)
+            except Exception as exc:  # keep the worker alive; the status shows the error
+                self.status.setdefault("_worker", {})["error"] = str(exc)
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def _fill(self, campaign: dict[str, Any]) -> None:
+        name = campaign["name"]
+        ready = ready_tasks(self.store, name)
+        want = self.buffer - ready
+        if name in self._starved:
+            want = max(want, self.parallel)
+            self._starved.discard(name)
+        state = self.status.setdefault(name, {"error": None})
+        state["ready"] = ready
+        if want <= 0 or self._stop.is_set():
+            return
+        prompts = self.store.query(
+            "SELECT p.id, p.messages FROM prompts p WHERE p.set_name = ?"
+            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.campaign = ? AND t.prompt_id = p.id)"
+            " ORDER BY p.position LIMIT ?",
+            [campaign["prompt_set"], name, min(want, self.parallel)],
+        )
+        if not prompts:
+            state["exhausted"] = True
+            return
+        state["sampling"] = len(prompts)
+        version = resolve_model(self.store, campaign["model"])
+        params = sampling_params(campaign)
+        started = time.monotonic()
+        futures = [self._pool.submit(self._make_task, name, version, params, p) for p in prompts]
+        errors = [f.exception() for f in futures]
+        failures = [e for e in errors if e is not None]
+        state["sampling"] = 0
+        state["error"] = str(failures[0]) if failures else None
+        state["last_batch_s"] = round(time.monotonic() - started, 2)
+        state["ready"] = ready_tasks(self.store, name)
+        if failures:
+            self._stop.wait(5.0)  # the backend is down or restarting: do not spin
+
+    def _make_task(self, campaign: str, version: str, params: Any, prompt: dict[str, Any]) -> None:
+        messages = prompt["messages"]
+        if isinstance(messages, str):  # DuckDB hands JSON columns back as text
+            messages = json.loads(messages)
+        rows = self.sampler.sample(messages, params, version=version, prompt_id=prompt["id"])
+        with self.store.transaction() as cur:
+            cur.execute(
+                "INSERT INTO tasks (id, campaign, prompt_id, model_version, generation_ids)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [new_id(), campaign, prompt["id"], version, [r["id"] for r in rows]],
+            )

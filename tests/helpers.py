@@ -1,0 +1,75 @@
+"""Builders for labeling tests that need tasks but not a model server.
+
+Generation rows are written the way the sampler writes them; only the text is
+made up here, so the task pool, judgments and exports run for real.
+"""
+
+from __future__ import annotations
+
+from studio import campaigns
+from studio.importer import messages_hash
+from studio.store import ImportedPrompt, Store, new_id
+from studio.users import add_user
+
+PASSWORD = "correct-horse-battery"
+
+
+def seed_campaign(
+    store: Store,
+    name: str = "c1",
+    prompts: int = 4,
+    n: int = 3,
+    overlap: int = 2,
+    texts: list[str] | None = None,
+) -> list[str]:
+    """A prompt set, the base version, a campaign and one task per prompt. Returns task ids."""
+    if not store.query("SELECT 1 FROM model_versions WHERE name = 'base'"):
+        store.register_model_version("base", path="/models/base", content_hash="h" * 64, source="test")
+        campaigns.ensure_policy_alias(store, "base")
+    set_name = f"{name}-set"
+    items = []
+    for i in range(prompts):
+        msgs = [{"role": "user", "content": f"{name} question {i}?"}]
+        items.append(ImportedPrompt(f"row {i}", msgs, messages_hash(msgs)))
+    store.import_prompts(set_name, items, source="test")
+    campaigns.create_campaign(store, name, prompt_set=set_name, n=n, overlap=overlap)
+    task_ids = []
+    for p in store.prompts(set_name):
+        request_id = new_id()
+        rows = []
+        for c in range(n):
+            text = texts[c] if texts else f"answer {c} to {p['messages'][0]['content']} " + "x" * (10 * c)
+            rows.append(
+                {
+                    "id": new_id(),
+                    "request_id": request_id,
+                    "choice_index": c,
+                    "prompt_id": p["id"],
+                    "messages": p["messages"],
+                    "model_version": "base",
+                    "text": text,
+                    "finish_reason": "stop",
+                    "prompt_tokens": 10,
+                    "completion_tokens": 5,
+                    "latency_ms": 1.0,
+                    "temperature": 0.8,
+                    "top_p": 0.95,
+                    "max_tokens": 64,
+                    "seed": None,
+                    "sampling": {"n": n},
+                }
+            )
+        store.add_generations(rows)
+        task_id = new_id()
+        with store.transaction() as cur:
+            cur.execute(
+                "INSERT INTO tasks (id, campaign, prompt_id, model_version, generation_ids)"
+                " VALUES (?, ?, ?, 'base', ?)",
+                [task_id, name, p["id"], [r["id"] for r in rows]],
+            )
+        task_ids.append(task_id)
+    return task_ids
+
+
+def make_users(store: Store, *specs: tuple[str, str]) -> dict[str, str]:
+    return {name: add_user(store, name, role, PASSWORD) for name, role in specs}

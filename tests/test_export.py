@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from datasets import load_dataset, load_from_disk
+
+from studio import labeling
+from studio.export import MARGINS, build_rows, write_export
+from studio.labeling import Submission
+from studio.store import Store, StoreError
+from tests.helpers import make_users, seed_campaign
+
+
+@pytest.fixture()
+def judged(tmp_path: Path) -> Store:
+    """Two prompts judged by two annotators: a full ranking with a tie, quick mode, all-bad, an edit."""
+    store = Store(tmp_path / "s.duckdb")
+    make_users(store, ("ann1", "annotator"), ("ann2", "annotator"))
+    seed_campaign(store, prompts=2, n=3, overlap=2)
+    t = labeling.next_task(store, "c1", "ann1")
+    labeling.submit(
+        store,
+        "ann1",
+        Submission(t["assignment_id"], ranks=[1, 2, 2], strength=3, edited_text="The ideal answer."),
+    )
+    t = labeling.next_task(store, "c1", "ann1")
+    labeling.submit(store, "ann1", Submission(t["assignment_id"], all_bad=True))
+    t = labeling.next_task(store, "c1", "ann2")
+    labeling.submit(
+        store, "ann2", Submission(t["assignment_id"], best=0, worst=2, flags={1: ["hallucination"]})
+    )
+    return store
+
+
+def test_preference_rows_pairs_ties_and_margins(judged: Store) -> None:
+    rows, counts = build_rows(judged, "preference")
+    # ann1's ranking [1, 2, 2]: two strict pairs and one tie; ann2's quick mode [1, 2, 3]: three pairs
+    assert counts["rows"] == 5 == len(rows)
+    assert counts["tied_pairs_left_out"] == 1 and counts["all_bad_judgments"] == 1
+    row = rows[0]
+    assert set(row) >= {"prompt", "chosen", "rejected", "margin"}
+    assert row["prompt"][-1]["role"] == "user"
+    assert row["chosen"][0]["role"] == "assistant" and row["rejected"][0]["role"] == "assistant"
+    assert row["chosen"] != row["rejected"]
+    assert {r["margin"] for r in rows} == {MARGINS[3], MARGINS[None]}
+    assert all(r["chosen_rank"] < r["rejected_rank"] for r in rows)
+
+
+def test_unpaired_and_sft_rows(judged: Store) -> None:
+    rows, _ = build_rows(judged, "unpaired")
+    assert all(set(r) >= {"prompt", "completion", "label"} for r in rows)
+    labels = [r["label"] for r in rows]
+    # ann1 full: best True + two tied-worst False; all-bad: 3 False; ann2: best True, flagged False, worst False
+    assert labels.count(True) == 2 and labels.count(False) == 7
+    assert sum(not r["label"] for r in rows if r["annotator"] == "ann1") == 5  # 2 worst + 3 all-bad
+    sft, _ = build_rows(judged, "sft")
+    sources = sorted(r["source"] for r in sft)
+    assert sources == ["edited", "top_choice", "top_choice"]
+    edited = next(r for r in sft if r["source"] == "edited")
+    assert edited["messages"][-1] == {"role": "assistant", "content": "The ideal answer."}
+
+
+@pytest.mark.parametrize("fmt", ["datasets", "parquet", "jsonl"])
+def test_export_formats_load_with_datasets_and_have_a_card(judged: Store, tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / {"datasets": "pref", "parquet": "pref.parquet", "jsonl": "pref.jsonl"}[fmt]
+    result = write_export(judged, out, "preference", fmt, "c1")
+    if fmt == "datasets":
+        ds = load_from_disk(str(out))
+        card = json.loads((out / "card.json").read_text())
+        assert "tied_pairs_left_out" in (out / "README.md").read_text()
+    else:
+        ds = load_dataset(fmt.replace("jsonl", "json"), data_files=str(out), split="train")
+        card = json.loads(out.with_name(out.name + ".card.json").read_text())
+    assert len(ds) == 5 and {"prompt", "chosen", "rejected", "margin"} <= set(ds.column_names)
+    assert card["counts"]["tied_pairs_left_out"] == 1
+    assert card["annotators"] == ["ann1", "ann2"] and card["model_versions"] == ["base"]
+    assert card["agreement"]["tasks_with_2plus"] == 1
+    assert result["path"] == str(out)
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_nothing_to_export_is_an_error_and_writes_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.duckdb")
+    seed_campaign(store, prompts=1)
+    with pytest.raises(StoreError, match="nothing to export"):
+        write_export(store, tmp_path / "x.parquet", "preference", campaign="c1")
+    with pytest.raises(StoreError, match="campaign 'zz' does not exist"):
+        write_export(store, tmp_path / "x.parquet", "preference", campaign="zz")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+@pytest.mark.slow
+def test_export_trains_one_dpo_step_unchanged(judged: Store, tmp_path: Path, model_cache: Path) -> None:
+    """The exported folder goes into TRL's DPOTrainer as it is, on a tiny random model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    out = tmp_path / "pref"
+    write_export(judged, out, "preference", "datasets")
+    tokenizer = AutoTokenizer.from_pretrained(model_cache / "smollm2-135m-instruct")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    tiny = tmp_path / "tiny"  # TRL builds the DPO reference model from the policy's path
+    model.save_pretrained(tiny)
+    tokenizer.save_pretrained(tiny)
+    model = LlamaForCausalLM.from_pretrained(tiny)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = DPOConfig(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        learning_rate=1e-2,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        max_length=256,
+        save_strategy="no",
+    )
+    trainer = DPOTrainer(
+        model=model, args=config, train_dataset=load_from_disk(str(out)), processing_class=tokenizer
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(x)) for x in losses)
+    moved = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert moved, "one DPO step should change the weights"

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from studio import campaigns, labeling, quality
+from studio.labeling import Submission
+from studio.store import Store, StoreError
+from tests.helpers import make_users, seed_campaign
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "s.duckdb")
+    make_users(s, ("ann1", "annotator"), ("ann2", "annotator"), ("ann3", "annotator"))
+    return s
+
+
+def test_each_task_goes_to_k_different_annotators_never_twice(store: Store) -> None:
+    tasks = seed_campaign(store, prompts=3, overlap=2)
+    seen: dict[str, list[str]] = {}
+    for name in ("ann1", "ann2", "ann3"):
+        while (task := labeling.next_task(store, "c1", name)) is not None:
+            assignment = store.query("SELECT task_id FROM assignments WHERE id = ?", [task["assignment_id"]])[
+                0
+            ]
+            seen.setdefault(name, []).append(assignment["task_id"])
+            labeling.submit(store, name, Submission(task["assignment_id"], ranks=[1, 2, 3]))
+    for name, got in seen.items():
+        assert len(got) == len(set(got)), f"{name} got a task twice"
+    per_task = store.query("SELECT task_id, count(DISTINCT annotator) AS k FROM judgments GROUP BY 1")
+    assert sorted(r["k"] for r in per_task) == [2, 2, 2]
+    assert {r["task_id"] for r in per_task} == set(tasks)
+    assert len(seen["ann1"]) == 3 and len(seen["ann2"]) == 3 and "ann3" not in seen
+
+
+def test_open_task_is_resumed_and_expired_one_returns_to_the_pool(store: Store) -> None:
+    seed_campaign(store, prompts=1, overlap=1)
+    first = labeling.next_task(store, "c1", "ann1")
+    assert labeling.next_task(store, "c1", "ann1")["assignment_id"] == first["assignment_id"]
+    assert labeling.next_task(store, "c1", "ann2") is None  # the only place is taken
+    with store.transaction() as cur:  # ann1 walked away: let the timeout pass
+        cur.execute("UPDATE assignments SET expires_at = now() - INTERVAL 1 SECOND")
+    second = labeling.next_task(store, "c1", "ann2")
+    assert second is not None and second["assignment_id"] != first["assignment_id"]
+    # a late submit from ann1 is still accepted: an acknowledged judgment is never lost
+    labeling.submit(store, "ann1", Submission(first["assignment_id"], best=0, worst=1))
+    assert store.count("judgments") == 1
+
+
+def test_shuffled_order_is_recorded_and_ranks_follow_it(store: Store) -> None:
+    seed_campaign(store, prompts=1, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")
+    order = store.query("SELECT display_order FROM assignments")[0]["display_order"]
+    texts = {g["id"]: g["text"] for g in store.generations(list(order))}
+    assert [c["text"] for c in task["completions"]] == [texts[g] for g in order]
+    j = labeling.submit(store, "ann1", Submission(task["assignment_id"], ranks=[3, 1, 1]))
+    assert j["generation_ids"] == list(order)
+    assert j["ranks"] == [2, 1, 1]  # made dense, tie kept
+    pairs = store.query("SELECT chosen_id, rejected_id, is_tie FROM judgment_pairs ORDER BY is_tie")
+    assert [(p["chosen_id"], p["rejected_id"], p["is_tie"]) for p in pairs] == [
+        (order[1], order[0], False),
+        (order[2], order[0], False),
+        (order[1], order[2], True),
+    ]
+
+
+def test_double_submit_stores_one_judgment(store: Store) -> None:
+    seed_campaign(store, prompts=2, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")
+    sub = Submission(task["assignment_id"], ranks=[1, 2, 3], idempotency_key="click-1")
+    a = labeling.submit(store, "ann1", sub)
+    b = labeling.submit(store, "ann1", sub)
+    c = labeling.submit(store, "ann1", Submission(task["assignment_id"], ranks=[3, 2, 1]))
+    assert a["id"] == b["id"] == c["id"]
+    assert store.count("judgments") == 1
+
+
+@pytest.mark.parametrize(
+    ("sub", "message"),
+    [
+        (dict(ranks=[1, 2]), "2 given for 3 completions"),
+        (dict(ranks=[1, 2, 9]), r"from 1 \(best\) to 3"),
+        (dict(ranks=[2, 2, 2]), "all completions tied"),
+        (dict(best=1, worst=1), "two different positions"),
+        (dict(), "no ranking"),
+        (dict(ranks=[1, 2, 3], strength=7), "strength"),
+        (dict(ranks=[1, 2, 3], flags={0: ["rude"]}), "unknown rude"),
+        (dict(ranks=[1, 2, 3], flags={5: ["unsafe"]}), "position 5 is not shown"),
+    ],
+)
+def test_bad_submissions_store_nothing(store: Store, sub: dict, message: str) -> None:
+    seed_campaign(store, prompts=1, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")
+    with pytest.raises(StoreError, match=message):
+        labeling.submit(store, "ann1", Submission(task["assignment_id"], **sub))
+    assert store.count("judgments") == 0
+    assert store.query("SELECT status FROM assignments")[0]["status"] == "open"
+
+
+def test_someone_elses_assignment_is_refused(store: Store) -> None:
+    seed_campaign(store, prompts=1, overlap=2)
+    task = labeling.next_task(store, "c1", "ann1")
+    with pytest.raises(StoreError, match="not one of yours"):
+        labeling.submit(store, "ann2", Submission(task["assignment_id"], ranks=[1, 2, 3]))
+
+
+def test_quick_mode_all_bad_flags_edit_and_skip(store: Store) -> None:
+    seed_campaign(store, prompts=3, overlap=1)
+    t1 = labeling.next_task(store, "c1", "ann1")
+    j1 = labeling.submit(
+        store,
+        "ann1",
+        Submission(
+            t1["assignment_id"],
+            best=2,
+            worst=0,
+            strength=3,
+            flags={0: ["unsafe", "unsafe"]},
+            rationale="  third is right ",
+            edited_text="An ideal answer.",
+        ),
+    )
+    assert j1["ranks"] == [3, 2, 1] and j1["strength"] == 3
+    assert j1["flags"] == {j1["generation_ids"][0]: ["unsafe"]}
+    assert j1["rationale"] == "third is right"
+    assert j1["edited_text"] == "An ideal answer." and j1["edited_from"] == j1["generation_ids"][2]
+    t2 = labeling.next_task(store, "c1", "ann1")
+    j2 = labeling.submit(store, "ann1", Submission(t2["assignment_id"], all_bad=True))
+    assert j2["all_bad"] and j2["ranks"] == [1, 1, 1]
+    t3 = labeling.next_task(store, "c1", "ann1")
+    labeling.skip(store, "ann1", t3["assignment_id"])
+    assert labeling.next_task(store, "c1", "ann1") is None  # skipped is not handed back
+    assert labeling.progress(store, "c1", "ann1")["done"] == 2
+
+
+def test_campaign_validation(store: Store) -> None:
+    seed_campaign(store, prompts=1)
+    with pytest.raises(StoreError, match="prompt set 'nope' does not exist"):
+        campaigns.create_campaign(store, "c2", prompt_set="nope")
+    with pytest.raises(StoreError, match="n=1"):
+        campaigns.create_campaign(store, "c2", prompt_set="c1-set", n=1)
+    with pytest.raises(StoreError, match="model version 'ghost' is not registered"):
+        campaigns.create_campaign(store, "c2", prompt_set="c1-set", model="ghost")
+    with pytest.raises(StoreError, match="already exists"):
+        campaigns.create_campaign(store, "c1", prompt_set="c1-set")
+    with pytest.raises(StoreError, match="campaign name"):
+        campaigns.create_campaign(store, "bad name!", prompt_set="c1-set")
+    assert campaigns.resolve_model(store, "policy") == "base"
+
+
+def test_agreement_and_annotator_quality(store: Store) -> None:
+    seed_campaign(store, prompts=4, overlap=3)
+    # ann1 and ann2 always agree (by text order); ann3 always reverses them
+    for name, reverse in (("ann1", False), ("ann2", False), ("ann3", True)):
+        while (task := labeling.next_task(store, "c1", name)) is not None:
+            by_answer = [int(c["text"].split()[1]) for c in task["completions"]]  # "answer K to ..."
+            ranks = [(3 - k if reverse else k + 1) for k in by_answer]
+            labeling.submit(store, name, Submission(task["assignment_id"], ranks=ranks))
+    agreement = quality.campaign_agreement(store, "c1")
+    assert agreement["tasks_with_2plus"] == 4 and agreement["units"] == 12
+    assert agreement["pairwise_agreement"] == pytest.approx(1 / 3)
+    assert agreement["krippendorff_alpha"] < 0
+    per = {q["annotator"]: q for q in quality.annotator_quality(store, "c1")}
+    assert per["ann1"]["agreement_with_majority"] is None  # the others split 1-1: no majority...
+    assert per["ann3"]["agreement_with_majority"] == 0.0  # ...but ann1 and ann2 outvote ann3
+    # answer k is 10*k characters longer: ann1 prefers shorter, ann3 longer
+    assert per["ann1"]["length_bias_longer"] == 0.0 and per["ann3"]["length_bias_longer"] == 1.0
+    assert per["ann1"]["judgments"] == 4
