@@ -56,6 +56,7 @@ def create_campaign(
     task_timeout_s: int = 1800,
     guidelines: str = "",
     created_by: str | None = None,
+    status: str = "active",
 ) -> dict[str, Any]:
     if not CAMPAIGN_RE.match(name):
         raise StoreError(
@@ -66,6 +67,8 @@ def create_campaign(
         raise StoreError(f"n={n}: a labeling task shows 2 to 8 completions to rank")
     if not 1 <= overlap <= 50:
         raise StoreError(f"overlap={overlap}: each task goes to 1 to 50 different annotators")
+    if status not in ("active", "paused", "closed"):
+        raise StoreError(f"status {status!r}: use active, paused or closed")
     if task_timeout_s < 30:
         raise StoreError(f"task_timeout_s={task_timeout_s}: give annotators at least 30 s")
     try:
@@ -90,7 +93,8 @@ def create_campaign(
             raise StoreError(f"campaign '{name}' already exists; pick another name")
         cur.execute(
             "INSERT INTO campaigns (name, kind, prompt_set, model, n, sampling, overlap,"
-            " task_timeout_s, guidelines, created_by) VALUES (?, 'label', ?, ?, ?, ?, ?, ?, ?, ?)",
+            " task_timeout_s, guidelines, created_by, status)"
+            " VALUES (?, 'label', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 name,
                 prompt_set,
@@ -101,6 +105,7 @@ def create_campaign(
                 task_timeout_s,
                 guidelines,
                 created_by,
+                status,
             ],
         )
     return get_campaign(store, name)

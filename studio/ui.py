@@ -221,17 +221,12 @@ def _label_tab(studio: Studio, demo: gr.Blocks) -> None:
                 return [gr.update() for _ in task_outputs]
             return next_task(campaign_name, request)
 
-        def submit(
-            current: dict[str, Any],
-            best_pos: int | None,
-            worst_pos: int | None,
-            bad: bool,
-            strength_v: int | None,
-            why: str,
-            ideal_text: str,
-            *slot_values: Any,
-            request: gr.Request,
-        ) -> list[Any]:
+        def submit(values: dict[Any, Any], request: gr.Request) -> list[Any]:
+            # a set of inputs arrives as {component: value}: the slots vary in number
+            current = values[state]
+            best_pos, worst_pos, bad = values[best], values[worst], values[all_bad]
+            strength_v, why, ideal_text = values[strength], values[rationale], values[ideal]
+            slot_values = [values[c] for c in slot_inputs]
             user = _user(studio, request, "label")
             if not current.get("assignment_id"):
                 raise gr.Error("no task on screen: press Next task")
@@ -281,7 +276,7 @@ def _label_tab(studio: Studio, demo: gr.Blocks) -> None:
         timer.tick(poll, [campaign, state], task_outputs, api_visibility="private")
         submit_btn.click(
             submit,
-            [state, best, worst, all_bad, strength, rationale, ideal, *slot_inputs],
+            {state, best, worst, all_bad, strength, rationale, ideal, *slot_inputs},
             task_outputs,
             api_name="label_submit",
             concurrency_limit=None,

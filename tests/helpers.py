@@ -22,7 +22,11 @@ def seed_campaign(
     overlap: int = 2,
     texts: list[str] | None = None,
 ) -> list[str]:
-    """A prompt set, the base version, a campaign and one task per prompt. Returns task ids."""
+    """A prompt set, the base version, a campaign and one task per prompt. Returns task ids.
+
+    The campaign is created paused and opened once its tasks exist, so that a running
+    studio's background sampler never races these hand-made tasks.
+    """
     if not store.query("SELECT 1 FROM model_versions WHERE name = 'base'"):
         store.register_model_version("base", path="/models/base", content_hash="h" * 64, source="test")
         campaigns.ensure_policy_alias(store, "base")
@@ -32,7 +36,7 @@ def seed_campaign(
         msgs = [{"role": "user", "content": f"{name} question {i}?"}]
         items.append(ImportedPrompt(f"row {i}", msgs, messages_hash(msgs)))
     store.import_prompts(set_name, items, source="test")
-    campaigns.create_campaign(store, name, prompt_set=set_name, n=n, overlap=overlap)
+    campaigns.create_campaign(store, name, prompt_set=set_name, n=n, overlap=overlap, status="paused")
     task_ids = []
     for p in store.prompts(set_name):
         request_id = new_id()
@@ -68,6 +72,7 @@ def seed_campaign(
                 [task_id, name, p["id"], [r["id"] for r in rows]],
             )
         task_ids.append(task_id)
+    campaigns.set_status(store, name, "active")
     return task_ids
 
 

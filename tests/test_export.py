@@ -54,7 +54,8 @@ def test_unpaired_and_sft_rows(judged: Store) -> None:
     labels = [r["label"] for r in rows]
     # ann1 full: best True + two tied-worst False; all-bad: 3 False; ann2: best True, flagged False, worst False
     assert labels.count(True) == 2 and labels.count(False) == 7
-    assert sum(not r["label"] for r in rows if r["annotator"] == "ann1") == 5  # 2 worst + 3 all-bad
+    # ann1: two tied-worst completions plus three all-bad ones
+    assert sum(not r["label"] for r in rows if r["annotator"] == "ann1") == 5
     sft, _ = build_rows(judged, "sft")
     sources = sorted(r["source"] for r in sft)
     assert sources == ["edited", "top_choice", "top_choice"]

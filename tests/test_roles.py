@@ -1,0 +1,89 @@
+"""Roles are checked on the server: for REST routes and for Gradio events alike."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from studio import users
+from tests.conftest import LiveStudio
+from tests.helpers import PASSWORD
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def annotator(live_studio: LiveStudio) -> str:
+    return users.add_user(live_studio.studio.store, "role-annotator", "annotator", PASSWORD)
+
+
+@pytest.mark.parametrize(
+    ("method", "route", "body"),
+    [
+        ("GET", "/users", None),
+        ("POST", "/users", {"name": "mallory", "role": "admin", "password": "password123"}),
+        ("POST", "/campaigns", {"name": "evil", "prompt_set": "x"}),
+        ("GET", "/export?kind=preference&format=jsonl", None),
+        ("POST", "/sample", {"prompt": "hi"}),
+        ("POST", "/prompt-sets/evil/prompts", {"records": [{"prompt": "x"}]}),
+    ],
+)
+def test_annotator_token_is_refused_on_admin_routes(
+    live_studio: LiveStudio, annotator: str, method: str, route: str, body: dict | None
+) -> None:
+    url = f"{live_studio.url}/api/v1{route}"
+    resp = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {annotator}"})
+    assert resp.status_code == 403, resp.text
+    assert "role-annotator" in resp.json()["detail"] and "may not" in resp.json()["detail"]
+    anonymous = httpx.request(method, url, json=body)
+    assert anonymous.status_code == 401
+    assert users.get_user(live_studio.studio.store, "mallory") is None
+
+
+def test_annotator_token_works_where_allowed(live_studio: LiveStudio, annotator: str) -> None:
+    resp = httpx.get(f"{live_studio.url}/api/v1/me", headers={"Authorization": f"Bearer {annotator}"})
+    assert resp.json() == {"name": "role-annotator", "role": "annotator"}
+    bad = httpx.get(f"{live_studio.url}/api/v1/me", headers={"Authorization": "Bearer not-a-token"})
+    assert bad.status_code == 401
+
+
+def gradio_call(client: httpx.Client, api_name: str, data: list) -> tuple[str, dict]:
+    start = client.post(f"/gradio_api/call/{api_name}", json={"data": data})
+    assert start.status_code == 200, start.text
+    stream = client.get(f"/gradio_api/call/{api_name}/{start.json()['event_id']}")
+    event = next(line for line in stream.text.splitlines() if line.startswith("event:"))
+    payload = next(line for line in stream.text.splitlines() if line.startswith("data:"))
+    return event.split(":", 1)[1].strip(), json.loads(payload.split(":", 1)[1])
+
+
+def test_annotator_session_is_refused_on_an_admin_gradio_event(
+    live_studio: LiveStudio, annotator: str
+) -> None:
+    with httpx.Client(base_url=live_studio.url, timeout=60) as client:
+        assert client.post("/login", data={"username": "role-annotator", "password": PASSWORD}).json() == {
+            "success": True
+        }
+        event, payload = gradio_call(client, "admin_add_user", ["mallory", "admin", "password123"])
+        assert event == "error"
+        assert "may not admin" in payload["error"]
+    assert users.get_user(live_studio.studio.store, "mallory") is None
+    # without a login Gradio itself refuses the call
+    assert (
+        httpx.post(f"{live_studio.url}/gradio_api/call/admin_add_user", json={"data": []}).status_code == 401
+    )
+
+
+def test_admin_session_may_call_the_same_event(live_studio: LiveStudio) -> None:
+    users.add_user(live_studio.studio.store, "role-admin", "admin", PASSWORD)
+    with httpx.Client(base_url=live_studio.url, timeout=60) as client:
+        client.post("/login", data={"username": "role-admin", "password": PASSWORD})
+        event, _ = gradio_call(client, "admin_add_user", ["role-new", "annotator", "password123"])
+    assert event == "complete"
+    assert users.get_user(live_studio.studio.store, "role-new").role == "annotator"
+
+
+def test_wrong_password_is_refused(live_studio: LiveStudio, annotator: str) -> None:
+    resp = httpx.post(f"{live_studio.url}/login", data={"username": "role-annotator", "password": "nope"})
+    assert resp.status_code >= 400
