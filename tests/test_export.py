@@ -52,7 +52,9 @@ def test_unpaired_and_sft_rows(judged: Store) -> None:
     rows, _ = build_rows(judged, "unpaired")
     assert all(set(r) >= {"prompt", "completion", "label"} for r in rows)
     labels = [r["label"] for r in rows]
-    # ann1 full: best True + two tied-worst False; all-bad: 3 False; ann2: best True, flagged False, worst False
+    # ann1 full ranking: best True, two tied-worst False; all-bad: 3 False;
+    # ann2 quick mode: best True, flagged False, worst False
+
     assert labels.count(True) == 2 and labels.count(False) == 7
     # ann1: two tied-worst completions plus three all-bad ones
     assert sum(not r["label"] for r in rows if r["annotator"] == "ann1") == 5
