@@ -112,13 +112,19 @@ def create_campaign(
 
 
 def get_campaign(store: Store, name: str) -> dict[str, Any]:
+    # Read on every task handed out; campaigns change only through this module
+    # in the studio process (the only writer), which drops the memo on change.
+    cached = store.memo.get(("campaign", name))
+    if cached is not None:
+        return dict(cached)
     rows = store.query("SELECT * FROM campaigns WHERE name = ?", [name])
     if not rows:
         known = ", ".join(c["name"] for c in list_campaigns(store)) or "none"
         raise StoreError(f"campaign '{name}' does not exist (known: {known})")
     row = rows[0]
     row["sampling"] = json.loads(row["sampling"])
-    return row
+    store.memo[("campaign", name)] = row
+    return dict(row)
 
 
 def list_campaigns(store: Store, kind: str | None = None) -> list[dict[str, Any]]:
@@ -143,6 +149,7 @@ def sampling_params(campaign: dict[str, Any]) -> SamplingParams:
 
 def set_guidelines(store: Store, name: str, text: str) -> None:
     get_campaign(store, name)
+    store.memo.pop(("campaign", name), None)
     with store.transaction() as cur:
         cur.execute("UPDATE campaigns SET guidelines = ? WHERE name = ?", [text, name])
 
@@ -151,5 +158,6 @@ def set_status(store: Store, name: str, status: str) -> None:
     if status not in ("active", "paused", "closed"):
         raise StoreError(f"status {status!r}: use active, paused or closed")
     get_campaign(store, name)
+    store.memo.pop(("campaign", name), None)
     with store.transaction() as cur:
         cur.execute("UPDATE campaigns SET status = ? WHERE name = ?", [status, name])

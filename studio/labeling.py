@@ -47,20 +47,26 @@ class Submission:
     idempotency_key: str | None = None
 
 
-def _task_payload(store: Store, assignment: dict[str, Any], campaign: dict[str, Any]) -> dict[str, Any]:
-    task = store.query("SELECT * FROM tasks WHERE id = ?", [assignment["task_id"]])[0]
-    prompt = store.prompt(task["prompt_id"])
-    gens = {g["id"]: g for g in store.generations(list(assignment["display_order"]))}
+def _task_payload(store: Store, assignment_id: str, campaign: dict[str, Any]) -> dict[str, Any]:
+    row = store.query(
+        "SELECT a.id, a.display_order, a.expires_at, p.messages FROM assignments a"
+        " JOIN tasks t ON t.id = a.task_id JOIN prompts p ON p.id = t.prompt_id WHERE a.id = ?",
+        [assignment_id],
+    )[0]
+    order = list(row["display_order"])
+    texts = dict(
+        store.cursor()
+        .execute("SELECT id, text FROM generations WHERE list_contains(?, id)", [order])
+        .fetchall()
+    )
     return {
-        "assignment_id": assignment["id"],
+        "assignment_id": assignment_id,
         "campaign": campaign["name"],
-        "prompt": prompt["messages"],
+        "prompt": json.loads(row["messages"]),
         # only what the annotator needs, in the shuffled order they will see
-        "completions": [
-            {"position": i, "text": gens[g]["text"]} for i, g in enumerate(assignment["display_order"])
-        ],
+        "completions": [{"position": i, "text": texts[g]} for i, g in enumerate(order)],
         "guidelines": campaign["guidelines"],
-        "expires_at": str(assignment["expires_at"]),
+        "expires_at": str(row["expires_at"]),
     }
 
 
@@ -100,8 +106,7 @@ def next_task(store: Store, campaign_name: str, annotator: str) -> dict[str, Any
                 " VALUES (?, ?, ?, ?, now() + to_seconds(?))",
                 [assignment_id, row[0], annotator, order, campaign["task_timeout_s"]],
             )
-    assignment = store.query("SELECT * FROM assignments WHERE id = ?", [assignment_id])[0]
-    return _task_payload(store, assignment, campaign)
+    return _task_payload(store, assignment_id, campaign)
 
 
 def normalize_ranks(sub: Submission, n: int) -> list[int]:
@@ -246,38 +251,38 @@ def skip(store: Store, annotator: str, assignment_id: str) -> None:
 
 
 def progress(store: Store, campaign_name: str, annotator: str | None = None) -> dict[str, int]:
+    """Counts for a campaign, and for one annotator when given, in one query (it runs per task shown)."""
     campaign = get_campaign(store, campaign_name)
-    total = store.query("SELECT count(*) AS n FROM prompts WHERE set_name = ?", [campaign["prompt_set"]])[0][
-        "n"
-    ]
-    counts = store.query(
-        "SELECT count(*) FILTER (WHERE TRUE) AS judgments,"
-        " count(DISTINCT task_id) AS judged_tasks FROM judgments WHERE campaign = ?",
-        [campaign_name],
+    row = store.query(
+        f"""
+        WITH t AS (
+            SELECT t.id, {_TAKEN} AS taken,
+                   EXISTS (SELECT 1 FROM assignments a WHERE a.task_id = t.id AND a.annotator = $who) AS mine
+            FROM tasks t WHERE t.campaign = $c
+        ), m AS (
+            SELECT a.status FROM assignments a JOIN tasks tt ON tt.id = a.task_id
+            WHERE tt.campaign = $c AND a.annotator = $who
+        )
+        SELECT (SELECT count(*) FROM prompts WHERE set_name = $set) AS prompts,
+               (SELECT count(*) FROM t) AS tasks_sampled,
+               (SELECT count(*) FROM judgments WHERE campaign = $c) AS judgments,
+               (SELECT count(*) FROM t WHERE taken < $k) AS ready,
+               (SELECT count(*) FROM t WHERE taken >= $k AND NOT mine) AS full_untouched,
+               (SELECT count(*) FROM m WHERE status = 'done') AS done,
+               (SELECT count(*) FROM m) AS touched
+        """,
+        {"who": annotator or "", "c": campaign_name, "set": campaign["prompt_set"], "k": campaign["overlap"]},
     )[0]
     out = {
-        "prompts": total,
-        "tasks_sampled": store.query("SELECT count(*) AS n FROM tasks WHERE campaign = ?", [campaign_name])[
-            0
-        ]["n"],
-        "judgments": counts["judgments"],
-        "judgments_needed": total * campaign["overlap"],
-        "ready": ready_tasks(store, campaign_name),
+        "prompts": row["prompts"],
+        "tasks_sampled": row["tasks_sampled"],
+        "judgments": row["judgments"],
+        "judgments_needed": row["prompts"] * campaign["overlap"],
+        "ready": row["ready"],
     }
     if annotator is not None:
-        mine = store.query(
-            "SELECT count(*) FILTER (WHERE a.status = 'done') AS done,"
-            " count(*) AS touched FROM assignments a JOIN tasks t ON t.id = a.task_id"
-            " WHERE t.campaign = ? AND a.annotator = ?",
-            [campaign_name, annotator],
-        )[0]
-        full_untouched = store.query(
-            f"SELECT count(*) AS n FROM tasks t WHERE t.campaign = ? AND {_TAKEN} >= ?"
-            " AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.task_id = t.id AND a.annotator = ?)",
-            [campaign_name, campaign["overlap"], annotator],
-        )[0]["n"]
-        out["done"] = mine["done"]
-        out["remaining"] = max(total - mine["touched"] - full_untouched, 0)
+        out["done"] = row["done"]
+        out["remaining"] = max(row["prompts"] - row["touched"] - row["full_untouched"], 0)
     return out
 
 

@@ -87,6 +87,8 @@ class Store:
                 raise StoreLockedError(_locked_message(self.path, str(exc))) from None
             raise
         self._local = threading.local()
+        # Small read-through caches of rows only the studio changes (see campaigns.get_campaign).
+        self.memo: dict[Any, Any] = {}
         # DuckDB's optimistic concurrency would abort one of two conflicting
         # transactions; one lock around writes makes them wait instead.
         self._write_lock = threading.RLock()
@@ -117,8 +119,8 @@ class Store:
                 raise
             cur.execute("COMMIT")
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        cur = self.cursor().execute(sql, list(params))
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        cur = self.cursor().execute(sql, params if isinstance(params, dict) else list(params))
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
