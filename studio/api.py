@@ -207,7 +207,7 @@ def build_router() -> APIRouter:
     # campaigns --------------------------------------------------------------------
     @router.get("/campaigns")
     def list_campaigns(request: Request, user: User = Depends(allowed("view"))) -> dict[str, Any]:
-        return {"campaigns": [_campaign_public(c) for c in camp.list_campaigns(studio_of(request).store)]}
+        return {"campaigns": [_public(c) for c in camp.list_campaigns(studio_of(request).store)]}
 
     @router.post("/campaigns")
     def create_campaign(
@@ -218,12 +218,12 @@ def build_router() -> APIRouter:
         created = camp.create_campaign(studio.store, fields.pop("name"), created_by=user.name, **fields)
         if studio.task_sampler:
             studio.task_sampler.poke()
-        return _campaign_public(created)
+        return _public(created)
 
     @router.get("/campaigns/{name}")
     def get_campaign(name: str, request: Request, user: User = Depends(allowed("view"))) -> dict[str, Any]:
         studio = studio_of(request)
-        out = _campaign_public(camp.get_campaign(studio.store, name))
+        out = _public(camp.get_campaign(studio.store, name))
         out["progress"] = labeling.progress(studio.store, name, user.name)
         return out
 
@@ -309,10 +309,6 @@ def _next(studio: Studio, campaign: str, user: User) -> dict[str, Any]:
     if task is None and studio.task_sampler and status["remaining"]:
         studio.task_sampler.poke(campaign, starved=True)
     return {"task": task, "progress": status}
-
-
-def _campaign_public(row: dict[str, Any]) -> dict[str, Any]:
-    return _public(row)
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

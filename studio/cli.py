@@ -20,7 +20,7 @@ import httpx
 from studio import campaigns, users
 from studio.config import DEFAULT_PORT, Settings, default_data_dir
 from studio.export import FORMATS as EXPORT_FORMATS
-from studio.export import KINDS, write_export
+from studio.export import KINDS, format_for, write_export
 from studio.importer import FORMATS, PromptFileError, read_prompts
 from studio.store import DB_FILE, Store, StoreError, StoreLockedError
 from studio.users import local_token
@@ -302,7 +302,7 @@ def cmd_campaigns_list(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    fmt = args.format or {".parquet": "parquet", ".jsonl": "jsonl"}.get(args.out.suffix, "datasets")
+    fmt = args.format or format_for(args.out)
 
     def direct(store: Store) -> dict[str, Any]:
         return write_export(store, args.out, args.kind, fmt, args.campaign)

@@ -173,6 +173,11 @@ def _card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_for(path: Path) -> str:
+    """The export format a path asks for: by its suffix, else a datasets folder."""
+    return {".parquet": "parquet", ".jsonl": "jsonl"}.get(Path(path).suffix, "datasets")
+
+
 def write_export(
     store: Store, out: Path, kind: str = "preference", fmt: str | None = None, campaign: str | None = None
 ) -> dict[str, Any]:
@@ -180,7 +185,7 @@ def write_export(
     import shutil
 
     out = Path(out)
-    fmt = fmt or {".parquet": "parquet", ".jsonl": "jsonl"}.get(out.suffix, "datasets")
+    fmt = fmt or format_for(out)
     if fmt not in FORMATS:
         raise StoreError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     rows, counts = build_rows(store, kind, campaign)

@@ -208,7 +208,10 @@ def test_serve_with_model_folder_then_ctrl_c_leaves_no_process(model_cache: Path
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, output
+    # uvicorn shuts down gracefully, then re-raises the signal: 130 is the shell's code for Ctrl-C
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output
+
     assert "Preference Studio is ready: open http://127.0.0.1:" in output
     assert "waiting for vLLM to load" in output
     assert not [pid for pid in group if process_alive(pid)]

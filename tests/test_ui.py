@@ -67,7 +67,8 @@ def test_annotator_ranks_and_submits_in_chromium(live_studio: LiveStudio, browse
     assert labeling.ready_tasks(store, "ui-demo") > 0
 
     page = login(browser, live_studio.url, "ui-alice")
-    assert "ui-alice" in page.locator("#whoami").inner_text()
+    page.wait_for_selector("#whoami:has-text('ui-alice')", timeout=30_000)
+
     choose_campaign(page, "ui-demo")
     page.wait_for_selector("#label-completion-1", state="visible", timeout=60_000)
     assert page.locator("#label-completion-0").inner_text().strip()
