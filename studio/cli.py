@@ -339,6 +339,50 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_battle_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise CLIError(f"--battles {path}: no such file")
+    if path.suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise CLIError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from studio.ratings import battles_from_log, leaderboard
+
+    if args.battles is None:
+        raise CLIError(
+            "pass --battles FILE (a FastChat-style battle log, JSONL or Parquet); "
+            "rating the studio's own battle campaigns comes with the arena"
+        )
+    try:
+        battles = battles_from_log(
+            read_battle_log(args.battles), not args.both_bad_is_loss_for_both, where=str(args.battles)
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    board = leaderboard(battles, rounds=args.rounds, min_battles=args.min_battles)
+    if args.json:
+        print(json.dumps(board, indent=2))
+        return 0
+    print(f"{'RANK':<5} {'VERSION':<32} {'RATING':>8} {'95% CI':>17} {'BATTLES':>8}")
+    for r in board:
+        note = "  (provisional)" if r["provisional"] else ""
+        ci = f"{r['lower']:.0f} .. {r['upper']:.0f}"
+        print(f"{r['rank']:<5} {r['version']:<32} {r['rating']:>8.1f} {ci:>17} {r['battles']:>8}{note}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     body = {
         "prompt": args.prompt,
@@ -529,6 +573,34 @@ def build_parser() -> argparse.ArgumentParser:
         url_arg(p)
     ccreate.set_defaults(func=cmd_campaigns_create)
     clist.set_defaults(func=cmd_campaigns_list)
+
+    lb = sub.add_parser(
+        "leaderboard",
+        help="Bradley-Terry ratings with bootstrap intervals",
+        description="Rate model versions from battles (Elo-like scale: 400 points per "
+        "factor of ten in odds, mean 1000).",
+    )
+    lb.add_argument(
+        "--battles",
+        type=Path,
+        help="a FastChat-style battle log (JSONL or Parquet: model_a, model_b, winner in "
+        "model_a, model_b, tie, tie (bothbad)); needs no studio or database",
+    )
+    lb.add_argument(
+        "--json",
+        action="store_true",
+        help="print [{version, rating, lower, upper, battles, rank, provisional}]",
+    )
+    lb.add_argument("--rounds", type=int, default=100, help="bootstrap rounds (default 100)")
+    lb.add_argument(
+        "--min-battles", type=int, default=0, help="versions with fewer battles are marked provisional"
+    )
+    lb.add_argument(
+        "--both-bad-is-loss-for-both",
+        action="store_true",
+        help="drop 'tie (bothbad)' battles instead of counting them as ties",
+    )
+    lb.set_defaults(func=cmd_leaderboard)
 
     exp = sub.add_parser(
         "export",

@@ -9,7 +9,24 @@ import pytest
 
 from studio.store import Store
 
-COMMANDS = [[], ["serve"], ["import"], ["models"], ["models", "list"], ["sample"]]
+COMMANDS = [
+    [],
+    ["serve"],
+    ["import"],
+    ["models"],
+    ["models", "list"],
+    ["sample"],
+    ["users"],
+    ["users", "add"],
+    ["users", "list"],
+    ["users", "passwd"],
+    ["users", "token"],
+    ["campaigns"],
+    ["campaigns", "create"],
+    ["campaigns", "list"],
+    ["export"],
+    ["leaderboard"],
+]
 
 
 def studio(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess[str]:
