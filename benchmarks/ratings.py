@@ -46,7 +46,8 @@ def main() -> None:
         json.dumps(
             {
                 "date": time.strftime("%Y-%m-%d"),
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                f"Python {platform.python_version()}",
                 "battles": args.battles,
                 "versions": args.versions,
                 "bootstrap_rounds": args.rounds,

@@ -57,6 +57,7 @@ def create_campaign(
     guidelines: str = "",
     created_by: str | None = None,
     status: str = "active",
+    kind: str = "label",
 ) -> dict[str, Any]:
     if not CAMPAIGN_RE.match(name):
         raise StoreError(
@@ -94,9 +95,10 @@ def create_campaign(
         cur.execute(
             "INSERT INTO campaigns (name, kind, prompt_set, model, n, sampling, overlap,"
             " task_timeout_s, guidelines, created_by, status)"
-            " VALUES (?, 'label', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 name,
+                kind,
                 prompt_set,
                 model,
                 n,

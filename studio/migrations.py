@@ -148,4 +148,46 @@ MIGRATIONS: list[tuple[str, str]] = [
          AND (a.rank < b.rank OR (a.rank = b.rank AND a.position < b.position));
         """,
     ),
+    (
+        "003_arena",
+        """
+        -- A battle campaign is a campaigns row of kind 'battle' plus these settings.
+        CREATE TABLE battle_campaigns (
+            name           VARCHAR PRIMARY KEY REFERENCES campaigns(name),
+            versions       VARCHAR[] NOT NULL,   -- versions or aliases, resolved when sampled
+            budget         INTEGER NOT NULL,     -- votes after which the campaign stops
+            both_bad_as_tie BOOLEAN NOT NULL DEFAULT true,
+            leak_words     VARCHAR[] NOT NULL,   -- an answer containing one reveals an identity
+            criteria       VARCHAR[] NOT NULL,   -- optional per-criterion scores
+            verdict        VARCHAR               -- set when the campaign stops by itself
+        );
+        CREATE TABLE battles (
+            id           VARCHAR PRIMARY KEY,   -- opaque: says nothing about the versions
+            campaign     VARCHAR NOT NULL REFERENCES campaigns(name),
+            prompt_id    VARCHAR NOT NULL REFERENCES prompts(id),
+            version_a    VARCHAR NOT NULL,      -- after the random side assignment
+            version_b    VARCHAR NOT NULL,
+            generation_a VARCHAR NOT NULL,
+            generation_b VARCHAR NOT NULL,
+            leak         VARCHAR,               -- what revealed an identity; such battles are not served
+            status       VARCHAR NOT NULL DEFAULT 'ready',  -- ready | assigned | voted
+            expert       VARCHAR,
+            assigned_at  TIMESTAMPTZ,
+            created_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE TABLE votes (
+            id              VARCHAR PRIMARY KEY,
+            idempotency_key VARCHAR NOT NULL UNIQUE,
+            battle_id       VARCHAR NOT NULL UNIQUE REFERENCES battles(id),  -- one vote locks a battle
+            campaign        VARCHAR NOT NULL,
+            expert          VARCHAR NOT NULL,
+            winner          VARCHAR NOT NULL,   -- a | b | tie | both_bad
+            scores          JSON NOT NULL,      -- {criterion: {"a": int, "b": int}}
+            rationale       VARCHAR,
+            duration_ms     DOUBLE,
+            created_at      TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE INDEX battles_campaign ON battles(campaign);
+        """,
+    ),
 ]

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from studio import arena
 from studio.campaigns import list_campaigns, resolve_model, sampling_params
 from studio.labeling import ready_tasks
 from studio.sampling import Sampler
@@ -28,6 +29,7 @@ class TaskSampler:
         self.buffer = buffer
         self.parallel = parallel
         self.interval = interval
+        self.battle_buffer = max(2, buffer // 2)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -55,13 +57,43 @@ class TaskSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                for campaign in list_campaigns(self.store, kind="label"):
-                    if campaign["status"] == "active":
+                for campaign in list_campaigns(self.store):
+                    if campaign["status"] != "active":
+                        continue
+                    if campaign["kind"] == "battle":
+                        self._fill_battles(campaign)
+                    else:
                         self._fill(campaign)
             except Exception as exc:  # keep the worker alive; the status shows the error
                 self.status.setdefault("_worker", {})["error"] = str(exc)
             self._wake.wait(self.interval)
             self._wake.clear()
+
+    def _fill_battles(self, campaign: dict[str, Any]) -> None:
+        """Keep a few unleaked battles ready, never more than the vote budget still needs."""
+        name = campaign["name"]
+        settings = arena.battle_campaign(self.store, name)
+        state = self.status.setdefault(name, {"error": None})
+        ready = arena.ready_battles(self.store, name)
+        votes = self.store.query("SELECT count(*) AS n FROM votes WHERE campaign = ?", [name])[0]["n"]
+        want = min(self.battle_buffer - ready, settings["budget"] - votes - ready)
+        if name in self._starved:
+            want = max(want, 1)
+            self._starved.discard(name)
+        state["ready"] = ready
+        if want <= 0 or self._stop.is_set():
+            return
+        futures = [
+            self._pool.submit(arena.make_battle, self.store, self.sampler, name)
+            for _ in range(min(want, self.parallel))
+        ]
+        results = [f.result() if f.exception() is None else f.exception() for f in futures]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        state["leaks"] = state.get("leaks", 0) + sum(1 for r in results if isinstance(r, dict) and r["leak"])
+        state["error"] = str(failures[0]) if failures else None
+        state["ready"] = arena.ready_battles(self.store, name)
+        if failures:
+            self._stop.wait(5.0)
 
     def _fill(self, campaign: dict[str, Any]) -> None:
         name = campaign["name"]

@@ -78,3 +78,74 @@ def seed_campaign(
 
 def make_users(store: Store, *specs: tuple[str, str]) -> dict[str, str]:
     return {name: add_user(store, name, role, PASSWORD) for name, role in specs}
+
+
+def seed_battles(
+    store: Store,
+    name: str,
+    outcomes: list[tuple[str, str, str, str]],
+    versions: tuple[str, ...] = ("base", "other"),
+    leak_words: list[str] | None = None,
+    budget: int = 1000,
+) -> list[str]:
+    """A battle campaign with hand-made battles (answer texts given), for tests without a model server.
+
+    `outcomes`: (version_a, version_b, text_a, text_b) per battle. Returns battle ids.
+    """
+    from studio import arena
+
+    for v in versions:
+        if not store.query("SELECT 1 FROM model_versions WHERE name = ?", [v]):
+            store.register_model_version(v, path=f"/models/{v}", content_hash=v * 8, source="test")
+    if not store.query("SELECT 1 FROM aliases WHERE name = 'policy'"):
+        campaigns.ensure_policy_alias(store, versions[0])
+    set_name = f"{name}-set"
+    msgs = [{"role": "user", "content": f"{name}: which is better?"}]
+    store.import_prompts(set_name, [ImportedPrompt("row 1", msgs, messages_hash(msgs))], source="test")
+    prompt_id = store.prompts(set_name)[0]["id"]
+    arena.create_battle_campaign(
+        store,
+        name,
+        prompt_set=set_name,
+        versions=list(versions),
+        budget=budget,
+        leak_words=leak_words,
+        criteria=["helpful"],
+    )
+    campaigns.set_status(store, name, "paused")
+    ids = []
+    for va, vb, ta, tb in outcomes:
+        gens = []
+        for version, text in ((va, ta), (vb, tb)):
+            gens.append(
+                {
+                    "id": new_id(),
+                    "request_id": new_id(),
+                    "choice_index": 0,
+                    "prompt_id": prompt_id,
+                    "messages": msgs,
+                    "model_version": version,
+                    "text": text,
+                    "finish_reason": "stop",
+                    "prompt_tokens": 5,
+                    "completion_tokens": 5,
+                    "latency_ms": 1.0,
+                    "temperature": 0.7,
+                    "top_p": 0.95,
+                    "max_tokens": 32,
+                    "seed": 1,
+                    "sampling": {},
+                }
+            )
+        store.add_generations(gens)
+        leak = arena.find_leak([ta, tb], arena.battle_campaign(store, name)["leak_words"], [va, vb])
+        battle_id = new_id()
+        with store.transaction() as cur:
+            cur.execute(
+                "INSERT INTO battles (id, campaign, prompt_id, version_a, version_b, generation_a,"
+                " generation_b, leak) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [battle_id, name, prompt_id, va, vb, gens[0]["id"], gens[1]["id"], leak],
+            )
+        ids.append(battle_id)
+    campaigns.set_status(store, name, "active")
+    return ids
