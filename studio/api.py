@@ -12,8 +12,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field, model_validator
 from starlette.background import BackgroundTask
 
+from studio import arena, labeling, quality, users
 from studio import campaigns as camp
-from studio import labeling, quality, users
 from studio.export import KINDS, write_export
 from studio.importer import PromptFileError, normalize_messages, to_prompt
 from studio.runtime import Studio
@@ -80,6 +80,34 @@ class JudgmentRequest(BaseModel):
     idempotency_key: str | None = Field(None, description="retries with the same key store one judgment")
     shown_at: float | None = Field(None, description="unix time the task was shown, for timings")
     next: bool = Field(True, description="also return the next task")
+
+
+class BattleCampaignRequest(BaseModel):
+    name: str
+    prompt_set: str
+    versions: list[str] = Field(description="two or more model versions or aliases")
+    budget: int = Field(200, description="votes after which the campaign stops")
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 128
+    both_bad_as_tie: bool = True
+    leak_words: list[str] | None = Field(
+        None, description="identity-revealing words (a default list if unset)"
+    )
+    criteria: list[str] | None = Field(None, description="optional per-criterion scores, 1-5")
+
+
+class VoteRequest(BaseModel):
+    battle_id: str
+    winner: str = Field(description="a, b, tie or both_bad")
+    scores: dict[str, dict[str, int]] | None = None
+    rationale: str | None = None
+    idempotency_key: str | None = None
+
+
+class AdapterRequest(BaseModel):
+    name: str
+    path: str = Field(description="a PEFT LoRA adapter folder on the studio's machine")
 
 
 class UserRequest(BaseModel):
@@ -272,6 +300,78 @@ def build_router() -> APIRouter:
     def skip(assignment_id: str, request: Request, user: User = Depends(allowed("label"))) -> dict[str, Any]:
         labeling.skip(studio_of(request).store, user.name, assignment_id)
         return {"skipped": assignment_id}
+
+    # arena --------------------------------------------------------------------------
+    @router.post("/arena/campaigns")
+    def create_battle_campaign(
+        body: BattleCampaignRequest, request: Request, user: User = Depends(allowed("admin"))
+    ) -> dict[str, Any]:
+        studio = studio_of(request)
+        fields = body.model_dump()
+        created = arena.create_battle_campaign(
+            studio.store, fields.pop("name"), created_by=user.name, **fields
+        )
+        if studio.task_sampler:
+            studio.task_sampler.poke()
+        return _public(created)
+
+    @router.post("/arena/{name}/next")
+    def next_battle(name: str, request: Request, user: User = Depends(allowed("battle"))) -> dict[str, Any]:
+        studio = studio_of(request)
+        battle = arena.next_battle(studio.store, name, user.name)
+        if battle is None and studio.task_sampler:
+            studio.task_sampler.poke(name, starved=True)
+        return {"battle": battle}
+
+    @router.post("/arena/votes")
+    def cast_vote(
+        body: VoteRequest, request: Request, user: User = Depends(allowed("battle"))
+    ) -> dict[str, Any]:
+        studio = studio_of(request)
+        reveal = arena.vote(
+            studio.store,
+            user.name,
+            body.battle_id,
+            body.winner,
+            scores=body.scores,
+            rationale=body.rationale,
+            idempotency_key=body.idempotency_key,
+        )
+        if studio.task_sampler:
+            studio.task_sampler.poke()
+        return {"reveal": reveal}
+
+    @router.get("/arena/{name}")
+    def battle_stats(name: str, request: Request, user: User = Depends(allowed("view"))) -> dict[str, Any]:
+        store = studio_of(request).store
+        campaign = arena.battle_campaign(store, name)
+        interval = arena.two_version_interval(store, name) if len(campaign["versions"]) == 2 else None
+        return {
+            "campaign": _public(campaign),
+            **arena.campaign_leaderboard(store, name),
+            "two_version_interval": interval,
+            "experts": arena.expert_quality(store, name),
+        }
+
+    @router.get("/leaderboard")
+    def get_leaderboard(
+        request: Request, campaign: str | None = None, user: User = Depends(allowed("view"))
+    ) -> list[dict[str, Any]]:
+        """The same list `studio leaderboard --json` prints."""
+        return arena.campaign_leaderboard(studio_of(request).store, campaign)["leaderboard"]
+
+    @router.get("/arena/battles/log")
+    def battles_log(
+        request: Request, campaign: str | None = None, user: User = Depends(allowed("admin"))
+    ) -> list[dict[str, Any]]:
+        return arena.battle_log(studio_of(request).store, campaign)
+
+    @router.post("/models/adapters")
+    def add_adapter(
+        body: AdapterRequest, request: Request, user: User = Depends(allowed("train"))
+    ) -> dict[str, Any]:
+        version = studio_of(request).add_adapter(body.name, Path(body.path), source=f"upload:{user.name}")
+        return _public(version)
 
     # export -------------------------------------------------------------------------
     @router.get("/export")

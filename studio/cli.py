@@ -361,17 +361,24 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from studio.ratings import battles_from_log, leaderboard
 
     if args.battles is None:
-        raise CLIError(
-            "pass --battles FILE (a FastChat-style battle log, JSONL or Parquet); "
-            "rating the studio's own battle campaigns comes with the arena"
-        )
-    try:
-        battles = battles_from_log(
-            read_battle_log(args.battles), not args.both_bad_is_loss_for_both, where=str(args.battles)
-        )
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-    board = leaderboard(battles, rounds=args.rounds, min_battles=args.min_battles)
+        # the studio's own battles: from the database, or through the running studio
+        def direct(store: Store) -> list[dict[str, Any]]:
+            from studio.arena import campaign_leaderboard
+
+            return campaign_leaderboard(
+                store, args.campaign, rounds=args.rounds, min_battles=args.min_battles
+            )["leaderboard"]
+
+        params = {"campaign": args.campaign} if args.campaign else {}
+        board = with_store_or_rest(args, direct, lambda: rest(args, "GET", "/leaderboard", params=params))
+    else:
+        try:
+            battles = battles_from_log(
+                read_battle_log(args.battles), not args.both_bad_is_loss_for_both, where=str(args.battles)
+            )
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+        board = leaderboard(battles, rounds=args.rounds, min_battles=args.min_battles)
     if args.json:
         print(json.dumps(board, indent=2))
         return 0
@@ -383,7 +390,55 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_arena_create(args: argparse.Namespace) -> int:
+    from studio import arena
+
+    fields = {
+        "prompt_set": args.prompt_set,
+        "versions": [v for v in args.versions.split(",") if v],
+        "budget": args.budget,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "criteria": [c for c in args.criteria.split(",") if c],
+    }
+
+    def direct(store: Store) -> dict[str, Any]:
+        return arena.create_battle_campaign(store, args.name, created_by="cli", **fields)
+
+    created = with_store_or_rest(
+        args, direct, lambda: rest(args, "POST", "/arena/campaigns", json={"name": args.name, **fields})
+    )
+    print(
+        f"battle campaign '{created['name']}' created: {', '.join(created['versions'])}, "
+        f"budget {created['budget']} votes"
+    )
+    return 0
+
+
+def cmd_arena_battles(args: argparse.Namespace) -> int:
+    from studio import arena
+
+    def direct(store: Store) -> list[dict[str, Any]]:
+        return arena.battle_log(store, args.campaign)
+
+    params = {"campaign": args.campaign} if args.campaign else {}
+    rows = with_store_or_rest(args, direct, lambda: rest(args, "GET", "/arena/battles/log", params=params))
+    if not rows:
+        raise CLIError("no votes yet" + (f" in campaign '{args.campaign}'" if args.campaign else ""))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), args.out)
+    else:
+        args.out.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    print(f"wrote {len(rows)} battles to {args.out}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+
     body = {
         "prompt": args.prompt,
         "n": args.n,
@@ -600,7 +655,43 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="drop 'tie (bothbad)' battles instead of counting them as ties",
     )
+    lb.add_argument("--campaign", help="one battle campaign of this studio (default: all of them)")
+    data_dir_arg(lb)
+    url_arg(lb)
     lb.set_defaults(func=cmd_leaderboard)
+
+    ar = sub.add_parser(
+        "arena",
+        help="blind side-by-side battle campaigns",
+        description="Blind side-by-side battle campaigns.",
+    )
+    ar_sub = ar.add_subparsers(dest="arena_command", required=True, metavar="ACTION")
+    acreate = ar_sub.add_parser(
+        "create",
+        help="create a battle campaign",
+        description="Create a battle campaign between two or more versions.",
+    )
+    acreate.add_argument("name")
+    acreate.add_argument("--prompt-set", required=True, help="an imported prompt set")
+    acreate.add_argument(
+        "--versions", required=True, help="comma-separated versions or aliases, e.g. base,policy"
+    )
+    acreate.add_argument("--budget", type=int, default=200, help="votes before it stops (default 200)")
+    acreate.add_argument("--max-tokens", type=int, default=128, help="default 128")
+    acreate.add_argument("--temperature", type=float, default=0.7, help="default 0.7")
+    acreate.add_argument("--criteria", default="", help="comma-separated criteria scored 1-5 (optional)")
+    abattles = ar_sub.add_parser(
+        "battles",
+        help="export votes as a FastChat-style battle log",
+        description="Write votes with FastChat's battle-log columns plus ours.",
+    )
+    abattles.add_argument("--out", type=Path, required=True, help="a .jsonl or .parquet file")
+    abattles.add_argument("--campaign", help="only this campaign")
+    for p in (acreate, abattles):
+        data_dir_arg(p)
+        url_arg(p)
+    acreate.set_defaults(func=cmd_arena_create)
+    abattles.set_defaults(func=cmd_arena_battles)
 
     exp = sub.add_parser(
         "export",

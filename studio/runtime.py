@@ -20,8 +20,8 @@ from studio.model_prep import (
 )
 from studio.sampling import Sampler
 from studio.serving.client import OpenAIChatBackend
-from studio.serving.vllm_server import ServingError, VLLMServer
-from studio.store import Store
+from studio.serving.vllm_server import MAX_LORA_RANK, ServingError, VLLMServer
+from studio.store import Store, StoreError
 from studio.task_sampler import TaskSampler
 from studio.users import BOOTSTRAP_FILE, bootstrap_admin, user_count
 
@@ -141,6 +141,38 @@ class Studio:
         say(f"starting vLLM on {path} as version '{name}'")
         self.server.start()
         self.backend = OpenAIChatBackend(self.server.url)
+        self.server.on_restart = self.load_adapters
+        self.load_adapters()
+
+    def load_adapters(self) -> None:
+        """Serve every registered LoRA version of the base (after a start or a restart of vLLM)."""
+        assert self.store is not None and self.backend is not None
+        for version in self.store.model_versions():
+            if version["kind"] == "lora" and version["parent"] == self.base_version:
+                self.backend.load_lora(version["name"], version["path"])
+
+    def add_adapter(self, name: str, path: Path, source: str, meta: dict[str, Any] | None = None) -> dict:
+        """Register a LoRA adapter folder as a version of the base and hot-load it into vLLM."""
+        assert self.store is not None and self.backend is not None
+        config = path / "adapter_config.json"
+        if not config.is_file():
+            raise StoreError(f"adapter {path}: adapter_config.json is missing; pass a PEFT adapter folder")
+        rank = json.loads(config.read_text()).get("r", 0)
+        if self.server is not None and not self.settings.lora:
+            raise StoreError("this studio runs vLLM with --no-lora; restart it without that flag")
+        if rank > MAX_LORA_RANK:
+            raise StoreError(f"adapter {path}: rank {rank} is above the served maximum {MAX_LORA_RANK}")
+        version = self.store.register_model_version(
+            name,
+            path=str(path.resolve()),
+            content_hash=folder_hash(path),
+            source=source,
+            kind="lora",
+            parent=self.base_version,
+            meta=meta,
+        )
+        self.backend.load_lora(name, str(path.resolve()))
+        return version
 
     def _use_external_backend(self, url: str) -> None:
         assert self.store is not None

@@ -6,6 +6,7 @@ server first (`_user`): hiding a tab or Gradio's API page is not a check.
 
 from __future__ import annotations
 
+import html
 import json
 import tempfile
 import time
@@ -15,8 +16,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from studio import arena, labeling, quality, users
 from studio import campaigns as camp
-from studio import labeling, quality, users
 from studio.export import FORMATS, KINDS, write_export
 from studio.importer import PromptFileError, normalize_messages, read_prompts
 from studio.runtime import Studio
@@ -284,6 +285,182 @@ def _label_tab(studio: Studio, demo: gr.Blocks) -> None:
         skip_btn.click(skip, [state], task_outputs, api_name="label_skip", concurrency_limit=None)
 
 
+# -- Side by side ----------------------------------------------------------------------------
+def _sxs_tab(studio: Studio, demo: gr.Blocks) -> None:
+    with gr.Tab("Side by side", id="sxs"):
+        state = gr.State({})
+        with gr.Row():
+            campaign = gr.Dropdown(label="Battle campaign", choices=[], scale=3, elem_id="sxs-campaign")
+            next_btn = gr.Button("Next battle", elem_id="sxs-next", scale=1)
+        status = gr.Markdown(
+            "Pick a campaign. The two answers come from two model versions; "
+            "which is which is shown only after your vote.",
+            elem_id="sxs-status",
+        )
+        prompt = gr.Markdown(elem_id="sxs-prompt")
+        with gr.Row(equal_height=True):
+            with gr.Column():
+                gr.Markdown("### A")
+                answer_a = gr.Markdown(elem_id="sxs-a", sanitize_html=True)
+            with gr.Column():
+                gr.Markdown("### B")
+                answer_b = gr.Markdown(elem_id="sxs-b", sanitize_html=True)
+        rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="sxs-rationale")
+        with gr.Row():
+            buttons = {
+                w: gr.Button(label, elem_id=f"sxs-vote-{w}", variant=v)
+                for w, label, v in (
+                    ("a", "A is better", "primary"),
+                    ("b", "B is better", "primary"),
+                    ("tie", "Tie", "secondary"),
+                    ("both_bad", "Both are bad", "secondary"),
+                )
+            }
+        outputs = [state, status, prompt, answer_a, answer_b, rationale]
+
+        def show(name: str | None, user_name: str, note: str = "") -> list[Any]:
+            try:
+                battle = arena.next_battle(studio.store, name, user_name)
+            except USER_ERRORS as exc:
+                return [{}, f"{note}{exc}", "", "", "", ""]
+            if battle is None:
+                if studio.task_sampler:
+                    studio.task_sampler.poke(name, starved=True)
+                return [
+                    {},
+                    f"{note}No battle ready yet: the models are answering. Press Next battle "
+                    "again in a moment.",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            prompt_md = "\n\n".join(f"**{m['role']}**: {m['content']}" for m in battle["prompt"])
+            # The payload holds the opaque id and the texts only: blind until the vote.
+            return [
+                {"battle_id": battle["battle_id"], "campaign": name, "shown_at": time.time()},
+                f"{note}Which answer is better?",
+                prompt_md,
+                battle["a"],
+                battle["b"],
+                "",
+            ]
+
+        def load_campaigns(request: gr.Request) -> Any:
+            name = getattr(request, "username", None)
+            user = users.get_user(studio.store, name) if name else None
+            if user is None or not user.can("battle"):
+                return gr.update(choices=[])
+            names = [
+                c["name"] for c in camp.list_campaigns(studio.store, kind="battle") if c["status"] == "active"
+            ]
+            return gr.update(choices=names, value=names[0] if len(names) == 1 else None)
+
+        def next_battle(name: str | None, request: gr.Request) -> list[Any]:
+            user = _user(studio, request, "battle")
+            if not name:
+                raise gr.Error("pick a battle campaign first")
+            return show(name, user.name)
+
+        def make_vote(winner: str) -> Any:
+            def cast(current: dict[str, Any], why: str, request: gr.Request) -> list[Any]:
+                user = _user(studio, request, "battle")
+                if not current.get("battle_id"):
+                    raise gr.Error("no battle on screen: press Next battle")
+                try:
+                    reveal = arena.vote(
+                        studio.store,
+                        user.name,
+                        current["battle_id"],
+                        winner,
+                        rationale=why,
+                        duration_ms=(time.time() - current["shown_at"]) * 1000.0,
+                    )
+                except USER_ERRORS as exc:
+                    raise _fail(exc) from None
+                if studio.task_sampler:
+                    studio.task_sampler.poke()
+                note = (
+                    f"Your vote: **{winner.replace('_', ' ')}**. A was **{reveal['a']}**, "
+                    f"B was **{reveal['b']}**.\n\n"
+                )
+                return show(current["campaign"], user.name, note)
+
+            return cast
+
+        demo.load(load_campaigns, None, campaign, api_visibility="private")
+        next_btn.click(next_battle, [campaign], outputs, api_name="sxs_next")
+        campaign.change(next_battle, [campaign], outputs, api_visibility="private")
+        for winner, button in buttons.items():
+            button.click(make_vote(winner), [state, rationale], outputs, api_name=f"sxs_vote_{winner}")
+
+
+def forest_plot(rows: list[dict[str, Any]]) -> str:
+    """Ratings with their intervals as an inline SVG (no plotting library needed)."""
+    if not rows:
+        return "<p>No votes yet.</p>"
+    lo = min(r["lower"] for r in rows) - 20
+    hi = max(r["upper"] for r in rows) + 20
+    width, left, row_h = 640, 180, 26
+
+    def x(v: float) -> float:
+        return left + (v - lo) / (hi - lo) * (width - left - 20)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row_h * len(rows) + 30}" '
+        'font-family="sans-serif" font-size="12" role="img" aria-label="ratings with 95% intervals">'
+    ]
+    for i, r in enumerate(rows):
+        y = 20 + i * row_h
+        name = html.escape(r["version"])
+        parts.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{name}</text>')
+        parts.append(
+            f'<line x1="{x(r["lower"]):.1f}" x2="{x(r["upper"]):.1f}" y1="{y}" y2="{y}" '
+            'stroke="#888" stroke-width="3"/>'
+        )
+        parts.append(f'<circle cx="{x(r["rating"]):.1f}" cy="{y}" r="5" fill="#e8590c"/>')
+        parts.append(f'<text x="{x(r["upper"]) + 6:.1f}" y="{y + 4}">{r["rating"]:.0f}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _leaderboard_tab(studio: Studio, demo: gr.Blocks) -> None:
+    with gr.Tab("Leaderboard", id="leaderboard"):
+        with gr.Row():
+            campaign = gr.Dropdown(label="Battle campaign (empty: all)", choices=[], scale=3)
+            refresh = gr.Button("Refresh", scale=1)
+        summary = gr.Markdown(elem_id="leaderboard-summary")
+        plot = gr.HTML(elem_id="leaderboard-plot")
+        table = gr.Dataframe(interactive=False, elem_id="leaderboard-table")
+        timer = gr.Timer(10.0)
+
+        def load(name: str | None, request: gr.Request) -> list[Any]:
+            _user(studio, request, "view")
+            choices = ["", *[c["name"] for c in camp.list_campaigns(studio.store, kind="battle")]]
+            board = arena.campaign_leaderboard(studio.store, name or None)
+            text = (
+                f"{board['votes']} votes; {board['leaked_battles_excluded']} battles left out because "
+                "an answer revealed a model's identity. Ratings: 400 points per factor of ten in odds, "
+                "mean 1000; a version outranks another only when its interval is wholly above."
+            )
+            if name:
+                verdict = arena.battle_campaign(studio.store, name).get("verdict")
+                if verdict:
+                    text = f"**Verdict:** {verdict}\n\n{text}"
+            return [
+                gr.update(choices=choices),
+                text,
+                forest_plot(board["leaderboard"]),
+                pd.DataFrame(board["leaderboard"]),
+            ]
+
+        outputs = [campaign, summary, plot, table]
+        refresh.click(load, [campaign], outputs, api_name="leaderboard")
+        campaign.change(load, [campaign], outputs, api_visibility="private")
+        timer.tick(load, [campaign], outputs, api_visibility="private")
+        demo.load(load, [campaign], outputs, api_visibility="private")
+
+
 # -- Playground ----------------------------------------------------------------------------
 def _playground_tab(studio: Studio) -> None:
     with gr.Tab("Playground", id="playground"):
@@ -548,6 +725,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
             gr.Button("Log out", link="/logout", size="sm", scale=0)
         with gr.Tabs():
             _label_tab(studio, demo)
+            _sxs_tab(studio, demo)
+            _leaderboard_tab(studio, demo)
             _playground_tab(studio)
             _models_tab(studio, demo)
             _admin_tab(studio, demo)

@@ -84,7 +84,19 @@ class OpenAIChatBackend:
         except httpx.HTTPError:
             return False
 
+    def load_lora(self, name: str, path: str) -> None:
+        """Hot-load a LoRA adapter under `name` (vLLM's runtime LoRA API); loading it again is fine."""
+        resp = self._http.post(
+            "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=120.0
+        )
+        if resp.status_code != 200 and "already" not in resp.text.lower():
+            raise BackendError(
+                f"the serving backend refused to load adapter '{name}' from {path} "
+                f"(HTTP {resp.status_code}): {resp.text[:300]}"
+            )
+
     def models(self) -> list[str]:
+
         resp = self._http.get("/v1/models", timeout=10.0)
         resp.raise_for_status()
         return [m["id"] for m in resp.json()["data"]]

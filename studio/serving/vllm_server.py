@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 
 Progress = Callable[[str], None]
+MAX_LORA_RANK = 16  # adapters up to this rank can be hot-loaded
 
 
 class ServingError(RuntimeError):
@@ -92,6 +93,8 @@ class VLLMServer:
         self.startup_timeout = startup_timeout
         self.max_restarts = max_restarts
         self.lora = lora
+        self.on_restart: Callable[[], None] | None = None
+
         self.extra_args = extra_args or []
         self.progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.state = "stopped"  # stopped | starting | ready | restarting | failed
@@ -130,7 +133,7 @@ class VLLMServer:
         if self.lora:
             # Runtime LoRA is how trained versions are hot-loaded. It costs
             # sampling speed on the CPU (benchmarks/README.md), hence the switch.
-            cmd += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2"]
+            cmd += ["--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", "2"]
 
         if on_cpu_build():
             # Measured on the 2-core CPU: float32 beats bfloat16 (oneDNN falls back for bf16).
@@ -241,7 +244,9 @@ class VLLMServer:
             try:
                 self._spawn()
                 self._wait_healthy()
-            except ServingError as exc:
+                if self.on_restart is not None:
+                    self.on_restart()  # e.g. load the LoRA versions again
+            except Exception as exc:  # keep watching; the status shows the error
                 self.progress(f"restart failed: {exc}")
 
     def log_tail(self, lines: int = 30) -> str:
