@@ -86,7 +86,10 @@ def _label_tab(studio: Studio, demo: gr.Blocks) -> None:
     with gr.Tab("Label", id="label"):
         state = gr.State({})
         with gr.Row():
-            campaign = gr.Dropdown(label="Campaign", choices=[], scale=3, elem_id="label-campaign")
+            # custom values let API clients name a campaign; the handler checks it exists
+            campaign = gr.Dropdown(
+                label="Campaign", choices=[], scale=3, elem_id="label-campaign", allow_custom_value=True
+            )
             next_btn = gr.Button("Next task (n)", elem_id="label-next", scale=1)
         status = gr.Markdown("Pick a campaign and press **Next task**.", elem_id="label-status")
         with gr.Accordion("Guidelines", open=False):
@@ -290,7 +293,9 @@ def _sxs_tab(studio: Studio, demo: gr.Blocks) -> None:
     with gr.Tab("Side by side", id="sxs"):
         state = gr.State({})
         with gr.Row():
-            campaign = gr.Dropdown(label="Battle campaign", choices=[], scale=3, elem_id="sxs-campaign")
+            campaign = gr.Dropdown(
+                label="Battle campaign", choices=[], scale=3, elem_id="sxs-campaign", allow_custom_value=True
+            )
             next_btn = gr.Button("Next battle", elem_id="sxs-next", scale=1)
         status = gr.Markdown(
             "Pick a campaign. The two answers come from two model versions; "

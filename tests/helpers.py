@@ -6,6 +6,10 @@ made up here, so the task pool, judgments and exports run for real.
 
 from __future__ import annotations
 
+import json
+
+import httpx
+
 from studio import campaigns
 from studio.importer import messages_hash
 from studio.store import ImportedPrompt, Store, new_id
@@ -149,3 +153,22 @@ def seed_battles(
         ids.append(battle_id)
     campaigns.set_status(store, name, "active")
     return ids
+
+
+def login(browser: object, url: str, name: str) -> object:
+    page = browser.new_page(viewport={"width": 1200, "height": 1600})
+    page.goto(f"{url}/")
+    page.fill("input[type=text]", name)
+    page.fill("input[type=password]", PASSWORD)
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#label-next", timeout=60_000)
+    return page
+
+
+def gradio_call(client: httpx.Client, api_name: str, data: list) -> tuple[str, dict]:
+    start = client.post(f"/gradio_api/call/{api_name}", json={"data": data})
+    assert start.status_code == 200, start.text
+    stream = client.get(f"/gradio_api/call/{api_name}/{start.json()['event_id']}")
+    event = next(line for line in stream.text.splitlines() if line.startswith("event:"))
+    payload = next(line for line in stream.text.splitlines() if line.startswith("data:"))
+    return event.split(":", 1)[1].strip(), json.loads(payload.split(":", 1)[1])

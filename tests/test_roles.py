@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 
 from studio import users
 from tests.conftest import LiveStudio
-from tests.helpers import PASSWORD
+from tests.helpers import PASSWORD, gradio_call
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +45,6 @@ def test_annotator_token_works_where_allowed(live_studio: LiveStudio, annotator:
     assert resp.json() == {"name": "role-annotator", "role": "annotator"}
     bad = httpx.get(f"{live_studio.url}/api/v1/me", headers={"Authorization": "Bearer not-a-token"})
     assert bad.status_code == 401
-
-
-def gradio_call(client: httpx.Client, api_name: str, data: list) -> tuple[str, dict]:
-    start = client.post(f"/gradio_api/call/{api_name}", json={"data": data})
-    assert start.status_code == 200, start.text
-    stream = client.get(f"/gradio_api/call/{api_name}/{start.json()['event_id']}")
-    event = next(line for line in stream.text.splitlines() if line.startswith("event:"))
-    payload = next(line for line in stream.text.splitlines() if line.startswith("data:"))
-    return event.split(":", 1)[1].strip(), json.loads(payload.split(":", 1)[1])
 
 
 def test_annotator_session_is_refused_on_an_admin_gradio_event(

@@ -2,51 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from studio import campaigns, labeling, users
 from studio.importer import read_prompts
 from tests.conftest import LiveStudio
-from tests.helpers import PASSWORD, seed_campaign
+from tests.helpers import PASSWORD, login, seed_campaign
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 XSS = '<img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script> **bold answer**'
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.fail("Debian's chromium is not installed; scripts/setup.sh test installs it")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-def login(browser: object, url: str, name: str) -> object:
-    page = browser.new_page(viewport={"width": 1200, "height": 1600})
-    page.goto(f"{url}/")
-    page.fill("input[type=text]", name)
-    page.fill("input[type=password]", PASSWORD)
-    page.get_by_role("button", name="Login").click()
-    page.wait_for_selector("#label-next", timeout=60_000)
-    return page
 
 
 def choose_campaign(page: object, name: str) -> None:
