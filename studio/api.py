@@ -355,10 +355,28 @@ def build_router() -> APIRouter:
 
     @router.get("/leaderboard")
     def get_leaderboard(
-        request: Request, campaign: str | None = None, user: User = Depends(allowed("view"))
+        request: Request,
+        campaign: str | None = None,
+        style: str | None = None,
+        user: User = Depends(allowed("view")),
     ) -> list[dict[str, Any]]:
-        """The same list `studio leaderboard --json` prints."""
-        return arena.campaign_leaderboard(studio_of(request).store, campaign)["leaderboard"]
+        """The same list `studio leaderboard --json` prints; `style=length` controls for answer length."""
+        if style not in (None, "length"):
+            raise HTTPException(422, f"style={style}: the only style control is 'length'")
+        board = arena.campaign_leaderboard(
+            studio_of(request).store, campaign, style_control=style == "length"
+        )
+        return board["style_controlled"]["leaderboard"] if style else board["leaderboard"]
+
+    @router.post("/arena/battles/{battle_id}/regenerate")
+    def regenerate(
+        battle_id: str, request: Request, user: User = Depends(allowed("battle"))
+    ) -> dict[str, Any]:
+        studio = studio_of(request)
+        arena.regenerate(studio.store, user.name, battle_id)
+        if studio.task_sampler:
+            studio.task_sampler.poke()
+        return {"discarded": battle_id}
 
     @router.get("/arena/battles/log")
     def battles_log(

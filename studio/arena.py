@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from studio import campaigns as camp
-from studio.ratings import Battles, bootstrap, fit, leaderboard
+from studio.ratings import Battles, bootstrap, fit, leaderboard, style_controlled, win_matrix
 from studio.store import Store, StoreError, new_id
 
 WINNERS = ("a", "b", "tie", "both_bad")
@@ -113,17 +113,27 @@ def find_leak(texts: list[str], words: list[str], names: list[str]) -> str | Non
 
 
 # -- choosing and sampling battles ---------------------------------------------------------
-def _outcomes(
-    store: Store, name: str, both_bad_as_tie: bool = True
-) -> tuple[list[str], list[str], list[float]]:
+def _vote_rows(store: Store, name: str, both_bad_as_tie: bool = True) -> list[dict[str, Any]]:
+    """Rated votes of a campaign (leaks left out): versions, outcome for A, answer lengths, scores."""
     rows = store.query(
-        "SELECT b.version_a, b.version_b, v.winner FROM votes v JOIN battles b ON b.id = v.battle_id"
+        "SELECT b.version_a, b.version_b, v.winner, v.scores, length(ga.text) AS len_a,"
+        " length(gb.text) AS len_b FROM votes v JOIN battles b ON b.id = v.battle_id"
+        " JOIN generations ga ON ga.id = b.generation_a JOIN generations gb ON gb.id = b.generation_b"
         " WHERE v.campaign = ? AND b.leak IS NULL ORDER BY v.created_at",
         [name],
     )
     ys = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
-    kept = [r for r in rows if both_bad_as_tie or r["winner"] != "both_bad"]
-    return ([r["version_a"] for r in kept], [r["version_b"] for r in kept], [ys[r["winner"]] for r in kept])
+    for r in rows:
+        r["y"] = ys[r["winner"]]
+        r["scores"] = json.loads(r["scores"]) if isinstance(r["scores"], str) else r["scores"]
+    return [r for r in rows if both_bad_as_tie or r["winner"] != "both_bad"]
+
+
+def _outcomes(
+    store: Store, name: str, both_bad_as_tie: bool = True
+) -> tuple[list[str], list[str], list[float]]:
+    rows = _vote_rows(store, name, both_bad_as_tie)
+    return [r["version_a"] for r in rows], [r["version_b"] for r in rows], [r["y"] for r in rows]
 
 
 def next_pair(store: Store, campaign: dict[str, Any]) -> tuple[str, str]:
@@ -139,7 +149,7 @@ def next_pair(store: Store, campaign: dict[str, Any]) -> tuple[str, str]:
     pending = Counter(
         tuple(sorted((r["version_a"], r["version_b"])))
         for r in store.query(
-            "SELECT version_a, version_b FROM battles WHERE campaign = ? AND status != 'voted'"
+            "SELECT version_a, version_b FROM battles WHERE campaign = ? AND status IN ('ready', 'assigned')"
             " AND leak IS NULL",
             [campaign["name"]],
         )
@@ -351,22 +361,77 @@ def check_stop(store: Store, name: str) -> str | None:
 
 
 def campaign_leaderboard(
-    store: Store, name: str | None = None, rounds: int = 100, min_battles: int = 0
+    store: Store,
+    name: str | None = None,
+    rounds: int = 100,
+    min_battles: int = 0,
+    style_control: bool = False,
 ) -> dict[str, Any]:
-    """Ratings over one battle campaign (or all), with leak and vote counts."""
+    """Ratings over one battle campaign (or all), with leak and vote counts, the win-rate and
+    battle-count matrices, mean per-criterion scores, and (optionally) length-controlled ratings."""
     names = [name] if name else [c["name"] for c in camp.list_campaigns(store, kind="battle")]
-    a: list[str] = []
-    b: list[str] = []
-    y: list[float] = []
+    rows: list[dict[str, Any]] = []
     for n in names:
-        c = battle_campaign(store, n)
-        xa, xb, xy = _outcomes(store, n, c["both_bad_as_tie"])
-        a, b, y = a + xa, b + xb, y + xy
+        rows += _vote_rows(store, n, battle_campaign(store, n)["both_bad_as_tie"])
     leaks = store.query(
         "SELECT count(*) AS n FROM battles WHERE leak IS NOT NULL AND list_contains(?, campaign)", [names]
     )[0]["n"]
-    board = leaderboard(Battles.from_outcomes(a, b, y), rounds=rounds, min_battles=min_battles) if y else []
-    return {"campaigns": names, "votes": len(y), "leaked_battles_excluded": leaks, "leaderboard": board}
+    out: dict[str, Any] = {
+        "campaigns": names,
+        "votes": len(rows),
+        "leaked_battles_excluded": leaks,
+        "leaderboard": [],
+        "win_rate": {},
+        "battle_count": {},
+        "criteria": {},
+    }
+    if not rows:
+        return out
+    battles = Battles.from_outcomes(
+        [r["version_a"] for r in rows], [r["version_b"] for r in rows], [r["y"] for r in rows]
+    )
+    out["leaderboard"] = leaderboard(battles, rounds=rounds, min_battles=min_battles)
+    rate, count = win_matrix(battles)
+    out["win_rate"] = {
+        x: {
+            z: (None if np.isnan(rate[i, j]) else round(float(rate[i, j]), 3))
+            for j, z in enumerate(battles.names)
+            if i != j
+        }
+        for i, x in enumerate(battles.names)
+    }
+    out["battle_count"] = {
+        x: {z: int(count[i, j]) for j, z in enumerate(battles.names) if i != j}
+        for i, x in enumerate(battles.names)
+    }
+    scores: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for criterion, pair in (r["scores"] or {}).items():
+            scores[criterion][r["version_a"]].append(pair["a"])
+            scores[criterion][r["version_b"]].append(pair["b"])
+    out["criteria"] = {
+        c: {v: round(float(np.mean(xs)), 2) for v, xs in per.items()} for c, per in scores.items()
+    }
+    if style_control:
+        out["style_controlled"] = style_controlled(
+            [r["version_a"] for r in rows],
+            [r["version_b"] for r in rows],
+            [r["y"] for r in rows],
+            [r["len_a"] for r in rows],
+            [r["len_b"] for r in rows],
+            rounds=rounds,
+        )
+    return out
+
+
+def regenerate(store: Store, expert: str, battle_id: str) -> None:
+    """Drop the battle on screen and let a new one be sampled: always both sides together, so the
+    expert never sees one answer replaced while the other stays (which would hint at the sides)."""
+    with store.transaction() as cur:
+        row = cur.execute("SELECT expert, status FROM battles WHERE id = ?", [battle_id]).fetchone()
+        if row is None or row[0] != expert or row[1] != "assigned":
+            raise StoreError(f"battle '{battle_id}' is not assigned to you")
+        cur.execute("UPDATE battles SET status = 'discarded' WHERE id = ?", [battle_id])
 
 
 def battle_log(store: Store, name: str | None = None) -> list[dict[str, Any]]:

@@ -365,11 +365,18 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         def direct(store: Store) -> list[dict[str, Any]]:
             from studio.arena import campaign_leaderboard
 
-            return campaign_leaderboard(
-                store, args.campaign, rounds=args.rounds, min_battles=args.min_battles
-            )["leaderboard"]
+            board = campaign_leaderboard(
+                store,
+                args.campaign,
+                rounds=args.rounds,
+                min_battles=args.min_battles,
+                style_control=args.style_control,
+            )
+            return board["style_controlled"]["leaderboard"] if args.style_control else board["leaderboard"]
 
         params = {"campaign": args.campaign} if args.campaign else {}
+        if args.style_control:
+            params["style"] = "length"
         board = with_store_or_rest(args, direct, lambda: rest(args, "GET", "/leaderboard", params=params))
     else:
         try:
@@ -656,6 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop 'tie (bothbad)' battles instead of counting them as ties",
     )
     lb.add_argument("--campaign", help="one battle campaign of this studio (default: all of them)")
+    lb.add_argument(
+        "--style-control",
+        action="store_true",
+        help="rate with answer length held fixed (the studio's battles)",
+    )
+
     data_dir_arg(lb)
     url_arg(lb)
     lb.set_defaults(func=cmd_leaderboard)

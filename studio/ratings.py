@@ -163,3 +163,74 @@ def battles_from_log(
     if not ys:
         raise ValueError(f"{where}: no battles to rate")
     return Battles.from_outcomes(model_a, model_b, ys)
+
+
+# -- style control ---------------------------------------------------------------------------
+def _style_nll(
+    params: np.ndarray, a: np.ndarray, b: np.ndarray, y: np.ndarray, z: np.ndarray, m: int
+) -> tuple[float, np.ndarray]:
+    theta, gamma = params[:m], params[m]
+    d = theta[a] - theta[b] + gamma * z  # [B]
+    log_p = -np.logaddexp(0.0, -d)
+    log_q = -np.logaddexp(0.0, d)
+    nll = -np.sum(y * log_p + (1.0 - y) * log_q) + RIDGE * (theta @ theta + gamma * gamma)
+    g_d = np.exp(log_p) - y
+    grad = np.empty(m + 1)
+    grad[:m] = np.bincount(a, g_d, m) - np.bincount(b, g_d, m) + 2 * RIDGE * theta
+    grad[m] = g_d @ z + 2 * RIDGE * gamma
+    return float(nll), grad
+
+
+def style_controlled(
+    model_a: list[str],
+    model_b: list[str],
+    y: list[float],
+    len_a: list[float],
+    len_b: list[float],
+    rounds: int = 100,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Ratings with answer length held fixed: P(a wins) = sigmoid(t_a - t_b + gamma * z), where
+    z = (len_a - len_b) / (len_a + len_b) is the normalised length difference (as in LMSYS's
+    style control). gamma > 0 means longer answers win more often, whoever wrote them."""
+    names = sorted(set(model_a) | set(model_b))
+    index = {n: i for i, n in enumerate(names)}
+    a = np.array([index[x] for x in model_a])
+    b = np.array([index[x] for x in model_b])
+    yy = np.asarray(y, dtype=float)
+    la, lb = np.asarray(len_a, dtype=float), np.asarray(len_b, dtype=float)
+    z = np.where(la + lb > 0, (la - lb) / np.maximum(la + lb, 1e-9), 0.0)
+    m = len(names)
+
+    def solve(idx: np.ndarray) -> np.ndarray:
+        res = minimize(
+            _style_nll,
+            np.zeros(m + 1),
+            args=(a[idx], b[idx], yy[idx], z[idx], m),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": 500},
+        )
+        return res.x
+
+    full = solve(np.arange(len(yy)))
+    rng = np.random.default_rng(seed)
+    boots = np.stack([solve(rng.integers(0, len(yy), len(yy))) for _ in range(rounds)])  # [R, M+1]
+    theta = full[:m] - full[:m].mean()
+    centred = boots[:, :m] - boots[:, :m].mean(axis=1, keepdims=True)
+    lo, hi = np.quantile(centred, [0.025, 0.975], axis=0)
+    played = np.bincount(a, minlength=m) + np.bincount(b, minlength=m)
+    rows = [
+        {
+            "version": n,
+            "rating": round(float(to_elo(theta)[i]), 1),
+            "lower": round(float(to_elo(lo)[i]), 1),
+            "upper": round(float(to_elo(hi)[i]), 1),
+            "battles": int(played[i]),
+            "rank": 1 + int(np.sum(lo > hi[i])),
+            "provisional": False,
+        }
+        for i, n in enumerate(names)
+    ]
+
+    return {"leaderboard": sorted(rows, key=lambda r: -r["rating"]), "length_coefficient": float(full[m])}

@@ -321,6 +321,7 @@ def _sxs_tab(studio: Studio, demo: gr.Blocks) -> None:
                     ("both_bad", "Both are bad", "secondary"),
                 )
             }
+        regen = gr.Button("Regenerate both answers", size="sm", elem_id="sxs-regenerate")
         outputs = [state, status, prompt, answer_a, answer_b, rationale]
 
         def show(name: str | None, user_name: str, note: str = "") -> list[Any]:
@@ -396,6 +397,20 @@ def _sxs_tab(studio: Studio, demo: gr.Blocks) -> None:
         demo.load(load_campaigns, None, campaign, api_visibility="private")
         next_btn.click(next_battle, [campaign], outputs, api_name="sxs_next")
         campaign.change(next_battle, [campaign], outputs, api_visibility="private")
+
+        def regenerate(current: dict[str, Any], request: gr.Request) -> list[Any]:
+            user = _user(studio, request, "battle")
+            if not current.get("battle_id"):
+                raise gr.Error("no battle on screen")
+            try:
+                arena.regenerate(studio.store, user.name, current["battle_id"])
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            if studio.task_sampler:
+                studio.task_sampler.poke(current["campaign"], starved=True)
+            return show(current["campaign"], user.name, "Both answers were dropped. ")
+
+        regen.click(regenerate, [state], outputs, api_name="sxs_regenerate")
         for winner, button in buttons.items():
             button.click(make_vote(winner), [state, rationale], outputs, api_name=f"sxs_vote_{winner}")
 
@@ -432,38 +447,76 @@ def forest_plot(rows: list[dict[str, Any]]) -> str:
 def _leaderboard_tab(studio: Studio, demo: gr.Blocks) -> None:
     with gr.Tab("Leaderboard", id="leaderboard"):
         with gr.Row():
-            campaign = gr.Dropdown(label="Battle campaign (empty: all)", choices=[], scale=3)
+            campaign = gr.Dropdown(
+                label="Battle campaign (empty: all)", choices=[], scale=3, allow_custom_value=True
+            )
+            style = gr.Checkbox(label="Control for answer length", value=False, scale=1)
             refresh = gr.Button("Refresh", scale=1)
         summary = gr.Markdown(elem_id="leaderboard-summary")
         plot = gr.HTML(elem_id="leaderboard-plot")
         table = gr.Dataframe(interactive=False, elem_id="leaderboard-table")
+        with gr.Accordion("Win rates, battle counts, criteria and experts", open=False):
+            win_rate = gr.Dataframe(interactive=False, label="Win rate of row over column (ties half)")
+            counts = gr.Dataframe(interactive=False, label="Battles between row and column")
+            criteria = gr.Dataframe(interactive=False, label="Mean score per criterion (1-5)")
+            experts = gr.Dataframe(
+                interactive=False,
+                label="Experts: agreement with the majority, "
+                "position bias (share of decisive votes for side A; 0.5 is none)",
+            )
         timer = gr.Timer(10.0)
 
-        def load(name: str | None, request: gr.Request) -> list[Any]:
+        def load(name: str | None, style_on: bool, request: gr.Request) -> list[Any]:
             _user(studio, request, "view")
             choices = ["", *[c["name"] for c in camp.list_campaigns(studio.store, kind="battle")]]
-            board = arena.campaign_leaderboard(studio.store, name or None)
+            try:
+                board = arena.campaign_leaderboard(studio.store, name or None, style_control=bool(style_on))
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            rows = (
+                board["style_controlled"]["leaderboard"]
+                if style_on and board.get("style_controlled")
+                else board["leaderboard"]
+            )
             text = (
                 f"{board['votes']} votes; {board['leaked_battles_excluded']} battles left out because "
                 "an answer revealed a model's identity. Ratings: 400 points per factor of ten in odds, "
                 "mean 1000; a version outranks another only when its interval is wholly above."
             )
+            if style_on and board.get("style_controlled"):
+                text += (
+                    " Length-controlled: coefficient "
+                    f"{board['style_controlled']['length_coefficient']:+.2f} (above 0: longer answers "
+                    "win more often, whoever wrote them)."
+                )
             if name:
                 verdict = arena.battle_campaign(studio.store, name).get("verdict")
                 if verdict:
                     text = f"**Verdict:** {verdict}\n\n{text}"
+            frame = pd.DataFrame.from_dict
             return [
                 gr.update(choices=choices),
                 text,
-                forest_plot(board["leaderboard"]),
-                pd.DataFrame(board["leaderboard"]),
+                forest_plot(rows),
+                pd.DataFrame(rows),
+                frame(board["win_rate"], orient="index").reset_index(names="version")
+                if board["win_rate"]
+                else pd.DataFrame(),
+                frame(board["battle_count"], orient="index").reset_index(names="version")
+                if board["battle_count"]
+                else pd.DataFrame(),
+                frame(board["criteria"]).reset_index(names="version")
+                if board["criteria"]
+                else pd.DataFrame(),
+                pd.DataFrame(arena.expert_quality(studio.store, name or None)),
             ]
 
-        outputs = [campaign, summary, plot, table]
-        refresh.click(load, [campaign], outputs, api_name="leaderboard")
-        campaign.change(load, [campaign], outputs, api_visibility="private")
-        timer.tick(load, [campaign], outputs, api_visibility="private")
-        demo.load(load, [campaign], outputs, api_visibility="private")
+        outputs = [campaign, summary, plot, table, win_rate, counts, criteria, experts]
+        refresh.click(load, [campaign, style], outputs, api_name="leaderboard")
+        campaign.change(load, [campaign, style], outputs, api_visibility="private")
+        style.change(load, [campaign, style], outputs, api_visibility="private")
+        timer.tick(load, [campaign, style], outputs, api_visibility="private")
+        demo.load(load, [campaign, style], outputs, api_visibility="private")
 
 
 # -- Playground ----------------------------------------------------------------------------

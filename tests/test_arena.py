@@ -141,3 +141,34 @@ def test_battle_log_has_fastchat_columns_and_rates(store: Store) -> None:
 def test_campaign_needs_two_versions(store: Store) -> None:
     with pytest.raises(StoreError, match="at least two different versions"):
         seed_battles(store, "b1", [], versions=("base",))
+
+
+def test_regenerate_discards_both_sides_and_stats_carry_matrices_and_criteria(store: Store) -> None:
+    ids = seed_battles(
+        store,
+        "b1",
+        [
+            ("base", "other", "short", "a much longer answer here"),
+            ("other", "base", "x", "y"),
+            ("base", "other", "p", "q"),
+        ],
+    )
+    battle = arena.next_battle(store, "b1", "exp1")
+    with pytest.raises(StoreError, match="not assigned to you"):
+        arena.regenerate(store, "exp2", battle["battle_id"])
+    arena.regenerate(store, "exp1", battle["battle_id"])
+    assert (
+        store.query("SELECT status FROM battles WHERE id = ?", [battle["battle_id"]])[0]["status"]
+        == "discarded"
+    )
+    served = []
+    while (b := arena.next_battle(store, "b1", "exp1")) is not None:
+        served.append(b["battle_id"])
+        arena.vote(store, "exp1", b["battle_id"], "a", scores={"helpful": {"a": 4, "b": 2}})
+    assert battle["battle_id"] not in served and len(served) == len(ids) - 1
+    stats = arena.campaign_leaderboard(store, "b1", rounds=10, style_control=True)
+    assert stats["votes"] == 2
+    assert stats["battle_count"]["base"]["other"] == 2
+    assert stats["win_rate"]["base"]["other"] + stats["win_rate"]["other"]["base"] == pytest.approx(1.0)
+    assert set(stats["criteria"]["helpful"]) == {"base", "other"}
+    assert {r["version"] for r in stats["style_controlled"]["leaderboard"]} == {"base", "other"}

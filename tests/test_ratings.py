@@ -128,3 +128,28 @@ def test_cli_bad_battle_log_names_the_row(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert "b.jsonl row 2: field 'model_b' is missing" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_style_control_separates_length_from_quality() -> None:
+    """Two equally good versions; one writes longer answers and raters like length.
+    Plain ratings favour the verbose one; style-controlled ratings do not, and gamma is positive."""
+    from studio.ratings import style_controlled
+
+    rng = np.random.default_rng(4)
+    n = 3000
+    a_is_verbose = rng.random(n) < 0.5
+    model_a = np.where(a_is_verbose, "verbose", "terse").tolist()
+    model_b = np.where(a_is_verbose, "terse", "verbose").tolist()
+    len_a = np.where(a_is_verbose, 300, 100) * rng.uniform(0.8, 1.2, n)
+    len_b = np.where(a_is_verbose, 100, 300) * rng.uniform(0.8, 1.2, n)
+    z = (len_a - len_b) / (len_a + len_b)
+    y = (rng.random(n) < 1 / (1 + np.exp(-2.0 * z))).astype(float)  # only length matters
+    plain = {
+        r["version"]: r for r in leaderboard(Battles.from_outcomes(model_a, model_b, list(y)), rounds=20)
+    }
+    assert plain["verbose"]["lower"] > plain["terse"]["upper"]
+    styled = style_controlled(model_a, model_b, list(y), list(len_a), list(len_b), rounds=30)
+    rows = {r["version"]: r for r in styled["leaderboard"]}
+    assert styled["length_coefficient"] == pytest.approx(2.0, abs=0.4)
+    assert rows["verbose"]["lower"] <= rows["terse"]["upper"]  # no longer separable
+    assert abs(rows["verbose"]["rating"] - rows["terse"]["rating"]) < 30
