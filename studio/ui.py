@@ -276,7 +276,12 @@ def _label_tab(studio: Studio, demo: gr.Blocks) -> None:
         slot_inputs = [c for _, _, rank, flags in slots for c in (rank, flags)]
         demo.load(load_campaigns, None, campaign, api_name="label_campaigns")
         next_btn.click(next_task, [campaign], task_outputs, api_name="label_next", concurrency_limit=None)
-        campaign.change(next_task, [campaign], task_outputs, api_visibility="private")
+
+        def on_pick(name: str | None, request: gr.Request) -> list[Any]:
+            # clearing the dropdown (or the page load) is not an error: leave the screen as it is
+            return next_task(name, request) if name else [gr.update() for _ in task_outputs]
+
+        campaign.change(on_pick, [campaign], task_outputs, api_visibility="private")
         timer.tick(poll, [campaign, state], task_outputs, api_visibility="private")
         submit_btn.click(
             submit,
@@ -396,7 +401,11 @@ def _sxs_tab(studio: Studio, demo: gr.Blocks) -> None:
 
         demo.load(load_campaigns, None, campaign, api_visibility="private")
         next_btn.click(next_battle, [campaign], outputs, api_name="sxs_next")
-        campaign.change(next_battle, [campaign], outputs, api_visibility="private")
+
+        def on_pick(name: str | None, request: gr.Request) -> list[Any]:
+            return next_battle(name, request) if name else [gr.update() for _ in outputs]
+
+        campaign.change(on_pick, [campaign], outputs, api_visibility="private")
 
         def regenerate(current: dict[str, Any], request: gr.Request) -> list[Any]:
             user = _user(studio, request, "battle")
@@ -421,10 +430,10 @@ def forest_plot(rows: list[dict[str, Any]]) -> str:
         return "<p>No votes yet.</p>"
     lo = min(r["lower"] for r in rows) - 20
     hi = max(r["upper"] for r in rows) + 20
-    width, left, row_h = 640, 180, 26
+    width, left, right, row_h = 700, 180, 70, 26  # the right margin holds the rating labels
 
     def x(v: float) -> float:
-        return left + (v - lo) / (hi - lo) * (width - left - 20)
+        return left + (v - lo) / (hi - lo) * (width - left - right - 10)
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row_h * len(rows) + 30}" '
@@ -439,7 +448,7 @@ def forest_plot(rows: list[dict[str, Any]]) -> str:
             'stroke="#888" stroke-width="3"/>'
         )
         parts.append(f'<circle cx="{x(r["rating"]):.1f}" cy="{y}" r="5" fill="#e8590c"/>')
-        parts.append(f'<text x="{x(r["upper"]) + 6:.1f}" y="{y + 4}">{r["rating"]:.0f}</text>')
+        parts.append(f'<text x="{width - right + 8}" y="{y + 4}">{r["rating"]:.0f}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
