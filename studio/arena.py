@@ -63,8 +63,13 @@ def create_battle_campaign(
     versions = list(dict.fromkeys(v.strip() for v in versions if v.strip()))
     if len(versions) < 2:
         raise StoreError("versions: a battle campaign needs at least two different versions or aliases")
-    for v in versions:
-        camp.resolve_model(store, v)
+    resolved = {camp.resolve_model(store, v) for v in versions}
+    if len(resolved) < 2:
+        raise StoreError(
+            f"versions: {', '.join(versions)} all resolve to {resolved.pop()}; "
+            "a battle campaign needs at least two different versions"
+        )
+
     if not 1 <= budget <= 100_000:
         raise StoreError(f"budget={budget}: the vote budget must be between 1 and 100000")
     camp.create_campaign(

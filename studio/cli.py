@@ -407,7 +407,10 @@ def cmd_arena_create(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "criteria": [c for c in args.criteria.split(",") if c],
+        "both_bad_as_tie": not args.both_bad_is_no_vote,
     }
+    if args.leak_words is not None:
+        fields["leak_words"] = [w.strip() for w in args.leak_words.split(",") if w.strip()]
 
     def direct(store: Store) -> dict[str, Any]:
         return arena.create_battle_campaign(store, args.name, created_by="cli", **fields)
@@ -693,6 +696,17 @@ def build_parser() -> argparse.ArgumentParser:
     acreate.add_argument("--max-tokens", type=int, default=128, help="default 128")
     acreate.add_argument("--temperature", type=float, default=0.7, help="default 0.7")
     acreate.add_argument("--criteria", default="", help="comma-separated criteria scored 1-5 (optional)")
+    acreate.add_argument(
+        "--leak-words",
+        help="comma-separated words that reveal an identity (default: a built-in list "
+        "of model and lab names, plus the version names)",
+    )
+    acreate.add_argument(
+        "--both-bad-is-no-vote",
+        action="store_true",
+        help="leave 'both bad' votes out of the ratings (default: they count as ties)",
+    )
+
     abattles = ar_sub.add_parser(
         "battles",
         help="export votes as a FastChat-style battle log",

@@ -605,6 +605,22 @@ def _admin_tab(studio: Studio, demo: gr.Blocks) -> None:
             c_guidelines = gr.Textbox(label="Guidelines (Markdown)", lines=3)
             c_create = gr.Button("Create campaign", variant="primary")
             c_msg = gr.Markdown()
+        with gr.Accordion("Battle campaigns", open=False):
+            with gr.Row():
+                b_name = gr.Textbox(label="New battle campaign name")
+                b_set = gr.Dropdown(label="Prompt set", choices=[], allow_custom_value=True)
+                b_versions = gr.Textbox(label="Versions or aliases, comma-separated", value="base,policy")
+            with gr.Row():
+                b_budget = gr.Number(label="Vote budget", value=200, precision=0)
+                b_max = gr.Slider(16, 512, value=128, step=16, label="Max tokens")
+                b_tie = gr.Checkbox(label="'Both bad' counts as a tie", value=True)
+            b_leaks = gr.Textbox(
+                label="Identity words (comma-separated; empty: the built-in list)",
+                value=", ".join(arena.DEFAULT_LEAK_WORDS),
+            )
+            b_criteria = gr.Textbox(label="Criteria scored 1-5 (optional, comma-separated)")
+            b_create = gr.Button("Create battle campaign", variant="primary")
+            b_msg = gr.Markdown()
         with gr.Accordion("Import prompts", open=False):
             i_file = gr.File(label="JSONL, CSV or Parquet file", file_types=[".jsonl", ".csv", ".parquet"])
             i_set = gr.Textbox(label="Prompt set name")
@@ -668,9 +684,10 @@ def _admin_tab(studio: Studio, demo: gr.Blocks) -> None:
                 gr.update(choices=names),
                 gr.update(choices=["", *names]),
                 user_rows,
+                gr.update(choices=sets),
             ]
 
-        overview_outputs = [campaigns_table, c_set, g_campaign, q_campaign, e_campaign, users_table]
+        overview_outputs = [campaigns_table, c_set, g_campaign, q_campaign, e_campaign, users_table, b_set]
 
         def create(
             name: str,
@@ -702,6 +719,37 @@ def _admin_tab(studio: Studio, demo: gr.Blocks) -> None:
             if studio.task_sampler:
                 studio.task_sampler.poke()
             return [f"Campaign **{name}** created; sampling has started.", *overview(request)]
+
+        def create_battles(
+            name: str,
+            pset: str,
+            versions: str,
+            budget: float,
+            max_tok: float,
+            tie: bool,
+            leaks: str,
+            criteria: str,
+            request: gr.Request,
+        ) -> str:
+            user = _user(studio, request, "admin")
+            try:
+                arena.create_battle_campaign(
+                    studio.store,
+                    (name or "").strip(),
+                    prompt_set=pset or "",
+                    versions=(versions or "").split(","),
+                    budget=int(budget or 0),
+                    max_tokens=int(max_tok),
+                    both_bad_as_tie=bool(tie),
+                    leak_words=[w.strip() for w in (leaks or "").split(",") if w.strip()] or None,
+                    criteria=[c.strip() for c in (criteria or "").split(",") if c.strip()],
+                    created_by=user.name,
+                )
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            if studio.task_sampler:
+                studio.task_sampler.poke()
+            return f"Battle campaign **{name}** created; battles are being sampled."
 
         def import_file(file: Any, set_name: str, request: gr.Request) -> str:
             _user(studio, request, "import")
@@ -756,7 +804,12 @@ def _admin_tab(studio: Studio, demo: gr.Blocks) -> None:
             return [note, *overview(request)]
 
         refresh.click(overview, None, overview_outputs, api_name="admin_overview")
-        demo.load(overview_if_admin(studio, overview), None, overview_outputs, api_visibility="private")
+        demo.load(
+            overview_if_admin(studio, overview, len(overview_outputs)),
+            None,
+            overview_outputs,
+            api_visibility="private",
+        )
         c_create.click(
             create,
             [c_name, c_set, c_model, c_n, c_overlap, c_temp, c_max, c_guidelines],
@@ -764,6 +817,12 @@ def _admin_tab(studio: Studio, demo: gr.Blocks) -> None:
             api_name="admin_create_campaign",
         )
         i_go.click(import_file, [i_file, i_set], i_msg, api_name="admin_import")
+        b_create.click(
+            create_battles,
+            [b_name, b_set, b_versions, b_budget, b_max, b_tie, b_leaks, b_criteria],
+            b_msg,
+            api_name="admin_create_battles",
+        )
         g_campaign.change(load_guidelines, g_campaign, g_text, api_visibility="private")
         g_save.click(save_guidelines, [g_campaign, g_text], g_msg, api_name="admin_guidelines")
         q_go.click(compute_quality, q_campaign, [q_summary, q_table], api_name="admin_quality")
@@ -771,14 +830,15 @@ def _admin_tab(studio: Studio, demo: gr.Blocks) -> None:
         u_add.click(add_user, [u_name, u_role, u_pass], [u_msg, *overview_outputs], api_name="admin_add_user")
 
 
-def overview_if_admin(studio: Studio, overview: Any) -> Any:
+def overview_if_admin(studio: Studio, overview: Any, n_outputs: int) -> Any:
     """On page load, fill the admin tab for admins and leave it empty (no error) for others."""
 
     def load(request: gr.Request) -> list[Any]:
         name = getattr(request, "username", None)
         user = users.get_user(studio.store, name) if name else None
         if user is None or not user.can("admin"):
-            return [gr.update() for _ in range(6)]
+            return [gr.update() for _ in range(n_outputs)]
+
         return overview(request)
 
     return load

@@ -172,3 +172,9 @@ def test_regenerate_discards_both_sides_and_stats_carry_matrices_and_criteria(st
     assert stats["win_rate"]["base"]["other"] + stats["win_rate"]["other"]["base"] == pytest.approx(1.0)
     assert set(stats["criteria"]["helpful"]) == {"base", "other"}
     assert {r["version"] for r in stats["style_controlled"]["leaderboard"]} == {"base", "other"}
+
+
+def test_aliases_that_resolve_to_one_version_are_refused(store: Store) -> None:
+    seed_battles(store, "b1", [])
+    with pytest.raises(StoreError, match="all resolve to base"):
+        arena.create_battle_campaign(store, "b2", prompt_set="b1-set", versions=["base", "policy"])

@@ -76,3 +76,31 @@ def test_admin_session_may_call_the_same_event(live_studio: LiveStudio) -> None:
 def test_wrong_password_is_refused(live_studio: LiveStudio, annotator: str) -> None:
     resp = httpx.post(f"{live_studio.url}/login", data={"username": "role-annotator", "password": "nope"})
     assert resp.status_code >= 400
+
+
+def test_admin_creates_a_battle_campaign_through_the_ui_event(live_studio: LiveStudio) -> None:
+    from studio import arena
+    from studio.importer import read_prompts
+
+    store = live_studio.studio.store
+    store.import_prompts("roles-battle-set", read_prompts("data/prompts/starter.jsonl")[:2], source="test")
+    users.add_user(store, "role-admin2", "admin", PASSWORD)
+    with httpx.Client(base_url=live_studio.url, timeout=60) as client:
+        client.post("/login", data={"username": "role-admin2", "password": PASSWORD})
+        event, payload = gradio_call(
+            client,
+            "admin_create_battles",
+            ["roles-duel", "roles-battle-set", "base, policy", 5, 32, True, "", "helpful"],
+        )
+        assert event == "error" and "at least two different versions" in payload["error"]
+        users.add_user(store, "role-expert", "expert", PASSWORD)
+    with httpx.Client(base_url=live_studio.url, timeout=60) as client:
+        client.post("/login", data={"username": "role-expert", "password": PASSWORD})
+        event, payload = gradio_call(
+            client,
+            "admin_create_battles",
+            ["roles-duel", "roles-battle-set", "base,other", 5, 32, True, "", ""],
+        )
+        assert event == "error" and "may not admin" in payload["error"]
+    with pytest.raises(Exception, match="does not exist"):
+        arena.battle_campaign(store, "roles-duel")
