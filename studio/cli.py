@@ -262,6 +262,17 @@ def open_store_for_admin(args: argparse.Namespace) -> Store:
         raise CLIError(f"{exc}\nChanging credentials needs the studio stopped.") from None
 
 
+def create_through(
+    args: argparse.Namespace, create: Callable[..., dict[str, Any]], route: str, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """Create a named campaign in the database, or through the running studio's REST route."""
+    return with_store_or_rest(
+        args,
+        lambda store: create(store, args.name, created_by="cli", **fields),
+        lambda: rest(args, "POST", route, json={"name": args.name, **fields}),
+    )
+
+
 def cmd_campaigns_create(args: argparse.Namespace) -> int:
     fields = {
         "prompt_set": args.prompt_set,
@@ -276,12 +287,7 @@ def cmd_campaigns_create(args: argparse.Namespace) -> int:
         "guidelines": args.guidelines.read_text() if args.guidelines else "",
     }
 
-    def direct(store: Store) -> dict[str, Any]:
-        return campaigns.create_campaign(store, args.name, created_by="cli", **fields)
-
-    created = with_store_or_rest(
-        args, direct, lambda: rest(args, "POST", "/campaigns", json={"name": args.name, **fields})
-    )
+    created = create_through(args, campaigns.create_campaign, "/campaigns", fields)
     print(
         f"campaign '{created['name']}' created: set {created['prompt_set']}, model {created['model']}, "
         f"n={created['n']}, overlap={created['overlap']}"
@@ -412,12 +418,7 @@ def cmd_arena_create(args: argparse.Namespace) -> int:
     if args.leak_words is not None:
         fields["leak_words"] = [w.strip() for w in args.leak_words.split(",") if w.strip()]
 
-    def direct(store: Store) -> dict[str, Any]:
-        return arena.create_battle_campaign(store, args.name, created_by="cli", **fields)
-
-    created = with_store_or_rest(
-        args, direct, lambda: rest(args, "POST", "/arena/campaigns", json={"name": args.name, **fields})
-    )
+    created = create_through(args, arena.create_battle_campaign, "/arena/campaigns", fields)
     print(
         f"battle campaign '{created['name']}' created: {', '.join(created['versions'])}, "
         f"budget {created['budget']} votes"
