@@ -453,8 +453,10 @@ def forest_plot(rows: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _leaderboard_tab(studio: Studio, demo: gr.Blocks) -> None:
-    with gr.Tab("Leaderboard", id="leaderboard"):
+def _leaderboard_tab(studio: Studio, demo: gr.Blocks) -> gr.Timer:
+    # Loaded only when the tab is opened, and refreshed only while it is open: an expert
+    # judging a battle in another tab receives no version names at all until they look here.
+    with gr.Tab("Leaderboard", id="leaderboard") as tab:
         with gr.Row():
             campaign = gr.Dropdown(
                 label="Battle campaign (empty: all)", choices=[], scale=3, allow_custom_value=True
@@ -473,7 +475,7 @@ def _leaderboard_tab(studio: Studio, demo: gr.Blocks) -> None:
                 label="Experts: agreement with the majority, "
                 "position bias (share of decisive votes for side A; 0.5 is none)",
             )
-        timer = gr.Timer(10.0)
+        timer = gr.Timer(10.0, active=False)
 
         def load(name: str | None, style_on: bool, request: gr.Request) -> list[Any]:
             _user(studio, request, "view")
@@ -525,7 +527,12 @@ def _leaderboard_tab(studio: Studio, demo: gr.Blocks) -> None:
         campaign.change(load, [campaign, style], outputs, api_visibility="private")
         style.change(load, [campaign, style], outputs, api_visibility="private")
         timer.tick(load, [campaign, style], outputs, api_visibility="private")
-        demo.load(load, [campaign, style], outputs, api_visibility="private")
+
+        def opened(name: str | None, style_on: bool, request: gr.Request) -> list[Any]:
+            return [*load(name, style_on, request), gr.Timer(active=True)]
+
+        tab.select(opened, [campaign, style], [*outputs, timer], api_visibility="private")
+    return timer
 
 
 # -- Playground ----------------------------------------------------------------------------
@@ -570,7 +577,7 @@ def _playground_tab(studio: Studio) -> None:
 
 # -- Models --------------------------------------------------------------------------------
 def _models_tab(studio: Studio, demo: gr.Blocks) -> None:
-    with gr.Tab("Models", id="models"):
+    with gr.Tab("Models", id="models") as tab:
         table = gr.Dataframe(interactive=False)
         aliases = gr.Markdown()
         refresh = gr.Button("Refresh")
@@ -584,7 +591,7 @@ def _models_tab(studio: Studio, demo: gr.Blocks) -> None:
             return frame, f"Aliases: {names or 'none'}"
 
         refresh.click(load, None, [table, aliases], api_name="models")
-        demo.load(load, None, [table, aliases], api_visibility="private")
+        tab.select(load, None, [table, aliases], api_visibility="private")
 
 
 # -- Admin ---------------------------------------------------------------------------------
@@ -850,13 +857,19 @@ def build_ui(studio: Studio) -> gr.Blocks:
             gr.Markdown("# Preference Studio")
             who = gr.Markdown(elem_id="whoami")
             gr.Button("Log out", link="/logout", size="sm", scale=0)
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             _label_tab(studio, demo)
             _sxs_tab(studio, demo)
-            _leaderboard_tab(studio, demo)
+            leaderboard_timer = _leaderboard_tab(studio, demo)
             _playground_tab(studio)
             _models_tab(studio, demo)
             _admin_tab(studio, demo)
+
+        def tab_changed(event: gr.SelectData) -> Any:
+            # the leaderboard refreshes itself only while it is the open tab
+            return gr.Timer(active=event.value == "Leaderboard" or event.index == "leaderboard")
+
+        tabs.select(tab_changed, None, leaderboard_timer, api_visibility="private")
 
         def whoami(request: gr.Request) -> str:
             user = _user(studio, request, "view")

@@ -125,4 +125,11 @@ def test_one_vote_cast_in_chromium(live_studio: LiveStudio, battle_ready: str, b
     assert "lora-test" in status and "base" in status  # revealed after the vote
     after = store.query("SELECT count(*) AS n FROM votes WHERE expert = 'arena-expert'")[0]["n"]
     assert after == before + 1
+    # the leaderboard (versions by name) arrives only when its tab is opened
+    page.get_by_role("tab", name="Leaderboard").click()
+    page.wait_for_function(
+        "document.querySelector('#leaderboard-table').innerText.includes('lora-test')", timeout=60_000
+    )
+    assert page.locator("#leaderboard-plot svg[aria-label]").count() == 1
+
     page.close()
