@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from tempfile import mkdtemp
@@ -410,8 +411,6 @@ def build_router() -> APIRouter:
             )
         folder = Path(mkdtemp(prefix="studio-export-"))
         result = write_export(studio_of(request).store, folder / f"{kind}.{format}", kind, format, campaign)
-        import shutil
-
         return FileResponse(
             result["path"],
             filename=f"{campaign or 'all'}-{kind}.{format}",

@@ -14,6 +14,7 @@ import json
 import random
 import re
 from collections import Counter, defaultdict
+from dataclasses import replace
 from itertools import combinations
 from typing import Any
 
@@ -181,8 +182,6 @@ def make_battle(store: Store, sampler: Any, campaign_name: str) -> dict[str, Any
     )[0]
     messages = json.loads(prompt["messages"]) if isinstance(prompt["messages"], str) else prompt["messages"]
     params = camp.sampling_params(campaign)
-    from dataclasses import replace
-
     params = replace(params, n=1, seed=random.randrange(2**31))  # same seed for both sides
     rows_x = sampler.sample(messages, params, version=x, prompt_id=prompt["id"])
     rows_z = sampler.sample(messages, params, version=z, prompt_id=prompt["id"])

@@ -18,10 +18,12 @@ Formats: a `datasets` save_to_disk folder, Parquet, or JSONL, with a data card
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from studio.campaigns import get_campaign
 from studio.quality import campaign_agreement
 from studio.store import Store, StoreError
 
@@ -35,9 +37,7 @@ NEGATIVE_FLAGS = {"unsafe", "hallucination"}
 
 def _load(store: Store, campaign: str | None) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     if campaign is not None:
-        from studio.campaigns import get_campaign
-
-        get_campaign(store, campaign)
+        get_campaign(store, campaign)  # a clear error for an unknown campaign
     judgments = store.query(
         "SELECT j.*, t.prompt_id, t.model_version FROM judgments j JOIN tasks t ON t.id = j.task_id"
         " WHERE ? IS NULL OR j.campaign = ? ORDER BY j.submitted_at, j.id",
@@ -182,8 +182,6 @@ def write_export(
     store: Store, out: Path, kind: str = "preference", fmt: str | None = None, campaign: str | None = None
 ) -> dict[str, Any]:
     """Write rows and the card. Written to a temporary name first: no half export is left behind."""
-    import shutil
-
     out = Path(out)
     fmt = fmt or format_for(out)
     if fmt not in FORMATS:
