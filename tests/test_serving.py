@@ -168,7 +168,14 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-def test_serve_with_model_folder_then_ctrl_c_leaves_no_process(model_cache: Path, tmp_path: Path) -> None:
+# uvicorn shuts down gracefully, then re-raises the signal: 130 is the shell's code for Ctrl-C,
+# and a SIGTERM ends the process by that signal once everything it started is gone.
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)], ids=["ctrl_c", "sigterm"]
+)
+def test_serve_with_model_folder_then_a_signal_leaves_no_process(
+    model_cache: Path, tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
     data_dir = data_dir_with_model(model_cache, tmp_path)
     port = free_port()
     proc = subprocess.Popen(
@@ -204,13 +211,13 @@ def test_serve_with_model_folder_then_ctrl_c_leaves_no_process(model_cache: Path
         children = subprocess.run(["pgrep", "-g", str(vllm_pid)], capture_output=True, text=True)
         group = [int(p) for p in children.stdout.split()]
         assert len(group) >= 2  # the API server and its engine core
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    # uvicorn shuts down gracefully, then re-raises the signal: 130 is the shell's code for Ctrl-C
-    assert proc.returncode == 130, output
+    assert proc.returncode == code, output
+    assert "stopping vLLM" in output
     assert "Traceback" not in output
 
     assert "Preference Studio is ready: open http://127.0.0.1:" in output
