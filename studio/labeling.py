@@ -166,27 +166,37 @@ def submit(store: Store, annotator: str, sub: Submission, shown_at: float | None
         if names:
             flags[order[int(pos)]] = sorted(set(names))
     edited = (sub.edited_text or "").strip() or None
+    # with "all bad" the ideal is written from scratch, so it is edited from no answer
     edited_from = order[ranks.index(1)] if edited and not sub.all_bad else None
-    if edited and sub.all_bad:
-        edited_from = None  # an ideal written from scratch: all shown answers were bad
     judgment_id = new_id()
     now = time.time()
     try:
-        _insert_judgment(
-            store,
-            judgment_id,
-            key,
-            assignment,
-            annotator,
-            order,
-            ranks,
-            sub,
-            flags,
-            edited,
-            edited_from,
-            shown_at,
-            now,
-        )
+        with store.transaction() as cur:
+            cur.execute(
+                "INSERT INTO judgments (id, idempotency_key, assignment_id, campaign, task_id, annotator,"
+                " generation_ids, ranks, all_bad, strength, flags, rationale, edited_text, edited_from,"
+                " shown_at, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " to_timestamp(?), ?)",
+                [
+                    judgment_id,
+                    key,
+                    assignment["id"],
+                    assignment["campaign"],
+                    assignment["task_id"],
+                    annotator,
+                    order,
+                    ranks,
+                    sub.all_bad,
+                    sub.strength,
+                    json.dumps(flags),
+                    (sub.rationale or "").strip() or None,
+                    edited,
+                    edited_from,
+                    shown_at,
+                    None if shown_at is None else (now - shown_at) * 1000.0,
+                ],
+            )
+            cur.execute("UPDATE assignments SET status = 'done' WHERE id = ?", [assignment["id"]])
     except duckdb.ConstraintException:
         # a concurrent retry with the same key won the race: return its judgment
         row = store.query("SELECT * FROM judgments WHERE idempotency_key = ?", [key])
@@ -194,49 +204,6 @@ def submit(store: Store, annotator: str, sub: Submission, shown_at: float | None
             raise
         return _decode_judgment(row[0])
     return _decode_judgment(store.query("SELECT * FROM judgments WHERE id = ?", [judgment_id])[0])
-
-
-def _insert_judgment(
-    store: Store,
-    judgment_id: str,
-    key: str,
-    assignment: dict[str, Any],
-    annotator: str,
-    order: list[str],
-    ranks: list[int],
-    sub: Submission,
-    flags: dict[str, list[str]],
-    edited: str | None,
-    edited_from: str | None,
-    shown_at: float | None,
-    now: float,
-) -> None:
-    with store.transaction() as cur:
-        cur.execute(
-            "INSERT INTO judgments (id, idempotency_key, assignment_id, campaign, task_id, annotator,"
-            " generation_ids, ranks, all_bad, strength, flags, rationale, edited_text, edited_from,"
-            " shown_at, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " to_timestamp(?), ?)",
-            [
-                judgment_id,
-                key,
-                assignment["id"],
-                assignment["campaign"],
-                assignment["task_id"],
-                annotator,
-                order,
-                ranks,
-                sub.all_bad,
-                sub.strength,
-                json.dumps(flags),
-                (sub.rationale or "").strip() or None,
-                edited,
-                edited_from,
-                shown_at,
-                None if shown_at is None else (now - shown_at) * 1000.0,
-            ],
-        )
-        cur.execute("UPDATE assignments SET status = 'done' WHERE id = ?", [assignment["id"]])
 
 
 def skip(store: Store, annotator: str, assignment_id: str) -> None:

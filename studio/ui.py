@@ -61,10 +61,15 @@ document.addEventListener("keydown", (e) => {
 """
 
 
+def _session_user(studio: Studio, request: gr.Request | None) -> User | None:
+    """Who is logged in on this Gradio session, or None."""
+    name = getattr(request, "username", None) if request is not None else None
+    return users.get_user(studio.store, name) if name else None
+
+
 def _user(studio: Studio, request: gr.Request | None, capability: str) -> User:
     """The logged-in user, checked for `capability`; raises gr.Error otherwise."""
-    name = getattr(request, "username", None) if request is not None else None
-    user = users.get_user(studio.store, name) if name else None
+    user = _session_user(studio, request)
     if user is None:
         raise gr.Error("not logged in: open /login")
     try:
@@ -77,8 +82,10 @@ def _fail(exc: Exception) -> gr.Error:
     return gr.Error(str(exc))
 
 
-def _campaign_choices(studio: Studio) -> list[str]:
-    return [c["name"] for c in camp.list_campaigns(studio.store, kind="label") if c["status"] == "active"]
+def _campaign_picker(studio: Studio, kind: str) -> Any:
+    """The active campaigns of a kind for a dropdown, preselected when there is only one."""
+    names = [c["name"] for c in camp.list_campaigns(studio.store, kind=kind) if c["status"] == "active"]
+    return gr.update(choices=names, value=names[0] if len(names) == 1 else None)
 
 
 # -- Label ---------------------------------------------------------------------------
@@ -204,8 +211,7 @@ def _label_tab(studio: Studio, demo: gr.Blocks) -> None:
 
         def load_campaigns(request: gr.Request) -> Any:
             _user(studio, request, "label")
-            choices = _campaign_choices(studio)
-            return gr.update(choices=choices, value=choices[0] if len(choices) == 1 else None)
+            return _campaign_picker(studio, "label")
 
         def next_task(campaign_name: str | None, request: gr.Request) -> list[Any]:
             user = _user(studio, request, "label")
@@ -358,14 +364,10 @@ def _sxs_tab(studio: Studio, demo: gr.Blocks) -> None:
             ]
 
         def load_campaigns(request: gr.Request) -> Any:
-            name = getattr(request, "username", None)
-            user = users.get_user(studio.store, name) if name else None
+            user = _session_user(studio, request)
             if user is None or not user.can("battle"):
-                return gr.update(choices=[])
-            names = [
-                c["name"] for c in camp.list_campaigns(studio.store, kind="battle") if c["status"] == "active"
-            ]
-            return gr.update(choices=names, value=names[0] if len(names) == 1 else None)
+                return gr.update(choices=[])  # page load for non-experts: no error, no campaigns
+            return _campaign_picker(studio, "battle")
 
         def next_battle(name: str | None, request: gr.Request) -> list[Any]:
             user = _user(studio, request, "battle")
@@ -841,8 +843,7 @@ def overview_if_admin(studio: Studio, overview: Any, n_outputs: int) -> Any:
     """On page load, fill the admin tab for admins and leave it empty (no error) for others."""
 
     def load(request: gr.Request) -> list[Any]:
-        name = getattr(request, "username", None)
-        user = users.get_user(studio.store, name) if name else None
+        user = _session_user(studio, request)
         if user is None or not user.can("admin"):
             return [gr.update() for _ in range(n_outputs)]
 
