@@ -344,7 +344,10 @@ def check_stop(store: Store, name: str) -> str | None:
     # With a handful of votes the bootstrap is degenerate (every resample agrees), so the
     # interval rule waits for a minimum; 10 is where a 10-0 sweep first excludes 0.5 by a margin.
     enough = votes >= MIN_VOTES_TO_STOP
-    interval = two_version_interval(store, name) if len(set(campaign["versions"])) == 2 else None
+    spent = votes >= campaign["budget"]
+    # the bootstrap runs on every vote, so only when its answer can change the outcome
+    two = len(set(campaign["versions"])) == 2
+    interval = two_version_interval(store, name) if two and (enough or spent) else None
     if interval is not None:
         x, z, p, lo, hi = interval
         if enough and (lo > 0.5 or hi < 0.5):
@@ -353,7 +356,7 @@ def check_stop(store: Store, name: str) -> str | None:
             verdict = (
                 f"{better} beats {worse}: P(win) {pw:.2f}, 95% interval excludes 0.5 after {votes} votes"
             )
-    if verdict is None and votes >= campaign["budget"]:
+    if verdict is None and spent:
         verdict = f"budget of {campaign['budget']} votes spent without a clear winner"
         if interval is not None:
             verdict += f" (P({interval[0]} beats {interval[1]}) {interval[2]:.2f})"
