@@ -1,0 +1,144 @@
+"""Our PPO against hand-computed values (ppo-notes.md), then a short run that moves a property."""
+
+from __future__ import annotations
+
+import math
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainers.ppo import (
+    AdaptiveKL,
+    FixedKL,
+    PPOSettings,
+    gae,
+    kl_per_token,
+    masked_whiten,
+    policy_loss,
+    response_mask,
+    train_ppo,
+    value_loss,
+)
+
+EOS = 2
+
+
+def test_response_mask_ends_at_the_first_eos() -> None:
+    response = torch.tensor([[5, 7, EOS, 9, EOS], [4, 4, 4, 4, 4]])
+    assert response_mask(response, EOS).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_gae_by_hand_with_padding_after_eos() -> None:
+    # 3 real tokens, then a padded position whose reward and value must not leak in
+    rewards = torch.tensor([[0.1, 0.2, 1.0, 50.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # t=2: delta = 1.0 + 0 - 0.3 = 0.7            A = 0.7
+    # t=1: delta = 0.2 + 0.3 - 0.4 = 0.1          A = 0.1 + 0.95 * 0.7 = 0.765
+    # t=0: delta = 0.1 + 0.4 - 0.5 = 0.0          A = 0.95 * 0.765 = 0.72675
+    assert adv[0].tolist() == pytest.approx([0.72675, 0.765, 0.7, 0.0])
+    assert ret[0].tolist() == pytest.approx([1.22675, 1.165, 1.0, 0.0])
+
+
+def test_gae_discount_and_lambda_zero() -> None:
+    rewards, values = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 1.0]])
+    adv, _ = gae(rewards, values, torch.ones(1, 2), gamma=0.5, lam=0.0)
+    # lambda = 0: one-step TD errors. t=1: 2 - 1 = 1; t=0: 1 + 0.5 * 1.0 - 0.5 = 1
+    assert adv[0].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_clipped_policy_loss_inside_and_outside_the_clip() -> None:
+    ratios = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0, 2.0]])
+    old = torch.zeros(1, 5)
+    loss, clipfrac = policy_loss(ratios.log(), old, advantages, torch.ones(1, 5), eps=0.2)
+    # A>0, r=1.5: max(-1.5, -1.2) = -1.2 (clipped)    A<0, r=1.5: max(1.5, 1.2) = 1.5
+    # A>0, r=0.5: max(-0.5, -0.8) = -0.5              A<0, r=0.5: max(0.5, 0.8) = 0.8 (clipped)
+    # r=1.1 is inside the clip: -2.2
+    assert loss.item() == pytest.approx((-1.2 + 1.5 - 0.5 + 0.8 - 2.2) / 5)
+    assert clipfrac.item() == pytest.approx(2 / 5)
+
+
+def test_policy_loss_ignores_masked_tokens() -> None:
+    loss, _ = policy_loss(
+        torch.tensor([[0.0, 5.0]]),
+        torch.zeros(1, 2),
+        torch.tensor([[1.0, 100.0]]),
+        torch.tensor([[1.0, 0.0]]),
+        eps=0.2,
+    )
+    assert loss.item() == pytest.approx(-1.0)
+
+
+def test_clipped_value_loss_by_hand() -> None:
+    values, old, returns = torch.tensor([[0.5, 0.1]]), torch.zeros(1, 2), torch.ones(1, 2)
+    loss, clipped_share = value_loss(values, old, returns, torch.ones(1, 2), eps=0.2)
+    # token 0: V moved 0.5 > 0.2, so V_clipped = 0.2: max(0.25, 0.64) = 0.64; token 1 inside: 0.81
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+    assert clipped_share.item() == pytest.approx(0.5)
+
+
+def test_adaptive_kl_controller_moves_beta_within_the_clip() -> None:
+    high, low, near = AdaptiveKL(0.1, 6.0, 10000), AdaptiveKL(0.1, 6.0, 10000), AdaptiveKL(0.1, 6.0, 10000)
+    high.update(12.0, 8)  # KL/target - 1 = 1, clipped to 0.2
+    low.update(3.0, 8)  # -0.5, clipped to -0.2
+    near.update(6.6, 8)  # 0.1, inside the clip
+    assert high.beta == pytest.approx(0.1 * (1 + 0.2 * 8 / 10000))
+    assert low.beta == pytest.approx(0.1 * (1 - 0.2 * 8 / 10000))
+    assert near.beta == pytest.approx(0.1 * (1 + 0.1 * 8 / 10000))
+    fixed = FixedKL(0.05)
+    fixed.update(100.0, 8)
+    assert fixed.beta == 0.05
+
+
+def test_kl_estimators() -> None:
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert kl_per_token(logp, ref, "k1").tolist() == pytest.approx([0.5, -1.0])
+    k3 = kl_per_token(logp, ref, "k3")
+    assert k3.tolist() == pytest.approx([math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0])
+    assert (k3 >= 0).all()
+
+
+def test_whitening_is_masked() -> None:
+    x = torch.tensor([[1.0, 3.0, 1000.0]])
+    w = masked_whiten(x, torch.tensor([[1.0, 1.0, 0.0]]))
+    assert w[0, :2].tolist() == pytest.approx([-1.0, 1.0], abs=1e-4)
+    assert w[0, 2].item() == 0
+
+
+def test_recipe_errors_name_the_setting() -> None:
+    with pytest.raises(SystemExit, match=r"ppo\.bogus"):
+        PPOSettings.from_recipe({"ppo": {"bogus": 1}})
+    with pytest.raises(SystemExit, match="mini_batch_size 3 must divide"):
+        PPOSettings.from_recipe({"ppo": {"batch_size": 8, "mini_batch_size": 3}})
+    assert PPOSettings.from_recipe({"ppo": {"learning_rate": "3e-3"}}).learning_rate == 3e-3
+
+
+@pytest.mark.slow
+def test_short_ppo_run_on_the_packaged_model_shortens_answers_under_a_brevity_reward(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """Reward = minus length (and the missing-EOS penalty): a few iterations make answers shorter."""
+    from tests.helpers import easy_preference_rows, write_parquet
+    from trainers.common import load_recipe
+
+    snapshot = write_parquet(easy_preference_rows(16), tmp_path / "prompts.parquet")
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "data" / "recipes" / "ppo.yaml")
+    recipe["ppo"].update(iterations=5, learning_rate=5e-4, max_new_tokens=32)
+    args = Namespace(
+        snapshot=snapshot,
+        parent=model_cache / "smollm2-135m-instruct",
+        output=tmp_path / "out",
+        reward_model="rule:brevity",
+    )
+    result = train_ppo(args, recipe)
+    history = result["history"]
+    first = (history[0]["response_length"] + history[1]["response_length"]) / 2
+    last = (history[-1]["response_length"] + history[-2]["response_length"]) / 2
+    assert last < first - 3, [round(h["response_length"], 1) for h in history]
+    assert history[-1]["reward"] > history[0]["reward"]
+    assert all(math.isfinite(h["kl"]) for h in history) and history[-1]["kl"] > 0
+    assert result["moved_tensors"] == result["trainable_tensors"]

@@ -1,0 +1,389 @@
+"""What every training stage shares: the command line, recipes, snapshots, the held-out split,
+parent loading (including LoRA parents), metrics as JSON lines and meta.json.
+
+A stage module never imports the studio's store: it reads a Parquet snapshot and writes a folder.
+The studio's runner reads `metrics.jsonl` in the output folder for progress and curves, and
+registers the folder only when meta.json is there (written last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("reward", "dpo", "ppo", "sft")
+METRICS_FILE = "metrics.jsonl"
+META_FILE = "meta.json"
+
+
+class TrainerError(Exception):
+    """A problem with the inputs of a run, said so that the user can fix it."""
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# ---------------------------------------------------------------- command line and recipe
+
+
+def parse_args(stage: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m trainers.{stage}",
+        description=f"Train the {stage} stage from a snapshot. Extra `--key value` pairs override the recipe "
+        "(dotted keys reach nested settings, e.g. --train.max_steps 5).",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="recipe YAML (data/recipes/*.yaml)")
+    parser.add_argument(
+        "--snapshot", required=True, type=Path, help="Parquet file or folder of Parquet files"
+    )
+    parser.add_argument(
+        "--parent", required=True, type=Path, help="model folder (full weights or a LoRA adapter)"
+    )
+    parser.add_argument("--output", required=True, type=Path, help="folder to write the trained model into")
+    if stage == "ppo":
+        parser.add_argument(
+            "--reward-model",
+            required=True,
+            help="reward-model folder written by trainers.reward, or rule:NAME for a rule-based reward "
+            "(rule:spaces, rule:brevity)",
+        )
+    args, extra = parser.parse_known_args(argv)
+    recipe = load_recipe(args.config)
+    apply_overrides(recipe, extra)
+    for name in ("snapshot", "parent"):
+        if not getattr(args, name).exists():
+            fail(f"--{name} {getattr(args, name)}: no such file or folder")
+    return args, recipe
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        fail(f"--config {path}: no such recipe file; the shipped ones are in data/recipes/")
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        fail(f"--config {path}: not valid YAML ({exc})")
+    if not isinstance(recipe, dict):
+        fail(f"--config {path}: a recipe is a mapping of settings, got {type(recipe).__name__}")
+    return recipe
+
+
+def apply_overrides(recipe: dict[str, Any], extra: list[str]) -> None:
+    """`--train.max_steps 5 --lora.r 4` -> nested keys; values parsed as YAML scalars."""
+    if len(extra) % 2:
+        fail(f"override {extra[-1]}: every --key needs a value")
+    for key, raw in zip(extra[::2], extra[1::2], strict=True):
+        if not key.startswith("--") or len(key) < 3:
+            fail(f"argument {key}: overrides look like --key value")
+        *path, leaf = key[2:].replace("-", "_").split(".")
+        node = recipe
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                fail(f"override {key}: {part} is not a group of settings in the recipe")
+        node[leaf] = yaml.safe_load(raw)
+
+
+# ---------------------------------------------------------------- snapshot
+
+
+def read_snapshot(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        fail(f"--snapshot {path}: the folder holds no .parquet files")
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        try:
+            rows += pq.read_table(file).to_pylist()
+        except Exception as exc:
+            fail(f"--snapshot {file}: not a readable Parquet file ({exc})")
+    if not rows:
+        fail(f"--snapshot {path}: no rows; label some data first")
+    return rows
+
+
+def require_columns(rows: list[dict[str, Any]], columns: Iterable[str], stage: str, snapshot: Path) -> None:
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        fail(
+            f"--snapshot {snapshot}: the {stage} stage needs column(s) {', '.join(missing)}; "
+            f"found {', '.join(rows[0])}. Take a snapshot of the matching kind."
+        )
+
+
+def prompt_key(row: dict[str, Any]) -> str:
+    prompt = row.get("prompt")
+    if prompt is None:  # sft rows: everything before the answer is the prompt
+        prompt = row["messages"][:-1]
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()
+
+
+def split_held_out(rows: list[dict[str, Any]], share: float) -> tuple[list[dict], list[dict]]:
+    """Split by prompt, so that no held-out prompt was seen in training; the same rows give the same split."""
+    if not 0 <= share < 1:
+        fail(f"held_out {share}: use a share in [0, 1)")
+    keys = sorted({prompt_key(r) for r in rows})
+    n_eval = math.ceil(share * len(keys)) if share else 0
+    if share and n_eval >= len(keys):
+        fail(f"held_out {share}: the snapshot has just {len(keys)} prompt(s); none would be left to train on")
+    eval_keys = set(keys[:n_eval])
+    train = [r for r in rows if prompt_key(r) not in eval_keys]
+    held = [r for r in rows if prompt_key(r) in eval_keys]
+    return train, held
+
+
+def rows_hash(rows: list[dict[str, Any]]) -> str:
+    """Content hash of snapshot rows: canonical JSON, so the same data gives the same hash
+    whatever Parquet writer wrote it. The studio names snapshots by the same function."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- models
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def base_of(path: Path) -> Path:
+    """The full-weights folder at the root of a chain of adapters."""
+    seen = set()
+    while is_adapter(path):
+        if path in seen:
+            raise TrainerError(f"{path}: adapters refer to each other in a loop")
+        seen.add(path)
+        path = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+    return path
+
+
+def load_model(path: Path, cls: Any = None, **kwargs: Any) -> Any:
+    """Full weights in float32; a LoRA folder is applied to its base and merged: the result is the parent."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cls = cls or AutoModelForCausalLM
+    if not is_adapter(path):
+        if not (path / "config.json").is_file():
+            fail(f"--parent {path}: neither a model folder (config.json) nor a LoRA adapter")
+        return cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+    inner = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = load_model(Path(inner), cls, **kwargs)
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_of(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lora_config(recipe: dict[str, Any], task_type: str, **extra: Any) -> Any:
+    from peft import LoraConfig
+
+    lora = dict(recipe.get("lora") or {})
+    return LoraConfig(
+        r=int(lora.get("r", 8)),
+        lora_alpha=int(lora.get("alpha", 16)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        task_type=task_type,
+        **extra,
+    )
+
+
+def uses_lora(recipe: dict[str, Any]) -> bool:
+    return recipe.get("lora", {}) is not False and recipe.get("full_weights") is not True
+
+
+def save_policy_adapter(model: Any, parent: Path, output: Path, max_rank: int = 16) -> dict[str, Any]:
+    """Save a causal-LM LoRA trained on top of `parent` as one adapter over the base weights.
+
+    vLLM serves adapters over the base model only. When the parent is itself an adapter, its
+    delta and the new one are summed per module and re-factored by SVD: exact while the summed
+    rank fits `max_rank` (the served maximum), the best rank-`max_rank` approximation beyond.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(output)
+    if not is_adapter(parent):
+        return {"rank": model.peft_config["default"].r, "stacked_on": None}
+    new_cfg = json.loads((output / "adapter_config.json").read_text())
+    deltas: dict[str, torch.Tensor] = {}
+    for folder in (parent, output):
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        scale = cfg["lora_alpha"] / cfg["r"]
+        weights = load_file(folder / "adapter_model.safetensors")
+        for key, a in weights.items():
+            if ".lora_A." not in key:
+                continue
+            b = weights[key.replace(".lora_A.", ".lora_B.")]
+            module = key.split(".lora_A.")[0]
+            deltas[module] = deltas.get(module, 0) + scale * (b.float() @ a.float())
+    max_needed = max(torch.linalg.matrix_rank(d).item() for d in deltas.values())
+    rank = min(max_needed, max_rank)
+    out: dict[str, torch.Tensor] = {}
+    for module, delta in deltas.items():
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        root = s[:rank].sqrt()
+        out[f"{module}.lora_A.weight"] = (root[:, None] * vh[:rank]).contiguous()
+        out[f"{module}.lora_B.weight"] = (u[:, :rank] * root[None, :]).contiguous()
+    modules = sorted({m.rsplit(".", 1)[-1] for m in deltas})
+    new_cfg.update(
+        r=rank, lora_alpha=rank, target_modules=modules, base_model_name_or_path=str(base_of(parent))
+    )
+    (output / "adapter_config.json").write_text(json.dumps(new_cfg, indent=2))
+    save_file(out, output / "adapter_model.safetensors")
+    return {"rank": rank, "stacked_on": str(parent), "exact": max_needed <= max_rank}
+
+
+# ---------------------------------------------------------------- progress, metrics, meta
+
+
+class Reporter:
+    """Writes one JSON line per event to OUTPUT/metrics.jsonl (and echoes it to stdout for the log)."""
+
+    def __init__(self, output: Path, stage: str, max_steps: int):
+        output.mkdir(parents=True, exist_ok=True)
+        self.path = output / METRICS_FILE
+        self.path.write_text("")
+        self.stage, self.max_steps, self.t0 = stage, max_steps, time.monotonic()
+        self.emit("start", step=0)
+
+    def emit(self, event: str, **values: Any) -> None:
+        record = {
+            "event": event,
+            "stage": self.stage,
+            "max_steps": self.max_steps,
+            "elapsed": round(time.monotonic() - self.t0, 3),
+            **values,
+        }
+        line = json.dumps(record, default=float)
+        with self.path.open("a") as fh:
+            fh.write(line + "\n")
+        print(line, flush=True)
+
+    def step(self, step: int, **metrics: Any) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        self.emit("step", step=step, **clean)
+
+
+def hf_callback(reporter: Reporter) -> Any:
+    """A transformers TrainerCallback that forwards Trainer logs to the reporter."""
+    from transformers import TrainerCallback
+
+    class Forward(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            reporter.max_steps = state.max_steps
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs:
+                reporter.step(state.global_step, **logs)
+
+    return Forward()
+
+
+def train_args(recipe: dict[str, Any], output: Path) -> dict[str, Any]:
+    """Settings for a TRL config: the recipe's `train` group, with this CPU's safe defaults."""
+    args: dict[str, Any] = {
+        "output_dir": str(output / "checkpoints"),
+        "bf16": False,  # TRL defaults to bf16, 30-70x slower on a CPU without bf16 units
+        "report_to": [],
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,  # progress goes to metrics.jsonl; bars only clutter the run log
+        "seed": int(recipe.get("seed", 0)),
+        "use_cpu": not _has_cuda(),
+    }
+    args.update(recipe.get("train") or {})
+    return args
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def write_meta(
+    output: Path,
+    stage: str,
+    args: argparse.Namespace,
+    recipe: dict[str, Any],
+    rows: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    meta = {
+        "stage": stage,
+        "parent": str(args.parent.resolve()),
+        "base": str(base_of(args.parent.resolve())),
+        "snapshot": str(args.snapshot.resolve()),
+        "snapshot_hash": rows_hash(rows),
+        "snapshot_rows": len(rows),
+        "config": recipe,
+        "metrics": metrics,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    tmp = output / (META_FILE + ".partial")
+    tmp.write_text(json.dumps(meta, indent=2, default=float))
+    os.replace(tmp, output / META_FILE)  # meta.json appears whole or not at all: it marks a finished run
+    return meta
+
+
+def run_main(stage: str, train: Callable[[argparse.Namespace, dict[str, Any]], dict[str, Any]]) -> None:
+    args, recipe = parse_args(stage)
+    try:
+        train(args, recipe)
+    except TrainerError as exc:
+        fail(str(exc))
+
+
+def trainable_copy(model: Any) -> dict[str, Any]:
+    """The trainable tensors before training, to check afterwards that every one of them moved."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def moved_report(model: Any, before: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    now = dict(model.named_parameters())
+    frozen = sorted(n for n, p in before.items() if torch.equal(p, now[n].detach()))
+    return {
+        "trainable_tensors": len(before),
+        "moved_tensors": len(before) - len(frozen),
+        "unmoved": frozen[:10],
+    }

@@ -1,0 +1,457 @@
+"""PPO for language models: the project's own trainer (TRL removed its PPOTrainer).
+
+Follows the published recipe (Ziegler et al. 2019; Ouyang et al. 2022; the checklist of Huang et
+al. 2024): policy = parent + LoRA; reference = the same network with the adapter switched off; a
+linear value head on the policy's last hidden state, initialised at zero; rollouts sampled by the
+policy; the reward model scores prompt + response once; per-token KL penalty with a fixed or
+adaptive coefficient; GAE; whitened advantages; clipped policy and value losses; several epochs
+over each rollout batch.
+
+Masks. A response runs up to and including its first EOS; every later position is padding and is
+masked everywhere. V_t is the value of the state *before* token t is emitted, read from the hidden
+state of the token preceding it, so the value of the state after the last real token (terminal)
+is 0 by construction: the log-prob and value masks are the same here, and GAE treats V past the
+end as 0 (what the "value mask one further" rule of padded implementations achieves).
+
+    python -m trainers.ppo --config data/recipes/ppo.yaml --snapshot SNAP --parent MODEL \
+        --reward-model RM_DIR --output DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainers.common import (
+    Reporter,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    moved_report,
+    read_snapshot,
+    run_main,
+    save_policy_adapter,
+    seed_everything,
+    trainable_copy,
+    write_meta,
+)
+
+RewardFn = Callable[[list[list[dict]], list[str], list[int]], list[float]]
+
+
+@dataclass
+class PPOSettings:
+    iterations: int = 6
+    batch_size: int = 8
+    mini_batch_size: int = 4
+    epochs: int = 4
+    learning_rate: float = 2e-4
+    max_new_tokens: int = 40
+    temperature: float = 0.7
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05
+    adaptive_kl: bool = True
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    missing_eos_penalty: float | None = 1.0
+    normalize_scores: bool = True
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any]) -> PPOSettings:
+        given = dict(recipe.get("ppo") or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise SystemExit(
+                f"error: recipe ppo.{unknown[0]}: unknown setting; known: {', '.join(sorted(known))}"
+            )
+        defaults = cls()
+        for key, value in given.items():
+            kind = type(getattr(defaults, key))
+            if value is not None and kind in (int, float):
+                try:  # YAML reads 3e-3 as a string
+                    given[key] = kind(float(value)) if kind is int else kind(value)
+                except ValueError:
+                    raise SystemExit(f"error: recipe ppo.{key} {value!r}: not a number") from None
+        settings = cls(**given)
+
+        if settings.kl_estimator not in ("k1", "k3"):
+            raise SystemExit(f"error: recipe ppo.kl_estimator {settings.kl_estimator!r}: use k1 or k3")
+        if settings.batch_size % settings.mini_batch_size:
+            raise SystemExit(
+                f"error: recipe ppo.mini_batch_size {settings.mini_batch_size} must divide "
+                f"ppo.batch_size {settings.batch_size}"
+            )
+        return settings
+
+
+# ---------------------------------------------------------------- the textbook pieces (unit-tested)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for tokens up to and including the first EOS, 0 after it."""
+    is_eos = (response == eos_id).long()
+    after_eos = (is_eos.cumsum(-1) - is_eos) > 0
+    return (~after_eos).float()
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation backwards over the response; V and A are 0 past the end."""
+    steps = rewards.shape[-1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(steps)):
+        next_mask = mask[:, t + 1] if t + 1 < steps else torch.zeros_like(last)
+        next_value = values[:, t + 1] * next_mask if t + 1 < steps else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * next_mask * last
+        advantages[:, t] = last * mask[:, t]
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def policy_loss(
+    new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate: mean over real tokens of max(-A r, -A clip(r, 1-eps, 1+eps)), and the clip share."""
+    ratio = torch.exp(new_logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps, 1 + eps)
+    return masked_mean(torch.max(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * mean of max((V - R)^2, (V_clipped - R)^2); and the share of tokens where clipping won."""
+    clipped = old_values + torch.clamp(values - old_values, -eps, eps)
+    plain_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.max(plain_err, clipped_err), mask), masked_mean(
+        (clipped_err > plain_err).float(), mask
+    )
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    if estimator == "k1":
+        return logp - ref_logp
+    log_ratio = ref_logp - logp  # k3 = (r - 1) - log r with r = p_ref / p: unbiased, lower variance, >= 0
+    return torch.expm1(log_ratio) - log_ratio
+
+
+class FixedKL:
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def update(self, kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKL(FixedKL):
+    """Ziegler et al. 2019: e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n_steps / horizon."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        super().__init__(beta)
+        self.target, self.horizon = target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + error * n_steps / self.horizon
+
+
+class RunningMoments:
+    """Running mean and standard deviation of reward scores (batch-wise Welford)."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, xs: torch.Tensor) -> None:
+        n = xs.numel()
+        batch_mean, batch_var = xs.mean().item(), xs.var(unbiased=False).item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    def normalise(self, xs: torch.Tensor) -> torch.Tensor:
+        return (xs - self.mean) / max(self.var**0.5, 1e-6)
+
+
+# ---------------------------------------------------------------- rewards
+
+
+def rule_reward(name: str, tokenizer: Any) -> RewardFn:
+    """Rule-based rewards for checks and demos: `spaces` (share of tokens that start a word), `brevity`."""
+
+    def spaces(prompts: list, texts: list[str], lengths: list[int]) -> list[float]:
+        return [t.count(" ") / max(n, 1) for t, n in zip(texts, lengths, strict=True)]
+
+    def brevity(prompts: list, texts: list[str], lengths: list[int]) -> list[float]:
+        return [-n / 64 for n in lengths]
+
+    rules = {"spaces": spaces, "brevity": brevity}
+    if name not in rules:
+        raise SystemExit(f"error: --reward-model rule:{name}: unknown rule; use one of {', '.join(rules)}")
+    return rules[name]
+
+
+def model_reward(folder: Path) -> RewardFn:
+    from trainers.reward import load_reward_model, score
+
+    model, tokenizer = load_reward_model(folder)
+
+    def fn(prompts: list[list[dict]], texts: list[str], lengths: list[int]) -> list[float]:
+        # decode and re-encode: the reward model may tokenize differently from the policy
+        return score(
+            model,
+            tokenizer,
+            [[*p, {"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)],
+        )
+
+    return fn
+
+
+def reward_for(spec: str, tokenizer: Any) -> RewardFn:
+    if spec.startswith("rule:"):
+        return rule_reward(spec[5:], tokenizer)
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise SystemExit(
+            f"error: --reward-model {spec}: no such folder; pass a reward-model run or rule:NAME"
+        )
+    return model_reward(folder)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def snapshot_prompts(rows: list[dict[str, Any]], snapshot: Path) -> list[list[dict]]:
+    seen: dict[str, list[dict]] = {}
+    for row in rows:
+        prompt = row.get("prompt") or (row["messages"][:-1] if "messages" in row else None)
+        if not prompt:
+            raise SystemExit(f"error: --snapshot {snapshot}: rows need a prompt (or messages) column for PPO")
+        seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
+    return list(seen.values())
+
+
+def forward(
+    model: Any, head: nn.Module, ids: torch.Tensor, attn: torch.Tensor, n_prompt: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per response token: log-prob at the sampling temperature, value, and entropy."""
+    positions = (attn.cumsum(-1) - 1).clamp(
+        min=0
+    )  # left padding: positions start at each prompt's first token
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, output_hidden_states=True)
+    logits = out.logits[:, n_prompt - 1 : -1].float() / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, ids[:, n_prompt:, None])[..., 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    values = head(out.hidden_states[-1][:, n_prompt - 1 : -1].float())[..., 0]
+    return logp, values, entropy
+
+
+class _Both:
+    """Policy and value head seen as one set of named parameters (for the moved-parameters check)."""
+
+    def __init__(self, policy: Any, head: dict[str, torch.Tensor]):
+        self.policy, self.head = policy, head
+
+    def named_parameters(self) -> Any:
+        yield from self.policy.named_parameters()
+        yield from self.head.items()
+
+
+def train_ppo(
+    args: argparse.Namespace,
+    recipe: dict[str, Any],
+    reward: RewardFn | None = None,
+    report: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    from peft import get_peft_model
+    from transformers import GenerationConfig
+
+    cfg = PPOSettings.from_recipe(recipe)
+    seed_everything(int(recipe.get("seed", 0)))
+    rows = read_snapshot(args.snapshot)
+    prompts = snapshot_prompts(rows, args.snapshot)
+    tokenizer = load_tokenizer(args.parent)
+    tokenizer.padding_side = "left"
+    reward = reward or reward_for(args.reward_model, tokenizer)
+    policy = get_peft_model(load_model(args.parent), lora_config(recipe, "CAUSAL_LM"))
+    policy.eval()  # no dropout anywhere: log-probs must be the same function in rollout and update
+    head = nn.Linear(policy.config.hidden_size, 1)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)  # values start near 0 (Huang et al. 2024)
+    params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
+    before_training = {
+        **trainable_copy(policy),
+        **{f"value_head.{k}": v.detach().clone() for k, v in head.named_parameters()},
+    }
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
+    kl_ctl = (
+        AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else FixedKL(cfg.kl_coef)
+    )
+    moments = RunningMoments()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    generation = GenerationConfig(
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    reporter = Reporter(args.output, "ppo", cfg.iterations)
+    order: list[int] = []
+    history: list[dict[str, float]] = []
+    for iteration in range(1, cfg.iterations + 1):
+        # 1. rollout
+        batch = []
+        for _ in range(cfg.batch_size):
+            if not order:
+                order = random.sample(range(len(prompts)), len(prompts))
+            batch.append(prompts[order.pop()])
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        n_prompt = enc["input_ids"].shape[1]
+        with torch.no_grad():
+            out = policy.generate(**enc, generation_config=generation)
+        response = out[:, n_prompt:]
+        if response.shape[1] < cfg.max_new_tokens:  # generate stops early once every row has ended
+            response = nn.functional.pad(response, (0, cfg.max_new_tokens - response.shape[1]), value=pad)
+        mask = response_mask(response, eos)
+        lengths = mask.sum(-1).long()
+        ended = ((response == eos) & mask.bool()).any(-1)
+        decoded = [
+            tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(response, lengths, strict=True)
+        ]
+        # 2. score
+        raw = torch.tensor(reward(batch, decoded, lengths.tolist()), dtype=torch.float32)
+        scores = raw.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~ended).float()
+        if cfg.normalize_scores:
+            moments.update(scores)
+            scores = moments.normalise(scores)
+        ids = torch.cat([enc["input_ids"], response], 1)
+        attn = torch.cat([enc["attention_mask"], mask.long()], 1)
+        # 3-4. old log-probs, reference log-probs (adapter off), values
+        with torch.no_grad():
+            old_logp, old_values, _ = forward(policy, head, ids, attn, n_prompt, cfg.temperature)
+            with policy.disable_adapter():
+                ref_logp, _, _ = forward(policy, head, ids, attn, n_prompt, cfg.temperature)
+        old_values = old_values * mask
+        # 5. per-token reward: -beta * KL everywhere, the score at the last real token
+        kl = kl_per_token(old_logp, ref_logp, cfg.kl_estimator) * mask
+        rewards = -kl_ctl.beta * kl
+        last = (lengths - 1).clamp(min=0)
+        rewards[torch.arange(len(batch)), last] += scores
+        # 6. GAE, whitened advantages
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        # 7. optimise
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")
+        }
+        for _ in range(cfg.epochs):
+            for mb in torch.randperm(len(batch)).split(cfg.mini_batch_size):
+                logp, values, entropy = forward(policy, head, ids[mb], attn[mb], n_prompt, cfg.temperature)
+                m = mask[mb]
+                pg, clipfrac = policy_loss(logp, old_logp[mb], advantages[mb], m, cfg.cliprange)
+                vf, vf_clipfrac = value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
+                loss = pg + cfg.vf_coef * vf
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                with torch.no_grad():
+                    stats["policy_loss"].append(pg.item())
+                    stats["value_loss"].append(vf.item())
+                    stats["clipfrac"].append(clipfrac.item())
+                    stats["vf_clipfrac"].append(vf_clipfrac.item())
+                    stats["approx_kl"].append(masked_mean(0.5 * (logp - old_logp[mb]) ** 2, m).item())
+                    stats["entropy"].append(masked_mean(entropy, m).item())
+        # 8. KL control, on the mean summed KL of a response
+        seq_kl = kl.sum(-1).mean().item()
+        beta_used = kl_ctl.beta
+        kl_ctl.update(seq_kl, cfg.batch_size)
+        residual = (returns - old_values)[mask.bool()]
+        explained = 1 - residual.var().item() / max(returns[mask.bool()].var().item(), 1e-8)
+        row = {
+            "reward": raw.mean().item(),
+            "score": scores.mean().item(),
+            "kl": seq_kl,
+            "beta": beta_used,
+            "response_length": lengths.float().mean().item(),
+            "eos_share": ended.float().mean().item(),
+            "explained_variance": explained,
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+        }
+        history.append(row)
+        reporter.step(iteration, **row)
+        if report:
+            report(row)
+    head_now = {f"value_head.{k}": v for k, v in head.named_parameters()}
+    moved = moved_report(_Both(policy, head_now), before_training)
+    args.output.mkdir(parents=True, exist_ok=True)
+    saved = save_policy_adapter(policy, args.parent, args.output)
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.detach().contiguous() for k, v in head.state_dict().items()},
+        args.output / "value_head.safetensors",
+    )
+    first, final = history[0], history[-1]
+    metrics = {
+        "iterations": cfg.iterations,
+        "prompts": len(prompts),
+        "reward_first": first["reward"],
+        "reward_last": final["reward"],
+        "kl_last": final["kl"],
+        "beta_last": kl_ctl.beta,
+        "response_length_first": first["response_length"],
+        "response_length_last": final["response_length"],
+        **moved,
+    }
+    reporter.emit("end", step=cfg.iterations, **metrics)
+    write_meta(
+        args.output,
+        "ppo",
+        args,
+        recipe,
+        rows,
+        metrics,
+        {"kind": "lora", "reward_model": str(args.reward_model), **saved},
+    )
+    return {**metrics, "history": history}
+
+
+if __name__ == "__main__":
+    run_main("ppo", lambda args, recipe: train_ppo(args, recipe))
