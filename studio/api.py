@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field, model_validator
 from starlette.background import BackgroundTask
 
-from studio import arena, labeling, quality, users
+from studio import arena, jobs, labeling, quality, training, users
 from studio import campaigns as camp
 from studio.export import KINDS, write_export
 from studio.importer import PromptFileError, normalize_messages, to_prompt
@@ -109,6 +109,21 @@ class VoteRequest(BaseModel):
 class AdapterRequest(BaseModel):
     name: str
     path: str = Field(description="a PEFT LoRA adapter folder on the studio's machine")
+
+
+class RunRequest(BaseModel):
+    stage: str = Field(description="reward, dpo, ppo, sft, or the pipeline ppo_then_dpo")
+    parent: str = Field(camp.POLICY, description="model version or alias to start from")
+    campaigns: list[str] | None = Field(None, description="labeling campaigns to train on (all if unset)")
+    held_out: float | None = Field(None, description="share of prompts kept out for evaluation")
+    recipe: str | None = Field(None, description="recipe name (data/recipes); the stage's own by default")
+    steps: int | None = Field(None, description="override the recipe's steps (ppo: iterations)")
+    overrides: dict[str, Any] | None = Field(None, description="recipe keys, e.g. {'train.beta': 0.2}")
+    reward_model: str | None = Field(None, description="ppo: a reward version (the newest by default)")
+
+
+class PromoteRequest(BaseModel):
+    alias: str = Field(camp.POLICY, description="the alias to point at this version")
 
 
 class UserRequest(BaseModel):
@@ -391,6 +406,68 @@ def build_router() -> APIRouter:
     ) -> dict[str, Any]:
         version = studio_of(request).add_adapter(body.name, Path(body.path), source=f"upload:{user.name}")
         return _public(version)
+
+    @router.get("/models/{name}/lineage")
+    def model_lineage(name: str, request: Request, user: User = Depends(allowed("train"))) -> list[dict]:
+        return [_public(step) for step in training.lineage(studio_of(request).store, name)]
+
+    @router.post("/models/{name}/promote")
+    def promote(
+        name: str, body: PromoteRequest, request: Request, user: User = Depends(allowed("train"))
+    ) -> dict[str, Any]:
+        store = studio_of(request).store
+        version = store.model_version(name)
+        if version["kind"] == "reward":
+            raise HTTPException(
+                422, f"version '{name}' is a reward model; only policy versions can be promoted"
+            )
+        camp.set_alias(store, body.alias, name)
+        return {"alias": body.alias, "version": name}
+
+    # training -----------------------------------------------------------------------
+    @router.get("/train/recipes")
+    def list_recipes(request: Request, user: User = Depends(allowed("train"))) -> dict[str, str]:
+        return {
+            k: str(v) for k, v in training.recipes(studio_of(request).settings.data_dir / "recipes").items()
+        }
+
+    @router.get("/train/advice")
+    def advice(request: Request, user: User = Depends(allowed("train"))) -> dict[str, Any]:
+        return training.advise(studio_of(request).store)
+
+    @router.post("/runs")
+    def start_run(
+        body: RunRequest, request: Request, user: User = Depends(allowed("train"))
+    ) -> dict[str, Any]:
+        studio = studio_of(request)
+        run = training.submit_run(
+            studio.store, studio.settings.data_dir, created_by=user.name, **body.model_dump()
+        )
+        if studio.runner is not None:
+            studio.runner.poke()
+        return _public(run)
+
+    @router.get("/runs")
+    def runs(request: Request, user: User = Depends(allowed("train"))) -> list[dict[str, Any]]:
+        return [_public(r) for r in training.list_runs(studio_of(request).store)]
+
+    @router.get("/runs/{run_id}")
+    def run_detail(run_id: str, request: Request, user: User = Depends(allowed("train"))) -> dict[str, Any]:
+        run = training.get_run(studio_of(request).store, run_id)
+        out = Path(run["output_dir"])
+        return {
+            **_public(run),
+            "progress": jobs.progress(run),
+            "curves": jobs.read_metrics(out),
+            "log": jobs.tail(out / "run.log"),
+        }
+
+    @router.post("/runs/{run_id}/cancel")
+    def cancel_run(run_id: str, request: Request, user: User = Depends(allowed("train"))) -> dict[str, Any]:
+        studio = studio_of(request)
+        if studio.runner is None:
+            raise HTTPException(503, "the training runner is not running")
+        return _public(studio.runner.cancel(run_id, f"cancelled by {user.name}"))
 
     # export -------------------------------------------------------------------------
     @router.get("/export")

@@ -307,6 +307,121 @@ def cmd_campaigns_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--set {pair}: write recipe overrides as KEY=VALUE, e.g. --set train.beta=0.2")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _print_run(run: dict[str, Any]) -> None:
+    stages = "+".join(run["stages"])
+    versions = ", ".join(run.get("versions") or []) or "-"
+    line = f"{run['id']}  {stages:<8} {run['status']:<9} parent={run['parent']} versions={versions}"
+    if run.get("rebattle"):
+        line += f" rebattle={run['rebattle']}"
+    if run.get("reason"):
+        line += f"\n    reason: {run['reason']}"
+    print(line)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from studio import training
+
+    fields = {
+        "stage": args.stage,
+        "parent": args.parent,
+        "campaigns": args.campaign or None,
+        "held_out": args.held_out,
+        "recipe": args.recipe,
+        "steps": args.steps,
+        "overrides": _overrides(args.set),
+        "reward_model": args.reward_model,
+    }
+    run = with_store_or_rest(
+        args,
+        lambda store: training.submit_run(store, Path(args.data_dir), created_by="cli", **fields),
+        lambda: rest(args, "POST", "/runs", json=fields),
+    )
+    _print_run(run)
+    if run["status"] == "queued" and not (Path(args.data_dir) / SERVER_FILE).is_file() and not args.url:
+        print("queued: it starts when the studio runs (`studio serve`)")
+    if args.wait:
+        while run["status"] in ("queued", "running"):
+            time.sleep(2)
+            run = rest(args, "GET", f"/runs/{run['id']}")
+            info = run["progress"]
+            if info.get("step"):
+                eta = f", ETA {info['eta_s']:.0f} s" if info.get("eta_s") else ""
+                print(
+                    f"  {info['stage']}: step {info['step']}/{info.get('max_steps') or '?'}{eta}", flush=True
+                )
+        _print_run(run)
+        return 0 if run["status"] == "succeeded" else 1
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from studio import training
+
+    if args.runs_command == "list":
+        for run in with_store_or_rest(args, training.list_runs, lambda: rest(args, "GET", "/runs")):
+            _print_run(run)
+    elif args.runs_command == "show":
+        run = with_store_or_rest(
+            args,
+            lambda store: training.get_run(store, args.run_id),
+            lambda: rest(args, "GET", f"/runs/{args.run_id}"),
+        )
+        print(json.dumps({k: v for k, v in run.items() if k not in ("curves", "log")}, indent=2, default=str))
+        if run.get("log"):
+            print("--- log (tail) ---\n" + run["log"])
+    else:  # cancel: only the studio's runner can stop its subprocess
+        _print_run(rest(args, "POST", f"/runs/{args.run_id}/cancel"))
+    return 0
+
+
+def cmd_models_lineage(args: argparse.Namespace) -> int:
+    from studio import training
+
+    chain = with_store_or_rest(
+        args,
+        lambda store: training.lineage(store, args.name),
+        lambda: rest(args, "GET", f"/models/{args.name}/lineage"),
+    )
+    if args.json:
+        print(json.dumps(chain, indent=2, default=str))
+        return 0
+    for step in chain:
+        line = f"{step['version']} ({step['kind']})"
+        if step.get("run"):
+            line += (
+                f" <- run {step['run']} [{step['stage']}] <- snapshot {step['snapshot']} "
+                f"({step['judgments']} judgments)"
+            )
+        print(line)
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    def direct(store: Store) -> dict[str, Any]:
+        if store.model_version(args.name)["kind"] == "reward":
+            raise CLIError(f"version '{args.name}' is a reward model; only policy versions can be promoted")
+        campaigns.set_alias(store, args.alias, args.name)
+        return {"alias": args.alias, "version": args.name}
+
+    done = with_store_or_rest(
+        args, direct, lambda: rest(args, "POST", f"/models/{args.name}/promote", json={"alias": args.alias})
+    )
+    print(f"'{done['alias']}' now points at {done['version']}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     fmt = args.format or format_for(args.out)
 
@@ -561,6 +676,69 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(mlist)
     url_arg(mlist)
     mlist.set_defaults(func=cmd_models_list)
+
+    mlin = models_sub.add_parser(
+        "lineage",
+        help="a version's lineage",
+        description="Version <- run <- snapshot <- judgments, to the base.",
+    )
+    mlin.add_argument("name", help="model version or alias")
+    mlin.add_argument("--json", action="store_true", help="print JSON")
+    mprom = models_sub.add_parser(
+        "promote",
+        help="point the policy alias at a version (roll back by promoting the parent)",
+        description="Point an alias (policy by default) at a version: new labeling samples from it.",
+    )
+    mprom.add_argument("name", help="model version")
+    mprom.add_argument("--alias", default=campaigns.POLICY, help="alias to move (default: policy)")
+    for p, func in ((mlin, cmd_models_lineage), (mprom, cmd_models_promote)):
+        data_dir_arg(p)
+        url_arg(p)
+        p.set_defaults(func=func)
+
+    train = sub.add_parser(
+        "train",
+        help="start a training run",
+        description="Queue a training run: the studio snapshots the data and runs the stage in a subprocess. "
+        "A finished policy run becomes a version, hot-loaded and sent into a blind re-battle against its"
+        " parent.",
+    )
+    train.add_argument("stage", choices=["reward", "dpo", "ppo", "sft", "ppo_then_dpo"])
+    train.add_argument(
+        "--campaign", action="append", default=[], help="labeling campaign (repeat; default: all)"
+    )
+    train.add_argument(
+        "--parent", default=campaigns.POLICY, help="version or alias to start from (default: policy)"
+    )
+    train.add_argument("--held-out", type=float, help="share of prompts kept out for evaluation")
+    train.add_argument(
+        "--recipe", help="recipe name in data/recipes or DATA_DIR/recipes (default: the stage's)"
+    )
+    train.add_argument("--steps", type=int, help="override the recipe's steps (ppo: iterations)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe setting, e.g. --set train.beta=0.2 (repeat)",
+    )
+    train.add_argument("--reward-model", help="ppo: reward version (default: the newest)")
+    train.add_argument("--wait", action="store_true", help="follow progress until the run ends")
+    data_dir_arg(train)
+    url_arg(train)
+    train.set_defaults(func=cmd_train)
+
+    runs = sub.add_parser("runs", help="training runs", description="Training runs.")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    rl = runs_sub.add_parser("list", help="list runs", description="List training runs, newest first.")
+    rs = runs_sub.add_parser("show", help="one run with its log", description="Show a run and its log tail.")
+    rc = runs_sub.add_parser("cancel", help="cancel a run", description="Cancel a queued or running run.")
+    for p in (rs, rc):
+        p.add_argument("run_id")
+    for p in (rl, rs, rc):
+        data_dir_arg(p)
+        url_arg(p)
+        p.set_defaults(func=cmd_runs)
 
     sample = sub.add_parser(
         "sample",

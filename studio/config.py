@@ -34,6 +34,7 @@ class Settings:
     vllm_port: int | None = None
     vllm_startup_timeout: float = 600.0
     lora: bool = True  # runtime LoRA in vLLM: needed to hot-load trained adapters
+    max_runs: int = 1  # training runs at once (each takes the CPU it can get)
     ui: bool = True
 
     def __post_init__(self) -> None:

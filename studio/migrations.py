@@ -190,4 +190,51 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX battles_campaign ON battles(campaign);
         """,
     ),
+    (
+        "004_training",
+        """
+        CREATE TABLE snapshots (
+            id            VARCHAR PRIMARY KEY,   -- 'snap-' + the first 16 hex digits of content_hash
+            content_hash  VARCHAR NOT NULL,      -- sha256 of the rows (trainers.common.rows_hash)
+            kind          VARCHAR NOT NULL,      -- preference | unpaired | sft
+            path          VARCHAR NOT NULL,      -- the immutable Parquet file
+            filter        JSON NOT NULL,         -- what was asked for: campaigns, kind
+            rows          INTEGER NOT NULL,
+            created_by    VARCHAR,
+            created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE TABLE snapshot_judgments (
+            snapshot_id   VARCHAR NOT NULL REFERENCES snapshots(id),
+            judgment_id   VARCHAR NOT NULL,
+            PRIMARY KEY (snapshot_id, judgment_id)
+        );
+        CREATE TABLE runs (
+            id            VARCHAR PRIMARY KEY,
+            stages        VARCHAR[] NOT NULL,    -- ['dpo'], or ['ppo', 'dpo'] for the pipeline
+            status        VARCHAR NOT NULL,      -- queued | running | succeeded | failed | cancelled
+            parent        VARCHAR NOT NULL REFERENCES model_versions(name),
+            reward_model  VARCHAR,               -- for ppo: a reward version
+            recipes       JSON NOT NULL,         -- stage -> recipe file
+            overrides     JSON NOT NULL,         -- stage -> {key: value}
+            snapshot_id   VARCHAR NOT NULL REFERENCES snapshots(id),
+            output_dir    VARCHAR NOT NULL,
+            versions      VARCHAR[],             -- the versions each finished stage registered
+            rebattle      VARCHAR,               -- the blind battle campaign new vs parent
+            created_by    VARCHAR NOT NULL,
+            created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+            started_at    TIMESTAMPTZ,
+            finished_at   TIMESTAMPTZ,
+            reason        VARCHAR,               -- why it failed or was cancelled
+            metrics       JSON                   -- stage -> final metrics
+        );
+        -- judgment -> snapshot -> run -> version, one row per link
+        CREATE VIEW lineage AS
+            SELECT sj.judgment_id, s.id AS snapshot_id, s.content_hash, r.id AS run_id, r.stages,
+                   r.status, v.name AS version, v.parent AS parent_version
+            FROM snapshot_judgments sj
+            JOIN snapshots s ON s.id = sj.snapshot_id
+            LEFT JOIN runs r ON r.snapshot_id = s.id
+            LEFT JOIN model_versions v ON list_contains(r.versions, v.name);
+        """,
+    ),
 ]

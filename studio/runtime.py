@@ -7,11 +7,13 @@ import json
 import os
 import re
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from studio.campaigns import ensure_policy_alias
 from studio.config import Settings, is_loopback
+from studio.jobs import Runner, register_stage
 from studio.model_prep import (
     check_hf_folder,
     default_model_ready,
@@ -59,6 +61,7 @@ class Studio:
         self.backend: OpenAIChatBackend | None = None
         self.sampler: Sampler | None = None
         self.task_sampler: TaskSampler | None = None
+        self.runner: Runner | None = None
         self.base_version: str = BASE_VERSION
 
     def start(self) -> None:
@@ -80,6 +83,8 @@ class Studio:
         ensure_policy_alias(self.store, self.base_version)
         self.task_sampler = TaskSampler(self.store, self.sampler)
         self.task_sampler.start()
+        self.runner = Runner(self.store, s.data_dir, partial(register_stage, self), max_parallel=s.max_runs)
+        self.runner.start()
 
     def announce(self) -> None:
         """Called once the HTTP server listens: tell the user, and tell CLI commands where we are."""
@@ -145,14 +150,30 @@ class Studio:
         self.load_adapters()
 
     def load_adapters(self) -> None:
-        """Serve every registered LoRA version of the base (after a start or a restart of vLLM)."""
+        """Serve every registered LoRA version over the base (after a start or a restart of vLLM).
+
+        A trained version's parent may be another adapter (lineage), but every adapter folder is a
+        delta over the base weights (trainers.common.save_policy_adapter), so all load the same way.
+        """
         assert self.store is not None and self.backend is not None
-        for version in self.store.model_versions():
-            if version["kind"] == "lora" and version["parent"] == self.base_version:
+        versions = {v["name"]: v for v in self.store.model_versions()}
+        for version in versions.values():
+            root, seen = version, set()
+            while root["kind"] == "lora" and root["parent"] in versions and root["name"] not in seen:
+                seen.add(root["name"])
+                root = versions[root["parent"]]
+            if version["kind"] == "lora" and root["name"] == self.base_version:
                 self.backend.load_lora(version["name"], version["path"])
 
-    def add_adapter(self, name: str, path: Path, source: str, meta: dict[str, Any] | None = None) -> dict:
-        """Register a LoRA adapter folder as a version of the base and hot-load it into vLLM."""
+    def add_adapter(
+        self,
+        name: str,
+        path: Path,
+        source: str,
+        meta: dict[str, Any] | None = None,
+        parent: str | None = None,
+    ) -> dict:
+        """Register a LoRA adapter folder (a delta over the base) as a version and hot-load it into vLLM."""
         assert self.store is not None and self.backend is not None
         config = path / "adapter_config.json"
         if not config.is_file():
@@ -168,7 +189,7 @@ class Studio:
             content_hash=folder_hash(path),
             source=source,
             kind="lora",
-            parent=self.base_version,
+            parent=parent or self.base_version,
             meta=meta,
         )
         self.backend.load_lora(name, str(path.resolve()))
@@ -221,6 +242,9 @@ class Studio:
             )
 
     def stop(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+            self.runner = None
         if self.task_sampler is not None:
             self.task_sampler.stop()
             self.task_sampler = None

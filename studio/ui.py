@@ -15,8 +15,9 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
+import yaml
 
-from studio import arena, labeling, quality, users
+from studio import arena, jobs, labeling, quality, training, users
 from studio import campaigns as camp
 from studio.export import FORMATS, KINDS, write_export
 from studio.importer import PromptFileError, normalize_messages, read_prompts
@@ -578,22 +579,322 @@ def _playground_tab(studio: Studio) -> None:
 
 
 # -- Models --------------------------------------------------------------------------------
+def _lineage_markdown(chain: list[dict[str, Any]]) -> str:
+    lines = []
+    for step in chain:
+        line = f"- **{step['version']}** ({step['kind']})"
+        if step.get("run"):
+            metrics = ", ".join(
+                f"{k} {v:.3g}" for k, v in step["metrics"].items() if isinstance(v, int | float)
+            )
+            line += (
+                f" ← run `{step['run']}` [{step['stage']}] ← snapshot `{step['snapshot']}` "
+                f"({step['judgments']} judgments, hash {step['snapshot_hash'][:12]})"
+            )
+            if metrics:
+                line += f"<br>{metrics}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def _models_tab(studio: Studio, demo: gr.Blocks) -> None:
     with gr.Tab("Models", id="models") as tab:
         table = gr.Dataframe(interactive=False)
         aliases = gr.Markdown()
         refresh = gr.Button("Refresh")
+        with gr.Row():
+            pick = gr.Dropdown(label="Version", choices=[], allow_custom_value=True, scale=3)
+            promote = gr.Button("Promote to policy", scale=1)
+            rollback = gr.Button("Roll back policy to its parent", scale=1)
+        lineage = gr.Markdown(elem_id="lineage")
 
-        def load(request: gr.Request) -> tuple[pd.DataFrame, str]:
+        def load(request: gr.Request) -> tuple[pd.DataFrame, str, Any]:
             _user(studio, request, "view")
             cols = ["name", "kind", "source", "parent", "content_hash", "created_at", "path"]
             rows = studio.store.model_versions()
             frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
             names = ", ".join(f"`{a}` → `{v}`" for a, v in camp.aliases(studio.store).items())
-            return frame, f"Aliases: {names or 'none'}"
+            return frame, f"Aliases: {names or 'none'}", gr.update(choices=[r["name"] for r in rows])
 
-        refresh.click(load, None, [table, aliases], api_name="models")
-        tab.select(load, None, [table, aliases], api_visibility="private")
+        def show_lineage(name: str | None, request: gr.Request) -> str:
+            _user(studio, request, "train")
+            if not name:
+                return ""
+            try:
+                return _lineage_markdown(training.lineage(studio.store, name))
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+
+        def move_policy(name: str | None, to_parent: bool, request: gr.Request) -> list[Any]:
+            _user(studio, request, "train")
+            try:
+                target = camp.resolve_model(studio.store, camp.POLICY) if to_parent else name
+                if not target:
+                    raise StoreError("pick a version first")
+                version = studio.store.model_version(target)
+                if to_parent:
+                    if not version["parent"]:
+                        raise StoreError(f"policy is at '{target}', which has no parent to roll back to")
+                    version = studio.store.model_version(version["parent"])
+                if version["kind"] == "reward":
+                    raise StoreError(f"'{version['name']}' is a reward model; promote a policy version")
+                camp.set_alias(studio.store, camp.POLICY, version["name"])
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            gr.Info(f"policy now points at {version['name']}")
+            return [*load(request), show_lineage(version["name"], request)]
+
+        outputs = [table, aliases, pick]
+        refresh.click(load, None, outputs, api_name="models")
+        tab.select(load, None, outputs, api_visibility="private")
+        pick.change(show_lineage, pick, lineage, api_name="model_lineage")
+
+        def promote_picked(name: str | None, request: gr.Request) -> list[Any]:
+            return move_policy(name, False, request)
+
+        def roll_back(name: str | None, request: gr.Request) -> list[Any]:
+            return move_policy(name, True, request)
+
+        promote.click(promote_picked, pick, [*outputs, lineage], api_name="promote")
+        rollback.click(roll_back, pick, [*outputs, lineage], api_name="rollback")
+
+
+# -- Train ---------------------------------------------------------------------------------
+CURVES = {
+    "loss": ("loss",),
+    "reward": ("reward", "rewards/margins", "margin"),
+    "KL": ("kl", "objective/kl"),
+    "accuracy": ("accuracy", "rewards/accuracies", "eval_rewards/accuracies"),
+}
+
+
+def line_plot(title: str, series: dict[str, list[tuple[float, float]]]) -> str:
+    """A small inline SVG line chart: one polyline per series, with the y range printed."""
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        return ""
+    width, height, pad = 320, 150, 28
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    colours = ["#e8590c", "#1c7ed6", "#2f9e44", "#ae3ec9"]
+
+    def at(x: float, y: float) -> str:
+        px = pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+        py = height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+        return f"{px:.1f},{py:.1f}"
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        f'font-size="11" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{pad}" y="14" font-weight="bold">{html.escape(title)}</text>',
+        f'<text x="{width - pad}" y="14" text-anchor="end">{y1:.3g}</text>',
+        f'<text x="{width - pad}" y="{height - pad + 12}" text-anchor="end">'
+        f"{y0:.3g} (steps {x0:.0f}-{x1:.0f})</text>",
+    ]
+    for i, (name, pts) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        path = " ".join(at(x, y) for x, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
+        parts.append(f'<text x="{pad + 90 * i}" y="{height - 2}" fill="{colour}">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def run_curves(events: list[dict[str, Any]]) -> str:
+    charts = []
+    for title, keys in CURVES.items():
+        series: dict[str, list[tuple[float, float]]] = {}
+        for e in events:
+            if e["event"] != "step":
+                continue
+            for key in keys:
+                if isinstance(e.get(key), int | float):
+                    series.setdefault(f"{e['stage']} {key}", []).append((e["step"], e[key]))
+        charts.append(line_plot(title, series))
+    return "".join(c for c in charts if c) or "<p>No curves yet.</p>"
+
+
+def _train_tab(studio: Studio, demo: gr.Blocks) -> gr.Timer:
+    with gr.Tab("Train", id="train") as tab:
+        with gr.Row():
+            with gr.Column(scale=2):
+                advice = gr.Markdown(elem_id="advice")
+                stage = gr.Dropdown(
+                    label="Stage",
+                    choices=[
+                        ("Reward model", "reward"),
+                        ("DPO", "dpo"),
+                        ("PPO", "ppo"),
+                        ("SFT", "sft"),
+                        ("PPO then DPO", "ppo_then_dpo"),
+                    ],
+                    value="dpo",
+                )
+                parent = gr.Dropdown(
+                    label="Start from (version or alias)",
+                    choices=[],
+                    value=camp.POLICY,
+                    allow_custom_value=True,
+                )
+                data = gr.Dropdown(label="Labeling campaigns (empty: all)", choices=[], multiselect=True)
+                held_out = gr.Slider(0, 0.5, value=0.2, step=0.05, label="Held-out share of prompts")
+                recipe = gr.Dropdown(
+                    label="Recipe (empty: the stage's own)", choices=[], allow_custom_value=True
+                )
+                steps = gr.Number(
+                    label="Steps (PPO: iterations; 0 = the recipe's)",
+                    value=0,
+                    precision=0,
+                    elem_id="train-steps",
+                )
+                reward_model = gr.Dropdown(
+                    label="PPO reward model (empty: the newest)", choices=[], allow_custom_value=True
+                )
+                overrides = gr.Textbox(
+                    label="Recipe overrides, KEY=VALUE per line", lines=2, placeholder="train.beta=0.2"
+                )
+                start = gr.Button("Start run", variant="primary", elem_id="start-run")
+            with gr.Column(scale=3):
+                runs_table = gr.Dataframe(interactive=False, label="Runs, newest first")
+                with gr.Row():
+                    pick = gr.Dropdown(label="Run", choices=[], allow_custom_value=True, scale=3)
+                    cancel = gr.Button("Cancel run", variant="stop", scale=1, elem_id="cancel-run")
+                status = gr.Markdown(elem_id="run-status")
+                curves = gr.HTML(elem_id="run-curves")
+                log = gr.Textbox(label="Log (tail)", lines=10, max_lines=10, autoscroll=True)
+        timer = gr.Timer(2.0, active=False)
+
+        def refresh(run_id: str | None, request: gr.Request) -> list[Any]:
+            _user(studio, request, "train")
+            runs = training.list_runs(studio.store)
+            frame = pd.DataFrame(
+                [
+                    {
+                        "id": r["id"],
+                        "stages": "+".join(r["stages"]),
+                        "status": r["status"],
+                        "parent": r["parent"],
+                        "versions": ", ".join(r["versions"] or []),
+                        "by": r["created_by"],
+                        "created": str(r["created_at"])[:19],
+                    }
+                    for r in runs
+                ]
+            )
+            run_id = run_id or (runs[0]["id"] if runs else None)
+            if not run_id:
+                return [frame, gr.update(choices=[]), "No runs yet.", "", ""]
+            try:
+                run = training.get_run(studio.store, run_id)
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            info = jobs.progress(run)
+            text = f"**{run['id']}** · {'+'.join(run['stages'])} · **{run['status']}**"
+            if info.get("step"):
+                text += f" · {info['stage']} step {info['step']}/{info.get('max_steps') or '?'}"
+                text += f" · {info['elapsed_s']:.0f} s"
+                if info.get("eta_s") is not None:
+                    text += f" · ETA {info['eta_s']:.0f} s"
+            if run["reason"]:
+                text += f"\n\nReason: {run['reason']}"
+            if run["versions"]:
+                text += f"\n\nVersions: {', '.join(run['versions'])}"
+            if run["rebattle"]:
+                text += f" · blind re-battle against the parent: campaign `{run['rebattle']}`"
+            out = Path(run["output_dir"])
+            return [
+                frame,
+                gr.update(choices=[r["id"] for r in runs], value=run_id),
+                text,
+                run_curves(jobs.read_metrics(out)),
+                jobs.tail(out / "run.log", 40),
+            ]
+
+        def opened(run_id: str | None, request: gr.Request) -> list[Any]:
+            _user(studio, request, "train")
+            store = studio.store
+            policies = [
+                *camp.aliases(store),
+                *[v["name"] for v in store.model_versions() if v["kind"] != "reward"],
+            ]
+            tip = training.advise(store)
+            advice_text = f"**Advisor:** {tip['stage'] or 'label first'}: {tip['why']}" if tip else ""
+            return [
+                advice_text,
+                gr.update(choices=policies),
+                gr.update(choices=[c["name"] for c in camp.list_campaigns(store, kind="label")]),
+                gr.update(choices=["", *training.recipes(studio.settings.data_dir / "recipes")]),
+                gr.update(choices=["", *[v["name"] for v in training.reward_models(store)]]),
+                *refresh(run_id, request),
+                gr.Timer(active=True),
+            ]
+
+        def start_run(
+            stage_v: str,
+            parent_v: str,
+            data_v: list[str],
+            held: float,
+            recipe_v: str | None,
+            steps_v: float | None,
+            rm: str | None,
+            lines: str,
+            request: gr.Request,
+        ) -> list[Any]:
+            user = _user(studio, request, "train")
+            try:
+                pairs = {}
+                for line in (lines or "").splitlines():
+                    if line.strip():
+                        key, sep, value = line.partition("=")
+                        if not sep:
+                            raise StoreError(f"override {line!r}: write KEY=VALUE, e.g. train.beta=0.2")
+                        pairs[key.strip()] = yaml.safe_load(value)
+                run = training.submit_run(
+                    studio.store,
+                    studio.settings.data_dir,
+                    stage=stage_v,
+                    created_by=user.name,
+                    parent=parent_v or camp.POLICY,
+                    campaigns=data_v or None,
+                    held_out=held,
+                    recipe=recipe_v or None,
+                    steps=int(steps_v) if steps_v else None,
+                    overrides=pairs,
+                    reward_model=rm or None,
+                )
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            if studio.runner is not None:
+                studio.runner.poke()
+            gr.Info(f"run {run['id']} queued")
+            return refresh(run["id"], request)
+
+        def cancel_run(run_id: str | None, request: gr.Request) -> list[Any]:
+            user = _user(studio, request, "train")
+            try:
+                if not run_id:
+                    raise StoreError("pick a run first")
+                if studio.runner is None:
+                    raise StoreError("the training runner is not running")
+                studio.runner.cancel(run_id, f"cancelled by {user.name}")
+            except USER_ERRORS as exc:
+                raise _fail(exc) from None
+            return refresh(run_id, request)
+
+        shown = [runs_table, pick, status, curves, log]
+        form = [stage, parent, data, held_out, recipe, steps, reward_model, overrides]
+        start.click(start_run, form, shown, api_name="train_start")
+        cancel.click(cancel_run, pick, shown, api_name="train_cancel")
+        pick.change(refresh, pick, shown, api_visibility="private")
+        timer.tick(refresh, pick, shown, api_visibility="private")
+        tab.select(
+            opened,
+            pick,
+            [advice, parent, data, recipe, reward_model, *shown, timer],
+            api_visibility="private",
+        )
+    return timer
 
 
 # -- Admin ---------------------------------------------------------------------------------
@@ -864,13 +1165,17 @@ def build_ui(studio: Studio) -> gr.Blocks:
             leaderboard_timer = _leaderboard_tab(studio, demo)
             _playground_tab(studio)
             _models_tab(studio, demo)
+            train_timer = _train_tab(studio, demo)
             _admin_tab(studio, demo)
 
         def tab_changed(event: gr.SelectData) -> Any:
-            # the leaderboard refreshes itself only while it is the open tab
-            return gr.Timer(active=event.value == "Leaderboard" or event.index == "leaderboard")
+            # the leaderboard and the run view refresh themselves only while they are the open tab
+            return [
+                gr.Timer(active=event.value == "Leaderboard" or event.index == "leaderboard"),
+                gr.Timer(active=event.value == "Train" or event.index == "train"),
+            ]
 
-        tabs.select(tab_changed, None, leaderboard_timer, api_visibility="private")
+        tabs.select(tab_changed, None, [leaderboard_timer, train_timer], api_visibility="private")
 
         def whoami(request: gr.Request) -> str:
             user = _user(studio, request, "view")

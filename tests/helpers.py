@@ -7,6 +7,8 @@ made up here, so the task pool, judgments and exports run for real.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -25,6 +27,7 @@ def seed_campaign(
     n: int = 3,
     overlap: int = 2,
     texts: list[str] | None = None,
+    content: Callable[[int], tuple[str, list[str]]] | None = None,
 ) -> list[str]:
     """A prompt set, the base version, a campaign and one task per prompt. Returns task ids.
 
@@ -37,16 +40,23 @@ def seed_campaign(
     set_name = f"{name}-set"
     items = []
     for i in range(prompts):
-        msgs = [{"role": "user", "content": f"{name} question {i}?"}]
+        question = content(i)[0] if content else f"{name} question {i}?"
+        msgs = [{"role": "user", "content": question}]
         items.append(ImportedPrompt(f"row {i}", msgs, messages_hash(msgs)))
     store.import_prompts(set_name, items, source="test")
     campaigns.create_campaign(store, name, prompt_set=set_name, n=n, overlap=overlap, status="paused")
     task_ids = []
-    for p in store.prompts(set_name):
+    for i, p in enumerate(store.prompts(set_name)):
         request_id = new_id()
         rows = []
         for c in range(n):
-            text = texts[c] if texts else f"answer {c} to {p['messages'][0]['content']} " + "x" * (10 * c)
+            text = (
+                content(i)[1][c]
+                if content
+                else texts[c]
+                if texts
+                else f"answer {c} to {p['messages'][0]['content']} " + "x" * (10 * c)
+            )
             rows.append(
                 {
                     "id": new_id(),
@@ -172,3 +182,129 @@ def gradio_call(client: httpx.Client, api_name: str, data: list) -> tuple[str, d
     event = next(line for line in stream.text.splitlines() if line.startswith("event:"))
     payload = next(line for line in stream.text.splitlines() if line.startswith("data:"))
     return event.split(":", 1)[1].strip(), json.loads(payload.split(":", 1)[1])
+
+
+# ---------------------------------------------------------------- training
+
+TOPICS = [
+    "tides",
+    "rainbows",
+    "volcanoes",
+    "bread",
+    "magnets",
+    "honey bees",
+    "glaciers",
+    "batteries",
+    "comets",
+    "coffee",
+    "bridges",
+    "clouds",
+    "maps",
+    "tea",
+    "owls",
+    "rivers",
+    "deserts",
+    "violins",
+    "chess",
+    "salt",
+    "lighthouses",
+    "maple trees",
+    "submarines",
+    "kites",
+    "pianos",
+    "penguins",
+    "moss",
+    "thunder",
+    "yeast",
+    "compasses",
+    "coral",
+    "windmills",
+    "origami",
+    "sundials",
+    "tunnels",
+    "cheese",
+    "snow",
+    "sails",
+    "ink",
+    "gears",
+]
+
+
+def easy_preference_rows(n: int = 40) -> list[dict]:
+    """An easy preference: a short helpful answer beats a curt refusal. Rows in the export's schema."""
+    rows = []
+    for i, topic in enumerate((TOPICS * (n // len(TOPICS) + 1))[:n]):
+        prompt = [{"role": "user", "content": f"Tell me one fact about {topic}."}]
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [
+                    {
+                        "role": "assistant",
+                        "content": f"Sure! Here is a fact about {topic}: they are "
+                        "studied by scientists and have a long history.",
+                    }
+                ],
+                "rejected": [{"role": "assistant", "content": "No. I will not answer that."}],
+                "margin": 1.0,
+                "judgment_id": f"j{i}",
+            }
+        )
+    return rows
+
+
+def seed_easy_judgments(store: Store, name: str = "easy", n: int = 40, annotator: str = "ann1") -> None:
+    """A labeling campaign whose n tasks are judged with the easy preference (chosen ranked first)."""
+    from studio import labeling
+    from studio.labeling import Submission
+
+    rows = easy_preference_rows(n)
+
+    def content(i: int) -> tuple[str, list[str]]:
+        return rows[i]["prompt"][0]["content"], [
+            rows[i]["chosen"][0]["content"],
+            rows[i]["rejected"][0]["content"],
+        ]
+
+    if not store.query("SELECT 1 FROM users WHERE name = ?", [annotator]):
+        make_users(store, (annotator, "annotator"))
+    seed_campaign(store, name, prompts=n, n=2, overlap=1, content=content)
+    chosen = {r["chosen"][0]["content"] for r in rows}
+    while (task := labeling.next_task(store, name, annotator)) is not None:
+        ranks = [1 if c["text"] in chosen else 2 for c in task["completions"]]
+        labeling.submit(store, annotator, Submission(task["assignment_id"], ranks=ranks, strength=3))
+
+
+def write_parquet(rows: list[dict], path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def tiny_model(folder: Path, tokenizer_from: Path, seed: int = 0, init_range: float = 0.02) -> Path:
+    """A random 1-layer Llama with the packaged tokenizer, saved as a model folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            initializer_range=init_range,
+        )
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

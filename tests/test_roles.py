@@ -26,6 +26,11 @@ def annotator(live_studio: LiveStudio) -> str:
         ("GET", "/export?kind=preference&format=jsonl", None),
         ("POST", "/sample", {"prompt": "hi"}),
         ("POST", "/prompt-sets/evil/prompts", {"records": [{"prompt": "x"}]}),
+        ("POST", "/runs", {"stage": "dpo"}),
+        ("GET", "/runs", None),
+        ("POST", "/runs/run-x/cancel", None),
+        ("POST", "/models/base/promote", {"alias": "policy"}),
+        ("GET", "/train/advice", None),
     ],
 )
 def test_annotator_token_is_refused_on_admin_routes(
@@ -57,7 +62,15 @@ def test_annotator_session_is_refused_on_an_admin_gradio_event(
         event, payload = gradio_call(client, "admin_add_user", ["mallory", "admin", "password123"])
         assert event == "error"
         assert "may not admin" in payload["error"]
+        runs_before = live_studio.studio.store.count("runs")
+        event, payload = gradio_call(client, "train_start", ["dpo", "policy", [], 0.2, None, 1, None, ""])
+        assert event == "error" and "may not train" in payload["error"]
+        event, payload = gradio_call(client, "train_cancel", ["run-x"])
+        assert event == "error" and "may not train" in payload["error"]
+        event, payload = gradio_call(client, "promote", ["base"])
+        assert event == "error" and "may not train" in payload["error"]
     assert users.get_user(live_studio.studio.store, "mallory") is None
+    assert live_studio.studio.store.count("runs") == runs_before
     # without a login Gradio itself refuses the call
     assert (
         httpx.post(f"{live_studio.url}/gradio_api/call/admin_add_user", json={"data": []}).status_code == 401

@@ -1,0 +1,332 @@
+"""The training runner: one subprocess per stage, queued, one run at a time by default.
+
+A run's stages execute as `python -m trainers.<stage>` in their own process group, with stdout
+and stderr in OUTPUT/run.log. Progress and curves come from OUTPUT/metrics.jsonl. A crash or a
+cancel marks the run failed or cancelled with the reason and changes nothing else: only a stage
+that exits 0 with its meta.json written registers a version. A finished policy version is
+hot-loaded into vLLM and sent into a blind re-battle against its parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from studio import arena
+from studio import training as tr
+from studio.model_prep import folder_hash
+from studio.store import Store, StoreError, _decode
+from trainers.common import META_FILE, METRICS_FILE
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for folder in sorted(p for p in output_dir.iterdir() if p.is_dir()) if output_dir.is_dir() else []:
+        path = folder / METRICS_FILE
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue  # a line being written right now
+    return rows
+
+
+def progress(run: dict[str, Any]) -> dict[str, Any]:
+    """Stage, step, max steps and ETA of a run, from its metrics files."""
+    events = read_metrics(Path(run["output_dir"]))
+    stages = list(run["stages"])
+    done = len([e for e in events if e["event"] == "end"])
+    current = events[-1] if events else None
+    info: dict[str, Any] = {
+        "status": run["status"],
+        "stages": stages,
+        "stage_index": min(done, len(stages) - 1),
+    }
+    if current is not None:
+        step, total, elapsed = (
+            current.get("step", 0),
+            current.get("max_steps") or 0,
+            current.get("elapsed", 0),
+        )
+        info |= {"stage": current["stage"], "step": step, "max_steps": total, "elapsed_s": round(elapsed, 1)}
+        if run["status"] == "running" and step and total and step < total:
+            info["eta_s"] = round(elapsed / step * (total - step), 1)
+    return info
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    if not path.is_file():
+        return ""
+    with path.open("rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 20_000))
+        return "\n".join(fh.read().decode(errors="replace").splitlines()[-lines:])
+
+
+class Runner:
+    """Runs queued runs in the background. `register` turns a finished stage folder into a version."""
+
+    def __init__(
+        self,
+        store: Store,
+        data_dir: Path,
+        register: Callable[[dict, str, Path, dict], str],
+        max_parallel: int = 1,
+        python: str = sys.executable,
+    ):
+        self.store, self.data_dir, self.register = store, data_dir, register
+        self.max_parallel, self.python = max_parallel, python
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._cancel: dict[str, str] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._loop: threading.Thread | None = None
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        # a run that was running when the studio died did not finish: say so, keep the queue
+        with self.store.transaction() as cur:
+            cur.execute(
+                "UPDATE runs SET status = 'failed', finished_at = now(), reason = "
+                "'the studio stopped while this run was running; start it again' WHERE status = 'running'"
+            )
+        self._loop = threading.Thread(target=self._run, name="training-runner", daemon=True)
+        self._loop.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        with self._lock:
+            running = list(self._procs)
+        for run_id in running:
+            self.cancel(run_id, "the studio shut down")
+        for thread in list(self._threads.values()):
+            thread.join(timeout=30)
+        if self._loop is not None:
+            self._loop.join(timeout=10)
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def cancel(self, run_id: str, reason: str) -> dict[str, Any]:
+        run = tr.get_run(self.store, run_id)
+        if run["status"] in TERMINAL:
+            raise StoreError(f"run '{run_id}' already {run['status']}; nothing to cancel")
+        with self._lock:
+            self._cancel[run_id] = reason
+            proc = self._procs.get(run_id)
+            if proc is None and run["status"] == "queued":
+                self._finish(run_id, "cancelled", reason)
+        if proc is not None:
+            _terminate(proc)
+        return tr.get_run(self.store, run_id)
+
+    # -------------------------------------------------------------- the loop
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            with self._lock:
+                self._threads = {k: t for k, t in self._threads.items() if t.is_alive()}
+                free = self.max_parallel - len(self._threads)
+            if free <= 0 or self._stop.is_set():
+                continue
+            queued = self.store.query(
+                "SELECT id FROM runs WHERE status = 'queued' ORDER BY created_at, id LIMIT ?", [free]
+            )
+            for row in queued:
+                with self.store.transaction() as cur:
+                    cur.execute(
+                        "UPDATE runs SET status = 'running', started_at = now() WHERE id = ? "
+                        "AND status = 'queued'",
+                        [row["id"]],
+                    )
+                thread = threading.Thread(
+                    target=self._execute, args=(row["id"],), daemon=True, name=f"run-{row['id']}"
+                )
+                with self._lock:
+                    self._threads[row["id"]] = thread
+                thread.start()
+
+    def _execute(self, run_id: str) -> None:
+        try:
+            self._execute_stages(run_id)
+        except Exception as exc:  # never take the studio down with a run
+            self._finish(run_id, "failed", f"{type(exc).__name__}: {exc}")
+
+    def _execute_stages(self, run_id: str) -> None:
+        run = tr.get_run(self.store, run_id)
+        out = Path(run["output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        snapshot = self.store.query("SELECT path FROM snapshots WHERE id = ?", [run["snapshot_id"]])[0][
+            "path"
+        ]
+        parent = run["parent"]
+        metrics: dict[str, Any] = {}
+        for index, stage in enumerate(run["stages"]):
+            folder = out / f"{index + 1}-{stage}"
+            cmd = [
+                self.python,
+                "-m",
+                f"trainers.{stage}",
+                "--config",
+                run["recipes"][stage],
+                "--snapshot",
+                snapshot,
+                "--parent",
+                self.store.model_version(parent)["path"],
+                "--output",
+                str(folder),
+            ]
+            if stage == "ppo":
+                cmd += ["--reward-model", self.store.model_version(run["reward_model"])["path"]]
+            for key, value in run["overrides"].get(stage, {}).items():
+                cmd += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+            code = self._spawn(run_id, cmd, out / "run.log")
+            if run_id in self._cancel:
+                self._finish(run_id, "cancelled", self._cancel[run_id])
+                return
+            if code != 0 or not (folder / META_FILE).is_file():
+                last = [ln for ln in tail(out / "run.log", 400).splitlines() if ln.strip()]
+                errors = [ln for ln in last if ln.startswith(("error:", "Traceback")) or "Error" in ln]
+                reason = (errors[-1] if errors else (last[-1] if last else "no output")).strip()[:500]
+                self._finish(run_id, "failed", f"stage {stage} exited with code {code}: {reason}")
+                return
+            meta = json.loads((folder / META_FILE).read_text())
+            metrics[stage] = meta.get("metrics", {})
+            version = self.register(run, stage, folder, {**meta, "run_id": run_id, "parent_version": parent})
+            with self.store.transaction() as cur:
+                cur.execute(
+                    "UPDATE runs SET versions = list_append(versions, ?), metrics = ? WHERE id = ?",
+                    [version, json.dumps(metrics, default=float), run_id],
+                )
+            if stage != "reward":
+                parent = version
+        self._finish(run_id, "succeeded", None)
+
+    def _spawn(self, run_id: str, cmd: list[str], log: Path) -> int:
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        with log.open("ab") as fh:
+            fh.write(("$ " + " ".join(cmd) + "\n").encode())
+            fh.flush()
+            with self._lock:
+                if run_id in self._cancel:
+                    return -signal.SIGTERM
+                # own process group: a cancel reaches every process the trainer starts
+                proc = subprocess.Popen(
+                    cmd,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    cwd=str(self.data_dir),
+                )
+                self._procs[run_id] = proc
+            try:
+                return proc.wait()
+            finally:
+                with self._lock:
+                    self._procs.pop(run_id, None)
+
+    def _finish(self, run_id: str, status: str, reason: str | None) -> None:
+        with self.store.transaction() as cur:
+            cur.execute(
+                "UPDATE runs SET status = ?, reason = ?, finished_at = now() WHERE id = ?",
+                [status, reason, run_id],
+            )
+
+
+def _terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def version_name(run: dict[str, Any], stage: str) -> str:
+    return f"{stage}-{run['id'][4:]}"
+
+
+def register_stage(studio: Any, run: dict[str, Any], stage: str, folder: Path, meta: dict[str, Any]) -> str:
+    """A finished stage becomes a version; a policy adapter is hot-loaded and re-battled vs its parent."""
+    store: Store = studio.store
+    name = version_name(run, stage)
+    parent = meta["parent_version"]
+    source = f"run:{run['id']}"
+    if stage == "reward":
+        store.register_model_version(
+            name,
+            path=str(folder.resolve()),
+            content_hash=folder_hash(folder),
+            source=source,
+            kind="reward",
+            parent=parent,
+            meta=meta,
+        )
+        return name
+    if meta.get("kind") == "lora":
+        studio.add_adapter(name, folder, source=source, meta=meta, parent=parent)
+    else:  # full weights: registered; serving them needs a restart with --model (vLLM swaps LoRA only live)
+        store.register_model_version(
+            name,
+            path=str(folder.resolve()),
+            content_hash=folder_hash(folder),
+            source=source,
+            kind="full",
+            parent=parent,
+            meta=meta,
+        )
+        return name
+    rebattle = f"rebattle-{name}"
+    prompt_set = _prompt_set_for(store, run)
+    if prompt_set is not None:
+        arena.create_battle_campaign(
+            store,
+            rebattle,
+            prompt_set=prompt_set,
+            versions=[name, parent],
+            budget=100,
+            created_by=run["created_by"],
+        )
+        with store.transaction() as cur:
+            cur.execute("UPDATE runs SET rebattle = ? WHERE id = ?", [rebattle, run["id"]])
+        if studio.task_sampler is not None:
+            studio.task_sampler.poke(rebattle)
+    return name
+
+
+def _prompt_set_for(store: Store, run: dict[str, Any]) -> str | None:
+    """The prompt set of the run's data (its first labeling campaign), else the first one imported."""
+    snap = _decode(
+        store.query("SELECT filter FROM snapshots WHERE id = ?", [run["snapshot_id"]])[0], "filter"
+    )
+    names = snap["filter"].get("campaigns")
+    if isinstance(names, list) and names:
+        return store.query("SELECT prompt_set FROM campaigns WHERE name = ?", [names[0]])[0]["prompt_set"]
+    sets = store.prompt_sets()
+    return sets[0]["name"] if sets else None

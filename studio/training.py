@@ -1,0 +1,306 @@
+"""Training as the studio sees it: immutable snapshots, run records, lineage and the stage advisor.
+
+The trainers never read the live database. At submit time the studio writes the rows a run will
+train on to an immutable Parquet file named by its content hash; the run records that snapshot,
+and the snapshot records every judgment id it came from. The runner (studio/jobs.py) executes runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from studio import campaigns as camp
+from studio.export import build_rows
+from studio.quality import campaign_agreement
+from studio.store import Store, StoreError, _decode, new_id
+from trainers.common import STAGES, rows_hash
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "data" / "recipes"
+PIPELINES = {"ppo_then_dpo": ["ppo", "dpo"]}
+SNAPSHOT_KIND = {"reward": "preference", "dpo": "preference", "ppo": "preference", "sft": "sft"}
+POLICY_STAGES = {"dpo", "ppo", "sft"}
+# Quick knobs the Train tab offers, mapped to recipe keys per stage.
+STEPS_KEY = {
+    "reward": "train.max_steps",
+    "dpo": "train.max_steps",
+    "sft": "train.max_steps",
+    "ppo": "ppo.iterations",
+}
+
+
+def stages_for(stage: str) -> list[str]:
+    if stage in PIPELINES:
+        return PIPELINES[stage]
+    if stage not in STAGES:
+        raise StoreError(f"stage {stage!r}: use one of {', '.join([*STAGES, *PIPELINES])}")
+    return [stage]
+
+
+def recipes(extra_dir: Path | None = None) -> dict[str, Path]:
+    """Shipped recipes, plus the studio's own (DATA_DIR/recipes) which win on a name clash."""
+    found = {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+    if extra_dir is not None and extra_dir.is_dir():
+        found |= {p.stem: p for p in sorted(extra_dir.glob("*.yaml"))}
+    return found
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+def take_snapshot(
+    store: Store, data_dir: Path, kind: str, campaigns: list[str] | None, created_by: str | None = None
+) -> dict[str, Any]:
+    """Write (or find) the immutable snapshot of these campaigns' judgments. Same data, same id."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = sorted(set(campaigns or []))
+    for name in names:
+        if camp.get_campaign(store, name)["kind"] != "label":
+            raise StoreError(
+                f"campaign '{name}': a battle campaign has no rankings to train on; pick a labeling campaign"
+            )
+    rows: list[dict[str, Any]] = []
+    for name in names or [None]:
+        rows += build_rows(store, kind, name)[0]
+    if not rows:
+        where = f"campaign(s) {', '.join(names)}" if names else "any campaign"
+        raise StoreError(f"nothing to train on: {where} has no {kind} rows yet; label some tasks first")
+    digest = rows_hash(rows)
+    snap_id = f"snap-{digest[:16]}"
+    existing = store.query("SELECT * FROM snapshots WHERE id = ?", [snap_id])
+    if existing and Path(existing[0]["path"]).is_file():
+        return _decode(existing[0], "filter")
+    folder = data_dir / "snapshots" / snap_id
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{kind}.parquet"
+    tmp = folder / f".{kind}.parquet.partial"
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.chmod(tmp, 0o444)  # immutable: a run's data never changes under it
+    os.replace(tmp, path)
+    judgment_ids = sorted({r["judgment_id"] for r in rows})
+    filt = {"kind": kind, "campaigns": names or "all"}
+    (folder / "filter.json").write_text(
+        json.dumps({**filt, "content_hash": digest, "judgment_ids": judgment_ids})
+    )
+    with store.transaction() as cur:
+        if not existing:
+            cur.execute(
+                "INSERT INTO snapshots (id, content_hash, kind, path, filter, rows, created_by)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [snap_id, digest, kind, str(path), json.dumps(filt), len(rows), created_by],
+            )
+            cur.executemany(
+                "INSERT INTO snapshot_judgments VALUES (?, ?)", [[snap_id, j] for j in judgment_ids]
+            )
+    return _decode(store.query("SELECT * FROM snapshots WHERE id = ?", [snap_id])[0], "filter")
+
+
+# ---------------------------------------------------------------- runs
+
+
+def submit_run(
+    store: Store,
+    data_dir: Path,
+    *,
+    stage: str,
+    created_by: str,
+    parent: str = camp.POLICY,
+    campaigns: list[str] | None = None,
+    held_out: float | None = None,
+    recipe: str | None = None,
+    steps: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    reward_model: str | None = None,
+) -> dict[str, Any]:
+    """Validate everything, take the snapshot, queue the run. Nothing is stored when a check fails."""
+    stages = stages_for(stage)
+    parent_version = store.model_version(camp.resolve_model(store, parent))
+    if parent_version["kind"] == "reward":
+        raise StoreError(
+            f"parent '{parent}' is a reward model; pick a policy version (or the 'policy' alias)"
+        )
+    available = recipes(data_dir / "recipes")
+    chosen: dict[str, str] = {}
+    for s in stages:
+        name = recipe if (recipe and len(stages) == 1) else s
+        if name not in available:
+            raise StoreError(f"recipe {name!r}: not found; available: {', '.join(available)}")
+        chosen[s] = str(available[name])
+    if held_out is not None and not 0 <= held_out < 0.9:
+        raise StoreError(f"held_out {held_out}: use a share between 0 and 0.9")
+    if steps is not None and not 1 <= steps <= 100_000:
+        raise StoreError(f"steps {steps}: use a whole number from 1 to 100000")
+    per_stage: dict[str, dict[str, Any]] = {}
+    for s in stages:
+        o = dict(overrides or {})
+        if steps is not None:
+            o[STEPS_KEY[s]] = steps
+        if held_out is not None and s != "ppo":
+            o["held_out"] = held_out
+        for key in o:
+            if not key.replace(".", "").replace("_", "").isalnum():
+                raise StoreError(f"override {key!r}: keys are recipe settings like train.max_steps")
+        per_stage[s] = o
+    rm = None
+    if "ppo" in stages:
+        rm = reward_model or newest_reward_model(store)
+        if rm is None:
+            raise StoreError(
+                "ppo needs a reward model and none is registered yet: train the reward stage first"
+            )
+        if store.model_version(rm)["kind"] != "reward":
+            raise StoreError(
+                f"reward_model '{rm}' is not a reward model; pick one of: "
+                f"{', '.join(v['name'] for v in reward_models(store)) or 'none yet'}"
+            )
+    kinds = {SNAPSHOT_KIND[s] for s in stages}
+    snapshot = take_snapshot(store, data_dir, kinds.pop(), campaigns, created_by)
+    run_id = "run-" + new_id()[:10]
+    out = data_dir / "runs" / run_id
+    with store.transaction() as cur:
+        cur.execute(
+            "INSERT INTO runs (id, stages, status, parent, reward_model, recipes, overrides, snapshot_id,"
+            " output_dir, versions, created_by) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, [], ?)",
+            [
+                run_id,
+                stages,
+                parent_version["name"],
+                rm,
+                json.dumps(chosen),
+                json.dumps(per_stage),
+                snapshot["id"],
+                str(out),
+                created_by,
+            ],
+        )
+    return get_run(store, run_id)
+
+
+def get_run(store: Store, run_id: str) -> dict[str, Any]:
+    rows = store.query("SELECT * FROM runs WHERE id = ?", [run_id])
+    if not rows:
+        raise StoreError(f"run '{run_id}' does not exist; `studio runs list` shows the runs")
+    return _decode(rows[0], "recipes", "overrides", "metrics")
+
+
+def list_runs(store: Store, limit: int = 50) -> list[dict[str, Any]]:
+    rows = store.query("SELECT * FROM runs ORDER BY created_at DESC, id LIMIT ?", [limit])
+    return [_decode(r, "recipes", "overrides", "metrics") for r in rows]
+
+
+def reward_models(store: Store) -> list[dict[str, Any]]:
+    return [v for v in store.model_versions() if v["kind"] == "reward"]
+
+
+def newest_reward_model(store: Store) -> str | None:
+    found = reward_models(store)
+    return found[-1]["name"] if found else None
+
+
+def lineage(store: Store, version: str) -> list[dict[str, Any]]:
+    """The chain from this version back to the base: each step's run, snapshot and judgment count."""
+    chain = []
+    name: str | None = camp.resolve_model(store, version)
+    while name is not None:
+        v = store.model_version(name)
+        step: dict[str, Any] = {
+            "version": v["name"],
+            "kind": v["kind"],
+            "parent": v["parent"],
+            "source": v["source"],
+        }
+        run_id = (v.get("meta") or {}).get("run_id")
+        if run_id:
+            run = get_run(store, run_id)
+            snap = _decode(
+                store.query("SELECT * FROM snapshots WHERE id = ?", [run["snapshot_id"]])[0], "filter"
+            )
+            judged = store.query(
+                "SELECT count(*) AS n FROM snapshot_judgments WHERE snapshot_id = ?", [snap["id"]]
+            )
+            stage = v["meta"].get("stage")
+            step |= {
+                "run": run_id,
+                "stage": stage,
+                "snapshot": snap["id"],
+                "snapshot_hash": snap["content_hash"],
+                "filter": snap["filter"],
+                "judgments": judged[0]["n"],
+                "metrics": (run.get("metrics") or {}).get(stage, {}),
+            }
+        chain.append(step)
+        name = v["parent"]
+    return chain
+
+
+# ---------------------------------------------------------------- the stage advisor
+
+
+def flag_rates(store: Store) -> dict[str, float | int]:
+    rows = store.query("SELECT flags FROM judgments")
+    shown = unsafe = refusal = 0
+    for r in rows:
+        flags = json.loads(r["flags"]) if isinstance(r["flags"], str) else (r["flags"] or {})
+        for names in flags.values():
+            shown += 1
+            unsafe += "unsafe" in names
+            refusal += "unhelpful_refusal" in names
+    return {
+        "judgments": len(rows),
+        "unsafe_rate": unsafe / shown if shown else 0.0,
+        "refusal_rate": refusal / shown if shown else 0.0,
+    }
+
+
+def advise(store: Store) -> dict[str, Any]:
+    """Recommend PPO or DPO from measured signals, and say why (the numbers are returned too).
+
+    The rule of thumb practitioners give: PPO explores beyond the labelled answers and is the tool
+    for shaping broad behaviour (unsafe answers, needless refusals), but only with a reward model
+    that is right most of the time; DPO is cheaper and stabler and sets preferences directly from
+    the pairs, and with noisy labels its robust loss is the safer choice.
+    """
+    signals: dict[str, Any] = flag_rates(store)
+    signals["agreement_alpha"] = campaign_agreement(store, None)["krippendorff_alpha"]
+    rm = newest_reward_model(store)
+    signals["reward_model"] = rm
+    signals["reward_model_accuracy"] = (
+        (store.model_version(rm).get("meta") or {}).get("metrics", {}).get("heldout_accuracy") if rm else None
+    )
+    reasons = []
+    behaviour = signals["unsafe_rate"] + signals["refusal_rate"]
+    acc, alpha = signals["reward_model_accuracy"], signals["agreement_alpha"]
+    if signals["judgments"] == 0:
+        return {"stage": None, "why": "no judgments yet: label first, then train", "signals": signals}
+    if alpha is not None and alpha < 0.4:
+        reasons.append(
+            f"annotators agree weakly (Krippendorff's alpha {alpha:.2f} < 0.40): the labels are noisy, "
+            "so prefer DPO with loss_type robust over a reward model fitted to noise"
+        )
+        stage = "dpo"
+    elif acc is None:
+        reasons.append("there is no reward model yet, and PPO needs one: train the reward stage, or use DPO")
+        stage = "dpo"
+    elif acc < 0.7:
+        reasons.append(
+            f"the newest reward model is right on only {acc:.0%} of held-out pairs (< 70%): "
+            "PPO would optimise its mistakes; use DPO, or label more and retrain it"
+        )
+        stage = "dpo"
+    elif behaviour >= 0.1:
+        reasons.append(
+            f"{behaviour:.0%} of judged answers are flagged unsafe or unhelpful refusals and the reward "
+            f"model is right on {acc:.0%}: shape the behaviour with PPO, then set it with DPO"
+        )
+        stage = "ppo_then_dpo"
+    else:
+        reasons.append(
+            f"few behaviour flags ({behaviour:.0%}) and a reward model right on {acc:.0%}: the pairs "
+            "already say what is wanted; DPO sets it directly and costs a fraction of PPO"
+        )
+        stage = "dpo"
+    return {"stage": stage, "why": "; ".join(reasons), "signals": signals}

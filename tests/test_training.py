@@ -1,0 +1,370 @@
+"""Training without the model server: snapshots, every stage on a tiny random model, the runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from studio import training
+from studio.campaigns import ensure_policy_alias
+from studio.jobs import Runner, progress, register_stage
+from studio.store import Store, StoreError
+from tests.helpers import easy_preference_rows, seed_easy_judgments, tiny_model, write_parquet
+
+RECIPES = Path(__file__).resolve().parents[1] / "data" / "recipes"
+TINY_LORA = ["--lora.target_modules", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+
+
+@pytest.fixture(scope="module")
+def tiny(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", model_cache / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def pref(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_parquet(easy_preference_rows(12), tmp_path_factory.mktemp("snap") / "pref.parquet")
+
+
+def run_stage(
+    stage: str, snapshot: Path, parent: Path, out: Path, *extra: str, launcher: list[str] | None = None
+) -> dict[str, Any]:
+    cmd = [
+        *(launcher or [sys.executable]),
+        "-m",
+        f"trainers.{stage}",
+        "--config",
+        str(RECIPES / f"{stage}.yaml"),
+        "--snapshot",
+        str(snapshot),
+        "--parent",
+        str(parent),
+        "--output",
+        str(out),
+        *extra,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / "meta.json").read_text())
+
+
+def steps_logged(out: Path, key: str = "loss") -> list[float]:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [e[key] for e in events if e["event"] == "step" and key in e]
+
+
+def assert_all_moved(meta: dict[str, Any]) -> None:
+    m = meta["metrics"]
+    assert m["trainable_tensors"] > 0
+    assert m["moved_tensors"] == m["trainable_tensors"], f"not trained: {m['unmoved']}"
+
+
+# ---------------------------------------------------------------- each stage on a tiny random model
+
+
+def test_reward_stage_logs_loss_moves_every_parameter_and_reports_accuracy(
+    tiny: Path, pref: Path, tmp_path: Path
+) -> None:
+    meta = run_stage("reward", pref, tiny, tmp_path / "rm", "--train.max_steps", "3")
+    assert len(steps_logged(tmp_path / "rm")) == 3
+    assert_all_moved(meta)
+    assert meta["stage"] == "reward" and meta["snapshot_rows"] == 12
+    assert 0 <= meta["metrics"]["heldout_accuracy"] <= 1 and meta["metrics"]["heldout_pairs"] > 0
+    saved = json.loads((tmp_path / "rm" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] and "score" in saved["modules_to_save"]
+
+
+def test_dpo_stage_and_sft_stacked_on_it_give_one_servable_adapter(
+    tiny: Path, pref: Path, tmp_path: Path
+) -> None:
+
+    dpo = run_stage(
+        "dpo",
+        pref,
+        tiny,
+        tmp_path / "dpo",
+        "--train.max_steps",
+        "3",
+        "--train.loss_type",
+        "robust",
+        "--train.label_smoothing",
+        "0.1",
+    )
+    assert len(steps_logged(tmp_path / "dpo")) == 3
+    assert_all_moved(dpo)
+    assert dpo["config"]["train"]["loss_type"] == "robust"
+    assert (
+        dpo["metrics"]["heldout_logp_margin_before"] is not None and "eval_rewards/margins" in dpo["metrics"]
+    )
+
+    sft_rows = [
+        {"messages": r["prompt"] + r["chosen"], "judgment_id": r["judgment_id"]}
+        for r in easy_preference_rows(8)
+    ]
+    sft_snap = write_parquet(sft_rows, tmp_path / "sft.parquet")
+    sft = run_stage("sft", sft_snap, tmp_path / "dpo", tmp_path / "sft", "--train.max_steps", "3")
+    assert_all_moved(sft)
+    assert sft["stacked_on"] and sft["exact"] and sft["rank"] == 16
+    assert json.loads((tmp_path / "sft" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(tiny)
+
+
+def test_stacked_adapter_equals_parent_adapter_plus_new_one(tiny: Path, tmp_path: Path) -> None:
+    """vLLM serves adapters over the base only: a child of an adapter is saved as one exact delta."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainers.common import load_model, save_policy_adapter
+
+    def randomised(model: Any, seed: int) -> Any:
+        torch.manual_seed(seed)
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)  # LoRA starts at B = 0; make both deltas non-zero
+        return peft
+
+    parent = randomised(AutoModelForCausalLM.from_pretrained(tiny), 1)
+    parent.save_pretrained(tmp_path / "parent")
+    child = randomised(load_model(tmp_path / "parent"), 2)  # trained over the merged parent
+    info = save_policy_adapter(child, tmp_path / "parent", tmp_path / "child")
+    assert info == {"rank": 8, "stacked_on": str(tmp_path / "parent"), "exact": True}
+    served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), tmp_path / "child").eval()
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        expected, got = child.eval()(input_ids=ids).logits, served(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny)(input_ids=ids).logits
+    assert not torch.allclose(expected, plain, atol=1e-3)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_ppo_stage_on_a_tiny_model_moves_every_parameter(tiny: Path, pref: Path, tmp_path: Path) -> None:
+    meta = run_stage(
+        "ppo",
+        pref,
+        tiny,
+        tmp_path / "ppo",
+        "--reward-model",
+        "rule:spaces",
+        "--ppo.iterations",
+        "2",
+        "--ppo.max_new_tokens",
+        "8",
+        *TINY_LORA,
+    )
+    assert_all_moved(meta)
+    events = steps_logged(tmp_path / "ppo", "policy_loss")
+    assert len(events) == 2
+    for key in ("reward", "kl", "entropy", "clipfrac", "value_loss", "response_length", "beta"):
+        assert len(steps_logged(tmp_path / "ppo", key)) == 2, key
+    assert (tmp_path / "ppo" / "value_head.safetensors").is_file()
+
+
+def test_accelerate_launch_runs_a_stage_unchanged(tiny: Path, pref: Path, tmp_path: Path) -> None:
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate, "accelerate's launcher is installed with the package"
+    meta = run_stage(
+        "dpo",
+        pref,
+        tiny,
+        tmp_path / "acc",
+        "--train.max_steps",
+        "2",
+        launcher=[
+            accelerate,
+            "launch",
+            "--num_processes",
+            "1",
+            "--cpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ],
+    )
+    assert_all_moved(meta)
+
+
+def test_bad_inputs_are_named(tiny: Path, pref: Path, tmp_path: Path) -> None:
+    def fails(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "trainers.dpo", *args], capture_output=True, text=True)
+        assert done.returncode != 0
+        return done.stderr
+
+    base = ["--config", str(RECIPES / "dpo.yaml"), "--parent", str(tiny), "--output", str(tmp_path / "o")]
+    assert "--snapshot /nope: no such file" in fails(*base, "--snapshot", "/nope")
+    sft_snap = write_parquet([{"messages": [{"role": "user", "content": "x"}]}], tmp_path / "s.parquet")
+    assert "needs column(s) prompt, chosen, rejected" in fails(*base, "--snapshot", str(sft_snap))
+    assert "every --key needs a value" in fails(*base, "--snapshot", str(pref), "--train.max_steps")
+    assert not (tmp_path / "o" / "meta.json").exists()
+
+
+# ---------------------------------------------------------------- snapshots and the runner
+
+
+class OfflineStudio:
+    """The parts of Studio the runner's registration uses; adapters are registered, not served
+    (the live tests hot-load into the real vLLM)."""
+
+    def __init__(self, store: Store):
+        self.store, self.task_sampler = store, None
+
+    def add_adapter(self, name: str, path: Path, source: str, meta: dict, parent: str) -> dict:
+        return self.store.register_model_version(
+            name, path=str(path), content_hash=name, source=source, kind="lora", parent=parent, meta=meta
+        )
+
+
+@pytest.fixture()
+def judged(tmp_path: Path, tiny: Path) -> Store:
+    store = Store(tmp_path / "s.duckdb")
+    store.register_model_version("base", path=str(tiny), content_hash="t" * 64, source="test")
+    ensure_policy_alias(store, "base")
+    seed_easy_judgments(store, n=10)
+    return store
+
+
+def test_snapshot_is_immutable_content_addressed_and_lists_its_judgments(
+    judged: Store, tmp_path: Path
+) -> None:
+    a = training.take_snapshot(judged, tmp_path, "preference", ["easy"])
+    b = training.take_snapshot(judged, tmp_path, "preference", ["easy"])
+    assert a["id"] == b["id"] and a["content_hash"] == b["content_hash"] and a["rows"] == 10
+    assert not os.stat(a["path"]).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    from trainers.common import read_snapshot, rows_hash
+
+    assert rows_hash(read_snapshot(Path(a["path"]))) == a["content_hash"]
+    ids = {r["judgment_id"] for r in judged.query("SELECT judgment_id FROM snapshot_judgments")}
+    assert ids == {r["id"] for r in judged.query("SELECT id FROM judgments")}
+    with pytest.raises(StoreError, match="campaign 'nope' does not exist"):
+        training.take_snapshot(judged, tmp_path, "preference", ["nope"])
+    with judged.transaction() as cur:
+        cur.execute("UPDATE judgments SET all_bad = true")  # all-bad judgments give no preference pairs
+    with pytest.raises(StoreError, match=r"nothing to train on: campaign.s. easy has no preference rows"):
+        training.take_snapshot(judged, tmp_path, "preference", ["easy"])
+
+
+def test_submit_refuses_bad_requests_and_stores_nothing(judged: Store, tmp_path: Path) -> None:
+    cases = [
+        ({"stage": "rlhf"}, "stage 'rlhf': use one of"),
+        ({"stage": "dpo", "recipe": "nope"}, "recipe 'nope': not found"),
+        ({"stage": "dpo", "held_out": 1.5}, "held_out 1.5"),
+        ({"stage": "ppo"}, "ppo needs a reward model"),
+        ({"stage": "dpo", "parent": "ghost"}, "model version 'ghost' is not registered"),
+        ({"stage": "dpo", "overrides": {"x; rm -rf": 1}}, "override"),
+    ]
+    for body, message in cases:
+        with pytest.raises(StoreError, match=message):
+            training.submit_run(judged, tmp_path, created_by="eng", **body)
+    assert judged.count("runs") == 0 and judged.count("snapshots") == 0
+
+
+def wait_for(store: Store, run_id: str, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = training.get_run(store, run_id)
+        if run["status"] in ("succeeded", "failed", "cancelled"):
+            return run
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} did not finish: {training.get_run(store, run_id)}")
+
+
+def test_runner_trains_registers_with_lineage_and_keeps_crashes_and_cancels_contained(
+    judged: Store, tmp_path: Path
+) -> None:
+    runner = Runner(judged, tmp_path, lambda *a: register_stage(OfflineStudio(judged), *a))
+    runner.start()
+    try:
+        ok = training.submit_run(
+            judged, tmp_path, stage="reward", created_by="eng", campaigns=["easy"], steps=2
+        )
+        crash = training.submit_run(
+            judged, tmp_path, stage="dpo", created_by="eng", overrides={"train.learning_rate": "fast"}
+        )
+        slow = training.submit_run(judged, tmp_path, stage="dpo", created_by="eng", steps=500)
+        runner.poke()
+        done = wait_for(judged, ok["id"])
+        assert done["status"] == "succeeded", done["reason"]
+        rm = done["versions"][0]
+        version = judged.model_version(rm)
+        assert version["kind"] == "reward" and version["parent"] == "base"
+        chain = training.lineage(judged, rm)
+        assert chain[0]["run"] == ok["id"] and chain[0]["snapshot"] == ok["snapshot_id"]
+        assert chain[0]["judgments"] == 10 and chain[-1]["version"] == "base"
+        linked = judged.query("SELECT DISTINCT version FROM lineage WHERE run_id = ?", [ok["id"]])
+        assert [r["version"] for r in linked] == [rm]
+
+        failed = wait_for(judged, crash["id"])
+        assert failed["status"] == "failed" and "stage dpo exited with code" in failed["reason"]
+        assert failed["versions"] == []
+
+        # the long run starts; cancel it while it trains
+        deadline = time.monotonic() + 120
+        while training.get_run(judged, slow["id"])["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        while not progress(training.get_run(judged, slow["id"])).get("step") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        info = progress(training.get_run(judged, slow["id"]))
+        assert info["max_steps"] == 500 and info["eta_s"] > 0
+        runner.cancel(slow["id"], "cancelled by eng")
+        cancelled = wait_for(judged, slow["id"], 60)
+        assert cancelled["status"] == "cancelled" and cancelled["reason"] == "cancelled by eng"
+        assert cancelled["versions"] == []
+        assert {v["name"] for v in judged.model_versions()} == {"base", rm}
+    finally:
+        runner.stop()
+    leftovers = subprocess.run(["pgrep", "-f", "trainers.dpo"], capture_output=True, text=True).stdout.split()
+    assert not leftovers, "a cancelled trainer process is still alive"
+
+
+def test_queued_run_cancels_at_once_and_a_dead_studio_fails_its_running_run(
+    judged: Store, tmp_path: Path
+) -> None:
+    run = training.submit_run(judged, tmp_path, stage="dpo", created_by="eng", steps=1)
+    with judged.transaction() as cur:  # as if the studio died mid-run
+        cur.execute("UPDATE runs SET status = 'running' WHERE id = ?", [run["id"]])
+    queued = training.submit_run(judged, tmp_path, stage="dpo", created_by="eng", steps=1)
+    runner = Runner(judged, tmp_path, lambda *a: "never", max_parallel=0)
+    runner.start()
+    try:
+        assert training.get_run(judged, run["id"])["status"] == "failed"
+        assert "studio stopped" in training.get_run(judged, run["id"])["reason"]
+        assert runner.cancel(queued["id"], "changed my mind")["status"] == "cancelled"
+        with pytest.raises(StoreError, match="already cancelled"):
+            runner.cancel(queued["id"], "again")
+    finally:
+        runner.stop()
+
+
+def test_advisor_says_why(judged: Store) -> None:
+    advice = training.advise(judged)
+    assert advice["stage"] == "dpo" and "no reward model" in advice["why"]
+    judged.register_model_version(
+        "rm1",
+        path="/x",
+        content_hash="r" * 64,
+        source="test",
+        kind="reward",
+        parent="base",
+        meta={"metrics": {"heldout_accuracy": 0.95}},
+    )
+    with judged.transaction() as cur:
+        cur.execute("""UPDATE judgments SET flags = '{"g": ["unsafe"]}'""")
+    advice = training.advise(judged)
+    assert (
+        advice["stage"] == "ppo_then_dpo"
+        and "95%" in advice["why"]
+        and advice["signals"]["unsafe_rate"] > 0.1
+    )
