@@ -206,7 +206,7 @@ def build_router() -> APIRouter:
             )
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        version = camp.resolve_model(studio.store, body.model or studio.base_version)
+        version = camp.resolve_policy(studio.store, body.model or studio.base_version)
         rows = studio.sampler.sample(messages, params, version=version)
         return {"generations": [_public(r) for r in rows]}
 
@@ -415,13 +415,7 @@ def build_router() -> APIRouter:
     def promote(
         name: str, body: PromoteRequest, request: Request, user: User = Depends(allowed("train"))
     ) -> dict[str, Any]:
-        store = studio_of(request).store
-        version = store.model_version(name)
-        if version["kind"] == "reward":
-            raise HTTPException(
-                422, f"version '{name}' is a reward model; only policy versions can be promoted"
-            )
-        camp.set_alias(store, body.alias, name)
+        camp.set_alias(studio_of(request).store, body.alias, name)
         return {"alias": body.alias, "version": name}
 
     # training -----------------------------------------------------------------------

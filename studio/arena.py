@@ -64,7 +64,7 @@ def create_battle_campaign(
     versions = list(dict.fromkeys(v.strip() for v in versions if v.strip()))
     if len(versions) < 2:
         raise StoreError("versions: a battle campaign needs at least two different versions or aliases")
-    resolved = {camp.resolve_model(store, v) for v in versions}
+    resolved = {camp.resolve_policy(store, v) for v in versions}
     if len(resolved) < 2:
         raise StoreError(
             f"versions: {', '.join(versions)} all resolve to {resolved.pop()}; "

@@ -14,7 +14,8 @@ CAMPAIGN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def set_alias(store: Store, alias: str, version: str) -> None:
-    store.model_version(version)  # must exist
+    if store.model_version(version)["kind"] == "reward":  # must exist, and must answer prompts
+        raise StoreError(f"version '{version}' is a reward model; only policy versions can be promoted")
     with store.transaction() as cur:
         cur.execute(
             "INSERT INTO aliases (name, version) VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
@@ -35,6 +36,14 @@ def resolve_model(store: Store, name: str) -> str:
     if rows:
         return rows[0]["version"]
     return store.model_version(name)["name"]
+
+
+def resolve_policy(store: Store, name: str) -> str:
+    """Like `resolve_model`, for what generates text: a reward model scores, it cannot answer."""
+    version = resolve_model(store, name)
+    if store.model_version(version)["kind"] == "reward":
+        raise StoreError(f"model '{name}' is a reward model; pick a policy version or alias to sample from")
+    return version
 
 
 def aliases(store: Store) -> dict[str, str]:
@@ -76,7 +85,7 @@ def create_campaign(
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     except ValueError as exc:
         raise StoreError(str(exc)) from None
-    resolve_model(store, model)  # an unknown model fails now, not in the sampler
+    resolve_policy(store, model)  # an unknown model or a reward model fails now, not in the sampler
     sets = {s["name"]: s["prompts"] for s in store.prompt_sets()}
     if prompt_set not in sets:
         known = ", ".join(sets) or "none yet; import one with `studio import FILE --set NAME`"

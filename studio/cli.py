@@ -410,8 +410,6 @@ def cmd_models_lineage(args: argparse.Namespace) -> int:
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
     def direct(store: Store) -> dict[str, Any]:
-        if store.model_version(args.name)["kind"] == "reward":
-            raise CLIError(f"version '{args.name}' is a reward model; only policy versions can be promoted")
         campaigns.set_alias(store, args.alias, args.name)
         return {"alias": args.alias, "version": args.name}
 

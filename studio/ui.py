@@ -636,8 +636,6 @@ def _models_tab(studio: Studio, demo: gr.Blocks) -> None:
                     if not version["parent"]:
                         raise StoreError(f"policy is at '{target}', which has no parent to roll back to")
                     version = studio.store.model_version(version["parent"])
-                if version["kind"] == "reward":
-                    raise StoreError(f"'{version['name']}' is a reward model; promote a policy version")
                 camp.set_alias(studio.store, camp.POLICY, version["name"])
             except USER_ERRORS as exc:
                 raise _fail(exc) from None

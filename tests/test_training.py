@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from studio import training
-from studio.campaigns import ensure_policy_alias
+from studio.campaigns import ensure_policy_alias, set_alias
 from studio.jobs import Runner, progress, register_stage
 from studio.store import Store, StoreError
 from tests.helpers import easy_preference_rows, seed_easy_judgments, tiny_model, write_parquet
@@ -257,11 +257,13 @@ def test_snapshot_is_immutable_content_addressed_and_lists_its_judgments(
 
 
 def test_submit_refuses_bad_requests_and_stores_nothing(judged: Store, tmp_path: Path) -> None:
+    judged.register_model_version("rm0", path="/rm", content_hash="r" * 64, source="t", kind="reward")
     cases = [
+        ({"stage": "dpo", "parent": "rm0"}, "'rm0' is a reward model"),
+        ({"stage": "ppo", "reward_model": "base"}, "reward_model 'base' is not a reward model"),
         ({"stage": "rlhf"}, "stage 'rlhf': use one of"),
         ({"stage": "dpo", "recipe": "nope"}, "recipe 'nope': not found"),
         ({"stage": "dpo", "held_out": 1.5}, "held_out 1.5"),
-        ({"stage": "ppo"}, "ppo needs a reward model"),
         ({"stage": "dpo", "parent": "ghost"}, "model version 'ghost' is not registered"),
         ({"stage": "dpo", "overrides": {"x; rm -rf": 1}}, "override"),
     ]
@@ -269,6 +271,13 @@ def test_submit_refuses_bad_requests_and_stores_nothing(judged: Store, tmp_path:
         with pytest.raises(StoreError, match=message):
             training.submit_run(judged, tmp_path, created_by="eng", **body)
     assert judged.count("runs") == 0 and judged.count("snapshots") == 0
+    with judged.transaction() as cur:
+        cur.execute("DELETE FROM model_versions WHERE name = 'rm0'")
+    with pytest.raises(StoreError, match="ppo needs a reward model"):
+        training.submit_run(judged, tmp_path, created_by="eng", stage="ppo")
+    judged.register_model_version("rm1", path="/rm", content_hash="s" * 64, source="t", kind="reward")
+    with pytest.raises(StoreError, match="'rm1' is a reward model; only policy versions"):
+        set_alias(judged, "policy", "rm1")
 
 
 def wait_for(store: Store, run_id: str, timeout: float = 300) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -332,7 +333,8 @@ def train_ppo(
     order: list[int] = []
     history: list[dict[str, float]] = []
     for iteration in range(1, cfg.iterations + 1):
-        # 1. rollout
+        # 1. rollout (timed apart: on a CPU it dominates, see benchmarks/training.py)
+        t0 = time.perf_counter()
         batch = []
         for _ in range(cfg.batch_size):
             if not order:
@@ -352,6 +354,7 @@ def train_ppo(
         decoded = [
             tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(response, lengths, strict=True)
         ]
+        t_rollout = time.perf_counter() - t0
         # 2. score
         raw = torch.tensor(reward(batch, decoded, lengths.tolist()), dtype=torch.float32)
         scores = raw.clone()
@@ -376,6 +379,7 @@ def train_ppo(
         # 6. GAE, whitened advantages
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask)
+        t_optimise = time.perf_counter()
         # 7. optimise
         stats: dict[str, list[float]] = {
             k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")
@@ -398,6 +402,7 @@ def train_ppo(
                     stats["vf_clipfrac"].append(vf_clipfrac.item())
                     stats["approx_kl"].append(masked_mean(0.5 * (logp - old_logp[mb]) ** 2, m).item())
                     stats["entropy"].append(masked_mean(entropy, m).item())
+        t_optimise = time.perf_counter() - t_optimise
         # 8. KL control, on the mean summed KL of a response
         seq_kl = kl.sum(-1).mean().item()
         beta_used = kl_ctl.beta
@@ -405,6 +410,8 @@ def train_ppo(
         residual = (returns - old_values)[mask.bool()]
         explained = 1 - residual.var().item() / max(returns[mask.bool()].var().item(), 1e-8)
         row = {
+            "time_rollout": t_rollout,
+            "time_optimise": t_optimise,
             "reward": raw.mean().item(),
             "score": scores.mean().item(),
             "kl": seq_kl,
