@@ -36,8 +36,12 @@ def direct(stage: str, snapshot: Path, parent: Path, out: Path, steps: int, batc
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers import TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
 
     from trainers.common import load_recipe, read_snapshot
 
