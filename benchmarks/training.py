@@ -75,6 +75,7 @@ def direct(stage: str, snapshot: Path, parent: Path, out: Path, steps: int, batc
         "max_length": recipe["train"]["max_length"],
         "use_cpu": True,
         "disable_tqdm": True,
+        "seed": int(recipe.get("seed", 0)),  # the studio run's batches, so the same lengths
     }
     peft = {
         "r": lora["r"],

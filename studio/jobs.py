@@ -24,6 +24,7 @@ from typing import Any
 from studio import arena
 from studio import training as tr
 from studio.model_prep import folder_hash
+from studio.serving.vllm_server import die_with_parent
 from studio.store import Store, StoreError, _decode
 from trainers.common import META_FILE, METRICS_FILE
 
@@ -190,6 +191,8 @@ class Runner:
                 self.store.model_version(parent)["path"],
                 "--output",
                 str(folder),
+                "--parent-version",
+                parent,
             ]
             if stage == "ppo":
                 cmd += ["--reward-model", self.store.model_version(run["reward_model"])["path"]]
@@ -231,13 +234,14 @@ class Runner:
             with self._lock:
                 if run_id in self._cancel:
                     return -signal.SIGTERM
-                # own process group: a cancel reaches every process the trainer starts
+                # own session and process group (a cancel reaches every process the trainer
+                # starts), and a SIGTERM from the kernel if this thread's studio dies outright
                 proc = subprocess.Popen(
                     cmd,
                     stdout=fh,
                     stderr=subprocess.STDOUT,
                     env=env,
-                    start_new_session=True,
+                    preexec_fn=die_with_parent,
                     cwd=str(self.data_dir),
                 )
                 self._procs[run_id] = proc

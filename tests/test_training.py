@@ -76,7 +76,7 @@ def test_reward_stage_logs_loss_moves_every_parameter_and_reports_accuracy(
     meta = run_stage("reward", pref, tiny, tmp_path / "rm", "--train.max_steps", "3")
     assert len(steps_logged(tmp_path / "rm")) == 3
     assert_all_moved(meta)
-    assert meta["stage"] == "reward" and meta["snapshot_rows"] == 12
+    assert meta["stage"] == "reward" and meta["snapshot_rows"] == 12 and meta["parent_version"] == "tiny"
     assert 0 <= meta["metrics"]["heldout_accuracy"] <= 1 and meta["metrics"]["heldout_pairs"] > 0
     saved = json.loads((tmp_path / "rm" / "adapter_config.json").read_text())
     assert saved["modules_to_save"] and "score" in saved["modules_to_save"]

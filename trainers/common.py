@@ -53,6 +53,9 @@ def parse_args(stage: str, argv: list[str] | None = None) -> tuple[argparse.Name
         "--parent", required=True, type=Path, help="model folder (full weights or a LoRA adapter)"
     )
     parser.add_argument("--output", required=True, type=Path, help="folder to write the trained model into")
+    parser.add_argument(
+        "--parent-version", help="the parent's version name, kept in meta.json (default: its folder's name)"
+    )
     if stage == "ppo":
         parser.add_argument(
             "--reward-model",
@@ -349,6 +352,7 @@ def write_meta(
     meta = {
         "stage": stage,
         "parent": str(args.parent.resolve()),
+        "parent_version": getattr(args, "parent_version", None) or args.parent.resolve().name,
         "base": str(base_of(args.parent.resolve())),
         "snapshot": str(args.snapshot.resolve()),
         "snapshot_hash": rows_hash(rows),

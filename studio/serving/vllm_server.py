@@ -56,7 +56,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     # PR_SET_PDEATHSIG: if the studio is killed outright (no chance to clean
     # up), the kernel sends the server SIGTERM, so it never outlives us.
     os.setsid()
@@ -184,7 +184,7 @@ class VLLMServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.environment(),
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         log.close()
 
