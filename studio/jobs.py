@@ -282,30 +282,20 @@ def register_stage(studio: Any, run: dict[str, Any], stage: str, folder: Path, m
     name = version_name(run, stage)
     parent = meta["parent_version"]
     source = f"run:{run['id']}"
-    if stage == "reward":
+    if stage == "reward" or meta.get("kind") != "lora":
+        # a reward model is kept for PPO; full weights are registered, and serving them needs a
+        # restart with --model (vLLM swaps only LoRA adapters live)
         store.register_model_version(
             name,
             path=str(folder.resolve()),
             content_hash=folder_hash(folder),
             source=source,
-            kind="reward",
+            kind="reward" if stage == "reward" else "full",
             parent=parent,
             meta=meta,
         )
         return name
-    if meta.get("kind") == "lora":
-        studio.add_adapter(name, folder, source=source, meta=meta, parent=parent)
-    else:  # full weights: registered; serving them needs a restart with --model (vLLM swaps LoRA only live)
-        store.register_model_version(
-            name,
-            path=str(folder.resolve()),
-            content_hash=folder_hash(folder),
-            source=source,
-            kind="full",
-            parent=parent,
-            meta=meta,
-        )
-        return name
+    studio.add_adapter(name, folder, source=source, meta=meta, parent=parent)
     rebattle = f"rebattle-{name}"
     prompt_set = _prompt_set_for(store, run)
     if prompt_set is not None:

@@ -10,7 +10,7 @@ from studio import labeling
 from studio.export import MARGINS, build_rows, write_export
 from studio.labeling import Submission
 from studio.store import Store, StoreError
-from tests.helpers import make_users, seed_campaign
+from tests.helpers import make_users, seed_campaign, tiny_model
 
 
 @pytest.fixture()
@@ -106,29 +106,14 @@ def test_nothing_to_export_is_an_error_and_writes_nothing(tmp_path: Path) -> Non
 def test_export_trains_one_dpo_step_unchanged(judged: Store, tmp_path: Path, model_cache: Path) -> None:
     """The exported folder goes into TRL's DPOTrainer as it is, on a tiny random model."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     out = tmp_path / "pref"
     write_export(judged, out, "preference", "datasets")
-    tokenizer = AutoTokenizer.from_pretrained(model_cache / "smollm2-135m-instruct")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
-    tiny = tmp_path / "tiny"  # TRL builds the DPO reference model from the policy's path
-    model.save_pretrained(tiny)
-    tokenizer.save_pretrained(tiny)
+    # TRL builds the DPO reference model from the policy's path, so the tiny model lives on disk
+    tiny = tiny_model(tmp_path / "tiny", model_cache / "smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
     model = LlamaForCausalLM.from_pretrained(tiny)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     config = DPOConfig(

@@ -376,6 +376,26 @@ def run_main(stage: str, train: Callable[[argparse.Namespace, dict[str, Any]], d
         fail(str(exc))
 
 
+def train_policy(
+    trainer: Any, args: argparse.Namespace, tokenizer: Any, lora: bool, evaluate: bool
+) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Train a TRL policy trainer, check every trainable tensor moved, evaluate, save the model.
+
+    Returns (train result, moved report, evaluation, what the save did) for the stage's metrics.
+    """
+    before = trainable_copy(trainer.model)
+    result = trainer.train()
+    moved = moved_report(trainer.model, before)
+    evaluation = trainer.evaluate() if evaluate else {}
+    if lora:
+        saved = {"kind": "lora", **save_policy_adapter(trainer.model, args.parent, args.output)}
+    else:
+        trainer.model.save_pretrained(args.output)
+        tokenizer.save_pretrained(args.output)
+        saved = {"kind": "full"}
+    return result, moved, evaluation, saved
+
+
 def trainable_copy(model: Any) -> dict[str, Any]:
     """The trainable tensors before training, to check afterwards that every one of them moved."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -18,15 +18,13 @@ from trainers.common import (
     load_model,
     load_tokenizer,
     lora_config,
-    moved_report,
     read_snapshot,
     require_columns,
     run_main,
-    save_policy_adapter,
     seed_everything,
     split_held_out,
     train_args,
-    trainable_copy,
+    train_policy,
     uses_lora,
     write_meta,
 )
@@ -88,16 +86,7 @@ def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
         peft_config=lora_config(recipe, "CAUSAL_LM") if lora else None,
         callbacks=[hf_callback(reporter)],
     )
-    before_training = trainable_copy(trainer.model)
-    result = trainer.train()
-    moved = moved_report(trainer.model, before_training)
-    evaluation = trainer.evaluate() if held else {}
-    if lora:
-        saved = save_policy_adapter(trainer.model, args.parent, args.output)
-    else:
-        trainer.model.save_pretrained(args.output)
-        tokenizer.save_pretrained(args.output)
-        saved = {}
+    result, moved, evaluation, saved = train_policy(trainer, args, tokenizer, lora, evaluate=bool(held))
     metrics = {
         "train_loss": result.training_loss,
         "steps": result.global_step,
@@ -109,7 +98,7 @@ def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
         **{k: v for k, v in evaluation.items() if k.startswith("eval_rewards") or k == "eval_loss"},
     }
     reporter.emit("end", step=result.global_step, **{k: v for k, v in metrics.items() if v is not None})
-    write_meta(args.output, "dpo", args, recipe, rows, metrics, {"kind": "lora" if lora else "full", **saved})
+    write_meta(args.output, "dpo", args, recipe, rows, metrics, saved)
     return metrics
 
 

@@ -14,15 +14,13 @@ from trainers.common import (
     load_model,
     load_tokenizer,
     lora_config,
-    moved_report,
     read_snapshot,
     require_columns,
     run_main,
-    save_policy_adapter,
     seed_everything,
     split_held_out,
     train_args,
-    trainable_copy,
+    train_policy,
     uses_lora,
     write_meta,
 )
@@ -55,16 +53,7 @@ def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
         peft_config=lora_config(recipe, "CAUSAL_LM") if lora else None,
         callbacks=[hf_callback(reporter)],
     )
-    before_training = trainable_copy(trainer.model)
-    result = trainer.train()
-    moved = moved_report(trainer.model, before_training)
-    evaluation = trainer.evaluate() if held else {}
-    if lora:
-        saved = save_policy_adapter(trainer.model, args.parent, args.output)
-    else:
-        trainer.model.save_pretrained(args.output)
-        tokenizer.save_pretrained(args.output)
-        saved = {}
+    result, moved, evaluation, saved = train_policy(trainer, args, tokenizer, lora, evaluate=bool(held))
     metrics = {
         "train_loss": result.training_loss,
         "steps": result.global_step,
@@ -73,7 +62,7 @@ def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
         **({"eval_loss": evaluation["eval_loss"]} if "eval_loss" in evaluation else {}),
     }
     reporter.emit("end", step=result.global_step, **metrics)
-    write_meta(args.output, "sft", args, recipe, rows, metrics, {"kind": "lora" if lora else "full", **saved})
+    write_meta(args.output, "sft", args, recipe, rows, metrics, saved)
     return metrics
 
 
