@@ -120,6 +120,8 @@ class RunRequest(BaseModel):
     steps: int | None = Field(None, description="override the recipe's steps (ppo: iterations)")
     overrides: dict[str, Any] | None = Field(None, description="recipe keys, e.g. {'train.beta': 0.2}")
     reward_model: str | None = Field(None, description="ppo: a reward version (the newest by default)")
+    annotators: list[str] | None = Field(None, description="only these annotators' judgments (all if unset)")
+    min_strength: int | None = Field(None, description="only judgments stated at least this strong (1-3)")
 
 
 class PromoteRequest(BaseModel):

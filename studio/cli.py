@@ -342,6 +342,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "overrides": _overrides(args.set),
         "reward_model": args.reward_model,
+        "annotators": args.annotator or None,
+        "min_strength": args.min_strength,
     }
     run = with_store_or_rest(
         args,
@@ -721,6 +723,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a recipe setting, e.g. --set train.beta=0.2 (repeat)",
     )
     train.add_argument("--reward-model", help="ppo: reward version (default: the newest)")
+    train.add_argument(
+        "--annotator", action="append", default=[], help="only this annotator's judgments (repeat)"
+    )
+    train.add_argument(
+        "--min-strength", type=int, choices=[1, 2, 3], help="only judgments at least this strong"
+    )
     train.add_argument("--wait", action="store_true", help="follow progress until the run ends")
     data_dir_arg(train)
     url_arg(train)

@@ -51,9 +51,19 @@ def recipes(extra_dir: Path | None = None) -> dict[str, Path]:
 
 
 def take_snapshot(
-    store: Store, data_dir: Path, kind: str, campaigns: list[str] | None, created_by: str | None = None
+    store: Store,
+    data_dir: Path,
+    kind: str,
+    campaigns: list[str] | None,
+    created_by: str | None = None,
+    annotators: list[str] | None = None,
+    min_strength: int | None = None,
 ) -> dict[str, Any]:
-    """Write (or find) the immutable snapshot of these campaigns' judgments. Same data, same id."""
+    """Write (or find) the immutable snapshot of these campaigns' judgments. Same data, same id.
+
+    Filters: only these annotators' judgments; only judgments whose stated strength is at least
+    `min_strength` (1 slight, 2 clear, 3 strong; a judgment without a strength counts as 0).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -66,8 +76,20 @@ def take_snapshot(
     rows: list[dict[str, Any]] = []
     for name in names or [None]:
         rows += build_rows(store, kind, name)[0]
+    if min_strength is not None and min_strength not in (1, 2, 3):
+        raise StoreError(f"min_strength {min_strength}: use 1 (slight), 2 (clear) or 3 (strong)")
+    people = sorted(set(annotators or []))
+    if people or min_strength:
+        strength = {r["id"]: r["strength"] or 0 for r in store.query("SELECT id, strength FROM judgments")}
+        rows = [
+            r
+            for r in rows
+            if (not people or r["annotator"] in people) and strength[r["judgment_id"]] >= (min_strength or 0)
+        ]
     if not rows:
         where = f"campaign(s) {', '.join(names)}" if names else "any campaign"
+        if people or min_strength:
+            where += f" (annotators {', '.join(people) or 'any'}, min strength {min_strength or 'any'})"
         raise StoreError(f"nothing to train on: {where} has no {kind} rows yet; label some tasks first")
     digest = rows_hash(rows)
     snap_id = f"snap-{digest[:16]}"
@@ -82,7 +104,12 @@ def take_snapshot(
     os.chmod(tmp, 0o444)  # immutable: a run's data never changes under it
     os.replace(tmp, path)
     judgment_ids = sorted({r["judgment_id"] for r in rows})
-    filt = {"kind": kind, "campaigns": names or "all"}
+    filt = {
+        "kind": kind,
+        "campaigns": names or "all",
+        "annotators": people or "all",
+        "min_strength": min_strength,
+    }
     (folder / "filter.json").write_text(
         json.dumps({**filt, "content_hash": digest, "judgment_ids": judgment_ids})
     )
@@ -115,6 +142,8 @@ def submit_run(
     steps: int | None = None,
     overrides: dict[str, Any] | None = None,
     reward_model: str | None = None,
+    annotators: list[str] | None = None,
+    min_strength: int | None = None,
 ) -> dict[str, Any]:
     """Validate everything, take the snapshot, queue the run. Nothing is stored when a check fails."""
     stages = stages_for(stage)
@@ -158,7 +187,7 @@ def submit_run(
                 f"{', '.join(v['name'] for v in reward_models(store)) or 'none yet'}"
             )
     kinds = {SNAPSHOT_KIND[s] for s in stages}
-    snapshot = take_snapshot(store, data_dir, kinds.pop(), campaigns, created_by)
+    snapshot = take_snapshot(store, data_dir, kinds.pop(), campaigns, created_by, annotators, min_strength)
     run_id = "run-" + new_id()[:10]
     out = data_dir / "runs" / run_id
     with store.transaction() as cur:

@@ -736,6 +736,13 @@ def _train_tab(studio: Studio, demo: gr.Blocks) -> gr.Timer:
                     allow_custom_value=True,
                 )
                 data = gr.Dropdown(label="Labeling campaigns (empty: all)", choices=[], multiselect=True)
+                with gr.Row():
+                    who = gr.Textbox(label="Annotators (comma-separated; empty: all)")
+                    strength = gr.Dropdown(
+                        label="Minimum strength",
+                        choices=[("any", 0), ("slight", 1), ("clear", 2), ("strong", 3)],
+                        value=0,
+                    )
                 held_out = gr.Slider(0, 0.5, value=0.2, step=0.05, label="Held-out share of prompts")
                 recipe = gr.Dropdown(
                     label="Recipe (empty: the stage's own)", choices=[], allow_custom_value=True
@@ -837,6 +844,8 @@ def _train_tab(studio: Studio, demo: gr.Blocks) -> gr.Timer:
             steps_v: float | None,
             rm: str | None,
             lines: str,
+            who_v: str,
+            strength_v: int | None,
             request: gr.Request,
         ) -> list[Any]:
             user = _user(studio, request, "train")
@@ -860,6 +869,8 @@ def _train_tab(studio: Studio, demo: gr.Blocks) -> gr.Timer:
                     steps=int(steps_v) if steps_v else None,
                     overrides=pairs,
                     reward_model=rm or None,
+                    annotators=[a.strip() for a in (who_v or "").split(",") if a.strip()] or None,
+                    min_strength=int(strength_v) if strength_v else None,
                 )
             except USER_ERRORS as exc:
                 raise _fail(exc) from None
@@ -881,7 +892,7 @@ def _train_tab(studio: Studio, demo: gr.Blocks) -> gr.Timer:
             return refresh(run_id, request)
 
         shown = [runs_table, pick, status, curves, log]
-        form = [stage, parent, data, held_out, recipe, steps, reward_model, overrides]
+        form = [stage, parent, data, held_out, recipe, steps, reward_model, overrides, who, strength]
         start.click(start_run, form, shown, api_name="train_start")
         cancel.click(cancel_run, pick, shown, api_name="train_cancel")
         pick.change(refresh, pick, shown, api_visibility="private")

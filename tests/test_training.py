@@ -248,6 +248,16 @@ def test_snapshot_is_immutable_content_addressed_and_lists_its_judgments(
     assert rows_hash(read_snapshot(Path(a["path"]))) == a["content_hash"]
     ids = {r["judgment_id"] for r in judged.query("SELECT judgment_id FROM snapshot_judgments")}
     assert ids == {r["id"] for r in judged.query("SELECT id FROM judgments")}
+    strong = training.take_snapshot(
+        judged, tmp_path, "preference", ["easy"], annotators=["ann1"], min_strength=3
+    )
+    assert strong["id"] == a["id"]  # every judgment passes these filters: the same rows, the same snapshot
+    with pytest.raises(StoreError, match=r"nothing to train on: .*annotators bob"):
+        training.take_snapshot(judged, tmp_path, "preference", ["easy"], annotators=["bob"])
+    with judged.transaction() as cur:
+        cur.execute("UPDATE judgments SET strength = 1 WHERE id = (SELECT min(id) FROM judgments)")
+    weaker = training.take_snapshot(judged, tmp_path, "preference", ["easy"], min_strength=2)
+    assert weaker["rows"] == 9 and weaker["id"] != a["id"] and weaker["filter"]["min_strength"] == 2
     with pytest.raises(StoreError, match="campaign 'nope' does not exist"):
         training.take_snapshot(judged, tmp_path, "preference", ["nope"])
     with judged.transaction() as cur:
