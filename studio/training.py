@@ -147,15 +147,16 @@ def submit_run(
 ) -> dict[str, Any]:
     """Validate everything, take the snapshot, queue the run. Nothing is stored when a check fails."""
     stages = stages_for(stage)
-    parent_version = store.model_version(camp.resolve_model(store, parent))
-    if parent_version["kind"] == "reward":
+    parent_version = store.model_version(camp.resolve_policy(store, parent))
+    if recipe and len(stages) > 1:
         raise StoreError(
-            f"parent '{parent}' is a reward model; pick a policy version (or the 'policy' alias)"
+            f"recipe {recipe!r}: a pipeline runs each stage with its own recipe ({', '.join(stages)}); "
+            "change them with overrides such as ppo.iterations or train.beta"
         )
     available = recipes(data_dir / "recipes")
     chosen: dict[str, str] = {}
     for s in stages:
-        name = recipe if (recipe and len(stages) == 1) else s
+        name = recipe or s
         if name not in available:
             raise StoreError(f"recipe {name!r}: not found; available: {', '.join(available)}")
         chosen[s] = str(available[name])
