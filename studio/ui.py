@@ -802,7 +802,7 @@ def _train_tab(studio: Studio, demo: gr.Blocks) -> gr.Timer:
                 if info.get("eta_s") is not None:
                     text += f" · ETA {info['eta_s']:.0f} s"
             if run["reason"]:
-                text += f"\n\nReason: {run['reason']}"
+                text += f"\n\nReason: {html.escape(run['reason'])}"  # from the trainer's log
             if run["versions"]:
                 text += f"\n\nVersions: {', '.join(run['versions'])}"
             if run["rebattle"]:
