@@ -105,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             vllm_port=args.vllm_port,
             ui=not args.no_ui,
             lora=not args.no_lora,
+            max_runs=args.max_runs,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
@@ -649,6 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start vLLM without runtime LoRA: faster sampling on the CPU, but "
         "trained adapters cannot be hot-loaded",
+    )
+    serve.add_argument(
+        "--max-runs",
+        type=int,
+        default=1,
+        help="training runs at once (default 1: each takes all the CPU it can get)",
     )
     serve.set_defaults(func=cmd_serve)
 

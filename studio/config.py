@@ -41,6 +41,8 @@ class Settings:
         self.data_dir = Path(self.data_dir)
         if self.model is not None:
             self.model = Path(self.model)
+        if self.max_runs < 1:
+            raise ValueError(f"--max-runs {self.max_runs}: at least one training run must be able to run")
         if self.model is not None and self.backend_url:
             raise ValueError(
                 "--model and --backend-url both given: --model starts our own vLLM on a local "

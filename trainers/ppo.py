@@ -308,7 +308,8 @@ def train_ppo(
     policy = get_peft_model(load_model(args.parent), lora_config(recipe, "CAUSAL_LM"))
     policy.eval()  # no dropout anywhere: log-probs must be the same function in rollout and update
     head = nn.Linear(policy.config.hidden_size, 1)
-    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)  # values start near 0 (Huang et al. 2024)
+    nn.init.zeros_(head.weight)  # values start at 0 (Huang et al. 2024)
+    nn.init.zeros_(head.bias)
     params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
     before_training = {
         **trainable_copy(policy),
