@@ -26,6 +26,12 @@ COMMANDS = [
     ["campaigns", "list"],
     ["export"],
     ["leaderboard"],
+    ["train"],
+    ["runs"],
+    ["runs", "list"],
+    ["runs", "cancel"],
+    ["models", "lineage"],
+    ["models", "promote"],
 ]
 
 
@@ -114,3 +120,32 @@ def test_missing_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(vllm_server.ServingError) as err:
         vllm_server.require_vllm()
     assert "pip install -e '.[cpu]'" in str(err.value) and "'.[gpu]'" in str(err.value)
+
+
+def test_train_queues_a_run_without_a_studio_and_runs_list_shows_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from studio.campaigns import ensure_policy_alias
+    from studio.cli import main
+    from tests.helpers import seed_easy_judgments
+
+    store = Store(tmp_path / "studio.duckdb")
+    store.register_model_version("base", path="/models/base", content_hash="b" * 64, source="test")
+    ensure_policy_alias(store, "base")
+    seed_easy_judgments(store, n=4)
+    store.close()
+    data = ["--data-dir", str(tmp_path)]
+    assert main(["train", "dpo", "--campaign", "easy", "--set", "train.beta=0.2", "--steps", "3", *data]) == 0
+    out = capsys.readouterr().out
+    assert "queued" in out and "it starts when the studio runs" in out
+    assert main(["runs", "list", *data]) == 0
+    listed = capsys.readouterr().out
+    assert "dpo" in listed and "queued" in listed
+    assert main(["train", "dpo", "--set", "beta", *data]) == 1
+    assert "--set beta: write recipe overrides as KEY=VALUE" in capsys.readouterr().err
+    assert main(["models", "promote", "ghost", *data]) == 1
+    assert "model version 'ghost' is not registered" in capsys.readouterr().err
+    store = Store(tmp_path / "studio.duckdb")
+    run = store.query("SELECT overrides FROM runs")[0]
+    assert json.loads(run["overrides"]) == {"dpo": {"train.beta": 0.2, "train.max_steps": 3}}
+    store.close()
