@@ -376,6 +376,38 @@ def run_main(stage: str, train: Callable[[argparse.Namespace, dict[str, Any]], d
         fail(str(exc))
 
 
+def trl_trainer(
+    stage: str,
+    trainer_cls: Any,
+    config_cls: Any,
+    args: argparse.Namespace,
+    recipe: dict[str, Any],
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+    peft_config: Any,
+    **defaults: Any,
+) -> tuple[Any, Reporter]:
+    """A TRL trainer on the recipe's `train` settings (CPU-safe defaults, then the stage's own
+    `defaults` where the recipe is silent), reporting every logged step to metrics.jsonl."""
+    settings = train_args(recipe, args.output)
+    for key, value in defaults.items():
+        settings.setdefault(key, value)
+    config = config_cls(**settings)
+    reporter = Reporter(args.output, stage, max(config.max_steps, 0))  # -1: epochs decide; set on begin
+    trainer = trainer_cls(
+        model=model,
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[hf_callback(reporter)],
+    )
+    return trainer, reporter
+
+
 def train_policy(
     trainer: Any, args: argparse.Namespace, tokenizer: Any, lora: bool, evaluate: bool
 ) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -13,8 +13,6 @@ import argparse
 from typing import Any
 
 from trainers.common import (
-    Reporter,
-    hf_callback,
     load_model,
     load_tokenizer,
     lora_config,
@@ -23,8 +21,8 @@ from trainers.common import (
     run_main,
     seed_everything,
     split_held_out,
-    train_args,
     train_policy,
+    trl_trainer,
     uses_lora,
     write_meta,
 )
@@ -72,19 +70,19 @@ def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.parent)
     model = load_model(args.parent)
     before = logp_margin(model, tokenizer, held)
-    settings = train_args(recipe, args.output)
-    settings.setdefault("max_length", 512)
-    config = DPOConfig(**settings)
-    reporter = Reporter(args.output, "dpo", config.max_steps if config.max_steps > 0 else 0)
     lora = uses_lora(recipe)
-    trainer = DPOTrainer(
-        model=model,
-        args=config,
-        train_dataset=to_ds(train_rows),
-        eval_dataset=to_ds(held) if held else None,
-        processing_class=tokenizer,
-        peft_config=lora_config(recipe, "CAUSAL_LM") if lora else None,
-        callbacks=[hf_callback(reporter)],
+    trainer, reporter = trl_trainer(
+        "dpo",
+        DPOTrainer,
+        DPOConfig,
+        args,
+        recipe,
+        model,
+        tokenizer,
+        to_ds(train_rows),
+        to_ds(held) if held else None,
+        lora_config(recipe, "CAUSAL_LM") if lora else None,
+        max_length=512,
     )
     result, moved, evaluation, saved = train_policy(trainer, args, tokenizer, lora, evaluate=bool(held))
     metrics = {

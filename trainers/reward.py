@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from trainers.common import (
-    Reporter,
-    hf_callback,
     load_model,
     load_tokenizer,
     lora_config,
@@ -26,8 +24,8 @@ from trainers.common import (
     run_main,
     seed_everything,
     split_held_out,
-    train_args,
     trainable_copy,
+    trl_trainer,
     uses_lora,
     write_meta,
 )
@@ -115,18 +113,20 @@ def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.parent)
     model = load_model(args.parent, AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
-    settings = train_args(recipe, args.output)
-    settings.setdefault("max_length", 512)
-    config = RewardConfig(**settings)
-    reporter = Reporter(args.output, "reward", config.max_steps if config.max_steps > 0 else 0)
     peft = lora_config(recipe, "SEQ_CLS", modules_to_save=["score"]) if uses_lora(recipe) else None
-    trainer = RewardTrainer(
-        model=model,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft,
-        callbacks=[hf_callback(reporter)],
+    # no eval_dataset: held-out accuracy is measured after training (pair_accuracy)
+    trainer, reporter = trl_trainer(
+        "reward",
+        RewardTrainer,
+        RewardConfig,
+        args,
+        recipe,
+        model,
+        tokenizer,
+        dataset,
+        None,
+        peft,
+        max_length=512,
     )
     before_training = trainable_copy(trainer.model)
     result = trainer.train()
@@ -137,7 +137,7 @@ def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
         "train_pairs": len(train_rows),
         "steps": result.global_step,
         **moved,
-        **pair_accuracy(trainer.model, tokenizer, held, config.max_length or 1024),
+        **pair_accuracy(trainer.model, tokenizer, held, trainer.args.max_length or 1024),
     }
     reporter.emit("end", step=result.global_step, **metrics)
     write_meta(args.output, "reward", args, recipe, rows, metrics, {"kind": "reward"})
