@@ -451,10 +451,11 @@ def build_router() -> APIRouter:
     def run_detail(run_id: str, request: Request, user: User = Depends(allowed("train"))) -> dict[str, Any]:
         run = training.get_run(studio_of(request).store, run_id)
         out = Path(run["output_dir"])
+        curves = jobs.read_metrics(out)
         return {
             **_public(run),
-            "progress": jobs.progress(run),
-            "curves": jobs.read_metrics(out),
+            "progress": jobs.progress(run, curves),
+            "curves": curves,
             "log": jobs.tail(out / "run.log"),
         }
 

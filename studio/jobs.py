@@ -44,9 +44,10 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def progress(run: dict[str, Any]) -> dict[str, Any]:
-    """Stage, step, max steps and ETA of a run, from its metrics files."""
-    events = read_metrics(Path(run["output_dir"]))
+def progress(run: dict[str, Any], events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Stage, step, max steps and ETA of a run, from its metrics (read here unless given)."""
+    if events is None:
+        events = read_metrics(Path(run["output_dir"]))
     stages = list(run["stages"])
     done = len([e for e in events if e["event"] == "end"])
     current = events[-1] if events else None
@@ -105,6 +106,7 @@ class Runner:
                 "'the studio stopped while this run was running; start it again' WHERE status = 'running'"
             )
         self._loop = threading.Thread(target=self._run, name="training-runner", daemon=True)
+        self._wake.set()  # runs queued while the studio was down start now
         self._loop.start()
 
     def stop(self) -> None:
@@ -138,10 +140,11 @@ class Runner:
     # -------------------------------------------------------------- the loop
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(timeout=1.0)
+            # every way of queueing a run pokes, and a finished run pokes for the next one:
+            # the timeout is only a safety net, not a poll of the database
+            self._wake.wait(timeout=30.0)
             self._wake.clear()
             with self._lock:
-                self._threads = {k: t for k, t in self._threads.items() if t.is_alive()}
                 free = self.max_parallel - len(self._threads)
             if free <= 0 or self._stop.is_set():
                 continue
@@ -167,6 +170,10 @@ class Runner:
             self._execute_stages(run_id)
         except Exception as exc:  # never take the studio down with a run
             self._finish(run_id, "failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._threads.pop(run_id, None)
+            self._wake.set()  # a place is free: start the next queued run
 
     def _execute_stages(self, run_id: str) -> None:
         run = tr.get_run(self.store, run_id)

@@ -794,7 +794,9 @@ def _train_tab(studio: Studio, demo: gr.Blocks) -> gr.Timer:
                 run = training.get_run(studio.store, run_id)
             except USER_ERRORS as exc:
                 raise _fail(exc) from None
-            info = jobs.progress(run)
+            out = Path(run["output_dir"])
+            events = jobs.read_metrics(out)  # read once: progress and curves both come from it
+            info = jobs.progress(run, events)
             text = f"**{run['id']}** · {'+'.join(run['stages'])} · **{run['status']}**"
             if info.get("step"):
                 text += f" · {info['stage']} step {info['step']}/{info.get('max_steps') or '?'}"
@@ -807,12 +809,11 @@ def _train_tab(studio: Studio, demo: gr.Blocks) -> gr.Timer:
                 text += f"\n\nVersions: {', '.join(run['versions'])}"
             if run["rebattle"]:
                 text += f" · blind re-battle against the parent: campaign `{run['rebattle']}`"
-            out = Path(run["output_dir"])
             return [
                 frame,
                 gr.update(choices=[r["id"] for r in runs], value=run_id),
                 text,
-                run_curves(jobs.read_metrics(out)),
+                run_curves(events),
                 jobs.tail(out / "run.log", 40),
             ]
 
