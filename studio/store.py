@@ -8,11 +8,16 @@ other process goes through the studio's REST API or reads a Parquet snapshot.
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
+import queue
 import re
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +29,7 @@ import pandas as pd
 from studio.migrations import MIGRATIONS
 
 DB_FILE = "studio.duckdb"
+log = logging.getLogger(__name__)
 
 
 class StoreLockedError(RuntimeError):
@@ -92,6 +98,8 @@ class Store:
         # DuckDB's optimistic concurrency would abort one of two conflicting
         # transactions; one lock around writes makes them wait instead.
         self._write_lock = threading.RLock()
+        self._services: dict[str, Any] = {}
+        self._services_lock = threading.Lock()
         self.applied_now = self._migrate()
 
     @classmethod
@@ -119,12 +127,29 @@ class Store:
                 raise
             cur.execute("COMMIT")
 
+    def write(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> None:
+        """One statement as its own transaction (DuckDB commits it when it returns)."""
+        with self._write_lock:
+            self.cursor().execute(sql, params if isinstance(params, dict) else list(params))
+
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         cur = self.cursor().execute(sql, params if isinstance(params, dict) else list(params))
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
+    def service(self, name: str, factory: Callable[[Store], Any]) -> Any:
+        """One long-lived helper per store (the labeling pool, say); closed before the store."""
+        with self._services_lock:
+            svc = self._services.get(name)
+            if svc is None:
+                svc = self._services[name] = factory(self)
+            return svc
+
     def close(self) -> None:
+        with self._services_lock:
+            services, self._services = list(self._services.values()), {}
+        for svc in services:
+            svc.close()  # a service with a writer commits what it acknowledged first
         self._con.close()
 
     # migrations ---------------------------------------------------------------
@@ -243,6 +268,7 @@ class Store:
                     )
                 finally:
                     cur.unregister("incoming_prompts")
+        self.memo.pop(("prompt_count", set_name), None)
         return ImportResult(set_name, len(rows), duplicates)
 
     def prompt_sets(self) -> list[dict[str, Any]]:
@@ -320,6 +346,118 @@ class Store:
         if table not in known:
             raise ValueError(f"unknown table {table}")
         return self.cursor().execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+
+
+_writers: weakref.WeakSet[BatchWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_writers() -> None:
+    # a writer's thread still running at exit would be frozen holding its DuckDB cursor
+    for writer in list(_writers):
+        writer.close()
+
+
+class BatchWriter:
+    """Group commit: the writes of many callers in one go.
+
+    A DuckDB statement costs a millisecond or more however few rows it touches (several
+    under load: the Python client takes the GIL back between its tasks), so per-request
+    transactions cap the studio at a few hundred writes a second. Callers hand a unit of
+    rows to `write`, which returns only once `flush` has committed it (so an acknowledged
+    judgment is on disk). One thread takes every unit waiting and `flush` writes them
+    together, in as few statements as it can. If a batch fails, each of its units is
+    retried alone, so one bad unit fails only its own caller.
+    """
+
+    IDLE_S = 2.0  # the thread ends after this long without work (a new write starts another)
+
+    def __init__(
+        self,
+        store: Store,
+        flush: Callable[[list[Any]], None],
+        name: str,
+        idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.flush = flush
+        self.idle = idle  # called on the writer's thread whenever the queue runs empty
+        self.name = name
+        self._queue: queue.SimpleQueue[tuple[Any, Future[None]] | None] = queue.SimpleQueue()
+        self._closed = False
+        # Guards the queue's end: nothing is queued behind the stop marker, and no unit is
+        # left behind by a thread that decided to end.
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        _writers.add(self)
+
+    def write(self, unit: Any) -> None:
+        """Commit `unit` (with whatever else is waiting); raises what its write raised."""
+        self.submit(unit).result()
+
+    def submit(self, unit: Any) -> Future[None]:
+        done: Future[None] = Future()
+        with self._lock:
+            if self._closed:
+                raise StoreError("the studio is shutting down; nothing was stored, try again in a moment")
+            self._queue.put((unit, done))
+            if self._thread is None:
+                # Started on demand and ended when idle, so a store nobody closes does not
+                # keep a thread (and the thread's DuckDB cursor) alive until exit.
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+        return done
+
+    def close(self) -> None:
+        """Write everything queued, then stop."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            self._queue.put(None)
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
+            batch = []
+            while item is not None:
+                batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._commit(batch)
+            if self.idle is not None and (item is None or self._queue.empty()):
+                try:
+                    self.idle()
+                except Exception:  # idle work is housekeeping: report it, keep writing
+                    log.exception("%s: idle work failed", self.name)
+            if item is None:  # closed
+                return
+
+    def _commit(self, batch: list[tuple[Any, Future[None]]]) -> None:
+        try:
+            self.flush([unit for unit, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            for unit, done in batch:
+                self._commit([(unit, done)])
+            return
+        for _, done in batch:
+            done.set_result(None)
 
 
 def _decode(row: dict[str, Any], *json_cols: str) -> dict[str, Any]:
