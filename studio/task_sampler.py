@@ -15,9 +15,9 @@ from typing import Any
 
 from studio import arena
 from studio.campaigns import list_campaigns, resolve_model, sampling_params
-from studio.labeling import ready_tasks
+from studio.labeling import add_task, ready_tasks
 from studio.sampling import Sampler
-from studio.store import Store, new_id
+from studio.store import Store
 
 
 class TaskSampler:
@@ -134,9 +134,4 @@ class TaskSampler:
         if isinstance(messages, str):  # DuckDB hands JSON columns back as text
             messages = json.loads(messages)
         rows = self.sampler.sample(messages, params, version=version, prompt_id=prompt["id"])
-        with self.store.transaction() as cur:
-            cur.execute(
-                "INSERT INTO tasks (id, campaign, prompt_id, model_version, generation_ids)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [new_id(), campaign, prompt["id"], version, [r["id"] for r in rows]],
-            )
+        add_task(self.store, campaign, prompt["id"], version, [r["id"] for r in rows])

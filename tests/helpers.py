@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from studio import campaigns
+from studio import campaigns, labeling
 from studio.importer import messages_hash
 from studio.store import ImportedPrompt, Store, new_id
 from studio.users import add_user
@@ -78,14 +78,7 @@ def seed_campaign(
                 }
             )
         store.add_generations(rows)
-        task_id = new_id()
-        with store.transaction() as cur:
-            cur.execute(
-                "INSERT INTO tasks (id, campaign, prompt_id, model_version, generation_ids)"
-                " VALUES (?, ?, ?, 'base', ?)",
-                [task_id, name, p["id"], [r["id"] for r in rows]],
-            )
-        task_ids.append(task_id)
+        task_ids.append(labeling.add_task(store, name, p["id"], "base", [r["id"] for r in rows]))
     campaigns.set_status(store, name, "active")
     return task_ids
 
