@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from tempfile import mkdtemp
 from typing import Any
@@ -12,6 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field, model_validator
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from studio import arena, jobs, labeling, quality, training, users
 from studio import campaigns as camp
@@ -138,14 +141,20 @@ def studio_of(request: Request) -> Studio:
     return request.app.state.studio
 
 
-def allowed(capability: str) -> Callable[[Request], User]:
+def allowed(capability: str) -> Callable[[Request], Awaitable[User]]:
     """Dependency: the caller's user from `Authorization: Bearer TOKEN`, checked for `capability`."""
 
-    def check(request: Request) -> User:
+    async def check(request: Request) -> User:
+        # async, so that a known token costs no hop to a worker thread; a token not seen
+        # yet is looked up in the database on one
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         store = studio_of(request).store
-        user = users.user_for_token(store, token.strip()) if scheme.lower() == "bearer" and token else None
+        user = None
+        if scheme.lower() == "bearer" and token:
+            user = users.known_token(store, token.strip()) or await run_in_threadpool(
+                users.user_for_token, store, token.strip()
+            )
         if user is None:
             raise HTTPException(
                 401,
@@ -299,20 +308,27 @@ def build_router() -> APIRouter:
         return _next(studio_of(request), name, user)
 
     @router.post("/judgments")
-    def submit(
+    async def submit(
         body: JudgmentRequest, request: Request, user: User = Depends(allowed("label"))
     ) -> dict[str, Any]:
+        # The busiest route. The pool answers from memory and only the group commit waits,
+        # so it runs on the event loop and awaits the commit instead of holding a thread.
         studio = studio_of(request)
         fields = body.model_dump(exclude={"shown_at", "next"})
-        judgment = labeling.submit(
-            studio.store, user.name, labeling.Submission(**fields), shown_at=body.shown_at
+        sub = labeling.Submission(**fields)
+        # with next=true the judgment and the next assignment go to disk in one commit
+        committed, finish = labeling.begin_submit(
+            studio.store, user.name, sub, shown_at=body.shown_at, then_next=body.next
         )
-        out: dict[str, Any] = {"judgment": judgment}
+        with contextlib.suppress(Exception):  # finish() raises it, after undoing the change
+            await asyncio.wrap_future(committed)
+        judgment, task = finish()
         if studio.task_sampler:
             studio.task_sampler.poke()
+        out: dict[str, Any] = {"judgment": judgment}
         if body.next:
-            out["next"] = _next(studio, judgment["campaign"], user)
-        return out
+            out["next"] = _next(studio, judgment["campaign"], user, task, asked=True)
+        return JSONResponse(out)
 
     @router.post("/assignments/{assignment_id}/skip")
     def skip(assignment_id: str, request: Request, user: User = Depends(allowed("label"))) -> dict[str, Any]:
@@ -494,8 +510,12 @@ def build_router() -> APIRouter:
     return router
 
 
-def _next(studio: Studio, campaign: str, user: User) -> dict[str, Any]:
-    task = labeling.next_task(studio.store, campaign, user.name)
+def _next(
+    studio: Studio, campaign: str, user: User, task: dict[str, Any] | None = None, asked: bool = False
+) -> dict[str, Any]:
+    """The next task (or the one `asked` for already) and where the user stands."""
+    if not asked:
+        task = labeling.next_task(studio.store, campaign, user.name)
     status = labeling.progress(studio.store, campaign, user.name)
     if task is None and studio.task_sampler and status["remaining"]:
         studio.task_sampler.poke(campaign, starved=True)

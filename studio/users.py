@@ -99,6 +99,9 @@ def new_token(store: Store, name: str) -> str:
         if not cur.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
             raise StoreError(f"user '{name}' does not exist")
         cur.execute("UPDATE users SET token_hash = ? WHERE name = ?", [hash_token(token), name])
+    for key, user in list(store.memo.items()):
+        if key[0] == "token" and user.name == name:
+            del store.memo[key]
     return token
 
 
@@ -115,11 +118,22 @@ def check_password(store: Store, name: str, password: str) -> User | None:
     return User(rows[0]["name"], rows[0]["role"])
 
 
+def known_token(store: Store, token: str) -> User | None:
+    """The user of a token seen before, without touching the database (None if not seen)."""
+    return store.memo.get(("token", hash_token(token)))
+
+
 def user_for_token(store: Store, token: str) -> User | None:
-    rows = store.query(
-        "SELECT name, role FROM users WHERE token_hash = ? AND NOT disabled", [hash_token(token)]
-    )
-    return User(rows[0]["name"], rows[0]["role"]) if rows else None
+    # Asked on every REST call. Only known tokens are remembered (unknown ones would let
+    # anyone grow the cache), and new_token forgets the old one: the studio is the only writer.
+    digest = hash_token(token)
+    user = store.memo.get(("token", digest))
+    if user is None:
+        rows = store.query("SELECT name, role FROM users WHERE token_hash = ? AND NOT disabled", [digest])
+        if not rows:
+            return None
+        user = store.memo[("token", digest)] = User(rows[0]["name"], rows[0]["role"])
+    return user
 
 
 def get_user(store: Store, name: str) -> User | None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
 from studio import users
+from studio.store import Store
 from tests.conftest import LiveStudio
-from tests.helpers import PASSWORD, gradio_call
+from tests.helpers import PASSWORD, gradio_call, make_users
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +122,15 @@ def test_admin_creates_a_battle_campaign_through_the_ui_event(live_studio: LiveS
         assert event == "error" and "may not admin" in payload["error"]
     with pytest.raises(Exception, match="does not exist"):
         arena.battle_campaign(store, "roles-duel")
+
+
+def test_a_replaced_token_stops_working_at_once(tmp_path: Path) -> None:
+    # tokens are remembered in the studio process; replacing one must forget the old one
+    store = Store(tmp_path / "s.duckdb")
+    old = make_users(store, ("ann1", "annotator"))["ann1"]
+    assert users.user_for_token(store, old) == users.User("ann1", "annotator")
+    assert users.known_token(store, old) is not None  # now served from memory
+    new = users.new_token(store, "ann1")
+    assert users.known_token(store, old) is None and users.user_for_token(store, old) is None
+    assert users.user_for_token(store, new).name == "ann1"
+    store.close()
