@@ -316,7 +316,7 @@ def build_router() -> APIRouter:
         studio = studio_of(request)
         fields = body.model_dump(exclude={"shown_at", "next"})
         sub = labeling.Submission(**fields)
-        # with next=true the judgment and the next assignment go to disk in one commit
+        # with next=true the next task is taken in the same step and answered with it
         committed, finish = labeling.begin_submit(
             studio.store, user.name, sub, shown_at=body.shown_at, then_next=body.next
         )

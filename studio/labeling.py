@@ -9,10 +9,11 @@ submitted judgment is one row that keeps the whole ranking; pairs are a view.
 The pool lives in the studio process, which is the database's only writer (see
 store.py), so it can keep who-has-what in memory and answer "next task" without
 a query. DuckDB stays the truth: the pool loads a campaign from it on first use
-(so a restart resumes where it was), and every change goes through a group
-commit (`BatchWriter`) before the caller gets an answer, so an acknowledged
-judgment or assignment is on disk. Changes made in memory before the commit
-are taken back if it fails.
+(so a restart resumes where it was), and writes go through a group commit
+(`BatchWriter`). A judgment is answered only once its row is committed, so an
+acknowledged judgment is on disk; assignment rows may follow it under load (see
+`LabelingPool._flush`). Changes made in memory before a failed commit are taken
+back.
 """
 
 from __future__ import annotations
