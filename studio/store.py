@@ -8,7 +8,9 @@ other process goes through the studio's REST API or reads a Parquet snapshot.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import json
 import logging
 import queue
@@ -127,10 +129,18 @@ class Store:
                 raise
             cur.execute("COMMIT")
 
-    def write(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> None:
-        """One statement as its own transaction (DuckDB commits it when it returns)."""
+    def write(self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, exclusive: bool = True) -> None:
+        """One statement as its own transaction (DuckDB commits it when it returns).
+
+        `exclusive=False` skips the write lock, for a caller that must never wait on it (the
+        event loop) and whose statement cannot conflict with another transaction: an append
+        to a table no other code changes (DuckDB lets transactions append concurrently)."""
+        values = params if isinstance(params, dict) else list(params)
+        if not exclusive:
+            self.cursor().execute(sql, values)
+            return
         with self._write_lock:
-            self.cursor().execute(sql, params if isinstance(params, dict) else list(params))
+            self.cursor().execute(sql, values)
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         cur = self.cursor().execute(sql, params if isinstance(params, dict) else list(params))
@@ -371,6 +381,7 @@ class BatchWriter:
     """
 
     IDLE_S = 2.0  # the thread ends after this long without work (a new write starts another)
+    IDLE_TICK_S = 0.2  # `idle` runs after this long without work
 
     def __init__(
         self,
@@ -378,10 +389,20 @@ class BatchWriter:
         flush: Callable[[list[Any]], None],
         name: str,
         idle: Callable[[], None] | None = None,
+        loop_flush: Callable[[list[Any]], None] | None = None,
     ) -> None:
         self.store = store
         self.flush = flush
-        self.idle = idle  # called on the writer's thread whenever the queue runs empty
+        self.idle = idle  # called on the writer's thread after IDLE_TICK_S without work, and at close
+        # Units submitted on an event loop's thread are written there, by `loop_flush`, at
+        # the end of the loop's turn (all requests read in that turn share the write).
+        # The writer thread would have to take the GIL back from the busy loop between
+        # the tasks of every DuckDB statement, which under load made a 2 ms insert take
+        # 10; on the loop it takes the 2 ms. `loop_flush` must never wait on a lock (see
+        # Store.write's `exclusive`), or the whole server would wait with it.
+        self.loop_flush = loop_flush
+        self._loop_batches: dict[asyncio.AbstractEventLoop, list[tuple[Any, Future[None]]]] = {}
+        self._next_loop_write = 0.0  # loop time before which the next loop write waits
         self.name = name
         self._queue: queue.SimpleQueue[tuple[Any, Future[None]] | None] = queue.SimpleQueue()
         self._closed = False
@@ -392,21 +413,60 @@ class BatchWriter:
         _writers.add(self)
 
     def write(self, unit: Any) -> None:
-        """Commit `unit` (with whatever else is waiting); raises what its write raised."""
-        self.submit(unit).result()
+        """Commit `unit` (with whatever else is waiting); raises what its write raised.
 
-    def submit(self, unit: Any) -> Future[None]:
+        Always through the writer thread: waiting here on a loop's thread for a write that
+        the same loop was to make would never end."""
+        self.submit(unit, in_background=True).result()
+
+    def submit(self, unit: Any, *, in_background: bool = False) -> Future[None]:
+        """Queue `unit`; the future is done once it is written. `in_background`: never on a loop."""
         done: Future[None] = Future()
+        loop = None
+        if self.loop_flush is not None and not in_background:
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
         with self._lock:
             if self._closed:
                 raise StoreError("the studio is shutting down; nothing was stored, try again in a moment")
+            if loop is not None:
+                batch = self._loop_batches.setdefault(loop, [])
+                if not batch:
+                    # Writes are spaced by the last one's length: at most half the loop's time
+                    # goes to writing, and batches grow with the load (a write costs ~2 ms
+                    # however few rows it has). Measured 1.2-1.35x judgments/s this way.
+                    delay = self._next_loop_write - loop.time()
+                    if delay > 0:
+                        loop.call_later(delay, self._flush_on_loop, loop)
+                    else:
+                        loop.call_soon(self._flush_on_loop, loop)
+                batch.append((unit, done))
+                return done
             self._queue.put((unit, done))
-            if self._thread is None:
-                # Started on demand and ended when idle, so a store nobody closes does not
-                # keep a thread (and the thread's DuckDB cursor) alive until exit.
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
+            self._ensure_thread()
         return done
+
+    def _flush_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            batch = self._loop_batches.pop(loop, [])
+            if not batch:
+                return
+            if self._closed:
+                for item in batch:
+                    self._queue.put(item)
+                self._ensure_thread()
+                return
+        started = loop.time()
+        self._commit(batch, self.loop_flush)
+        self._next_loop_write = 2 * loop.time() - started
+
+    def _ensure_thread(self) -> None:
+        """Caller holds self._lock."""
+        if self._thread is None:
+            # Started on demand and ended when idle, so a store nobody closes does not
+            # keep a thread (and the thread's DuckDB cursor) alive until exit.
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
 
     def close(self) -> None:
         """Write everything queued, then stop."""
@@ -414,21 +474,30 @@ class BatchWriter:
             if self._closed:
                 return
             self._closed = True
+            for batch in self._loop_batches.values():  # a loop that will not turn again
+                for item in batch:
+                    self._queue.put(item)
+            self._loop_batches.clear()
+            self._ensure_thread()
             thread = self._thread
             self._queue.put(None)
         if thread is not None:
             thread.join()
 
     def _run(self) -> None:
+        quiet = 0.0
         while True:
             try:
-                item = self._queue.get(timeout=self.IDLE_S)
+                item = self._queue.get(timeout=self.IDLE_TICK_S)
             except queue.Empty:
+                quiet += self.IDLE_TICK_S
+                self._idle()
                 with self._lock:
-                    if self._queue.empty():
+                    if quiet >= self.IDLE_S and self._queue.empty():
                         self._thread = None
                         return
                 continue
+            quiet = 0.0
             batch = []
             while item is not None:
                 batch.append(item)
@@ -438,23 +507,30 @@ class BatchWriter:
                     break
             if batch:
                 self._commit(batch)
-            if self.idle is not None and (item is None or self._queue.empty()):
-                try:
-                    self.idle()
-                except Exception:  # idle work is housekeeping: report it, keep writing
-                    log.exception("%s: idle work failed", self.name)
             if item is None:  # closed
+                self._idle()
                 return
 
-    def _commit(self, batch: list[tuple[Any, Future[None]]]) -> None:
+    def _idle(self) -> None:
+        if self.idle is None:
+            return
         try:
-            self.flush([unit for unit, _ in batch])
+            self.idle()
+        except Exception:  # idle work is housekeeping: report it, keep writing
+            log.exception("%s: idle work failed", self.name)
+
+    def _commit(
+        self, batch: list[tuple[Any, Future[None]]], flush: Callable[[list[Any]], None] | None = None
+    ) -> None:
+        flush = flush or self.flush
+        try:
+            flush([unit for unit, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
                 batch[0][1].set_exception(exc)
                 return
             for unit, done in batch:
-                self._commit([(unit, done)])
+                self._commit([(unit, done)], flush)
             return
         for _, done in batch:
             done.set_result(None)
