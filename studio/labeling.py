@@ -284,6 +284,7 @@ class _Write:
     new_assignments: list[_Assignment] = field(default_factory=list)
     assignment_states: list[tuple[str, str, float]] = field(default_factory=list)  # id, status, expires
     judgments: list[dict[str, Any]] = field(default_factory=list)
+    background: bool = False  # nobody waits for it: its rows may wait in the backlog
 
 
 _JUDGMENT_COLS = (
@@ -353,28 +354,34 @@ class LabelingPool:
         self._backlog_new: dict[str, list[Any]] = {}
         self._backlog_states: dict[str, tuple[str, float]] = {}
         self._backlog_since = 0.0
-        self._writer = BatchWriter(store, self._flush, name="labeling-writer", idle=self._flush_backlog)
+        self._writer = BatchWriter(
+            store,
+            self._flush,
+            name="labeling-writer",
+            idle=self._flush_backlog,
+            loop_flush=self._flush_on_loop,
+        )
 
     def close(self) -> None:
         self._writer.close()
 
     # writing ---------------------------------------------------------------------
     def _flush(self, writes: list[_Write]) -> None:
-        """Write what the waiting callers changed (runs on BatchWriter's thread).
+        """Write what the callers waiting on the writer thread changed.
 
-        Judgments go in one INSERT, which DuckDB commits as its own transaction: one
-        statement per batch, and the caller is answered only after it. Assignment rows
-        (handed out, judged, skipped, timeout renewed) collect in a backlog written in one
-        transaction before the callers are answered too, except under load (4 or more
-        callers in the batch): then once 256 have collected or the oldest is a second old,
-        and whenever the writer runs idle. A judgment row names its task, annotator and
-        order, so loading a campaign rebuilds the assignment of any judgment whose row was
-        not written yet; what a crash under load can lose is an assignment handed out in
-        that last second: its holder is told to ask for the next task.
+        Judgments go in one INSERT, which DuckDB commits as its own transaction; callers
+        are answered only after it (on the event loop, `_flush_on_loop` does this part).
+        Assignment rows (handed out, judged, skipped, timeout renewed) collect in a backlog
+        written in one transaction: before the answer when 1-3 callers wait on this batch
+        (a worker thread's call: the UI, the CLI), otherwise once 256 have collected, the
+        oldest is a second old, or the writer has had nothing to do for 0.2 s. A judgment
+        row names its task, annotator and order, so loading a campaign rebuilds the
+        assignment row of any judgment whose row was not written yet. What a crash can
+        lose is an assignment handed out in its last second: its holder is told to ask
+        for the next task.
         """
-        judgments = [j for w in writes for j in w.judgments]
-        if judgments:
-            self.store.write(_INSERT_JUDGMENTS, [[j[c] for j in judgments] for c in _JUDGMENT_COLS])
+        waiting = sum(1 for w in writes if not w.background)
+        self._write_judgments(writes)
         if not self._backlog:
             self._backlog_since = time.monotonic()
         for w in writes:  # only now: a unit whose judgment failed leaves no assignment rows
@@ -383,8 +390,28 @@ class LabelingPool:
             for aid, status, expires in w.assignment_states:
                 self._backlog_states[aid] = (status, expires)
         due = self._backlog >= 256 or time.monotonic() - self._backlog_since >= 1.0
-        if self._backlog and (due or len(writes) < 4):
+        if self._backlog and (due or 0 < waiting < 4):
             self._flush_backlog()
+
+    def _write_judgments(self, writes: list[_Write]) -> None:
+        judgments = [j for w in writes for j in w.judgments]
+        if judgments:
+            # Only this pool writes judgments, and only by appending, so the INSERT cannot
+            # conflict with another transaction: it takes no write lock, and the event loop
+            # never waits behind an import or a snapshot.
+            params = [[j[c] for j in judgments] for c in _JUDGMENT_COLS]
+            self.store.write(_INSERT_JUDGMENTS, params, exclusive=False)
+
+    def _flush_on_loop(self, writes: list[_Write]) -> None:
+        """The event loop's share (see BatchWriter): the judgments; their assignment rows go
+        to the writer thread's backlog, which nobody waits for."""
+        self._write_judgments(writes)
+        rows = _Write(background=True)
+        for w in writes:
+            rows.new_assignments += w.new_assignments
+            rows.assignment_states += w.assignment_states
+        if rows.new_assignments or rows.assignment_states:
+            self._writer.submit(rows, in_background=True)
 
     @property
     def _backlog(self) -> int:
@@ -448,7 +475,7 @@ class LabelingPool:
         known = {r[0] for r in rows}
         # a judgment whose assignment row was not written before a crash (see _flush)
         lost = [(aid, *j[1:], "done") for aid, j in judged.items() if aid not in known]
-        rewrite = _Write()
+        rewrite = _Write(background=True)
         for aid, tid, who, order, expires, status in rows + lost:
             task = state.by_id[tid]
             a = _Assignment(aid, task, who, list(order), expires)
@@ -466,7 +493,7 @@ class LabelingPool:
                 rewrite.new_assignments.append(a)
                 rewrite.assignment_states.append((aid, "done", expires))
         if rewrite.new_assignments:
-            self._writer.submit(rewrite)
+            self._writer.submit(rewrite, in_background=True)
         state.recount_at = float("-inf")
         state.fresh(self.clock())
         self._load_content(state.tasks[state.full :])
@@ -624,7 +651,12 @@ class LabelingPool:
         return _public(row)
 
     def begin_submit(
-        self, annotator: str, sub: Submission, shown_at: float | None = None, then_next: bool = False
+        self,
+        annotator: str,
+        sub: Submission,
+        shown_at: float | None = None,
+        then_next: bool = False,
+        awaited: bool = True,
     ) -> tuple[Future[None], Callable[[], tuple[dict[str, Any], dict[str, Any] | None]]]:
         """Check and apply a judgment in memory and queue its commit.
 
@@ -658,7 +690,9 @@ class LabelingPool:
             if then_next and campaign["status"] == "active":
                 following = self._take(campaign, annotator, write)
             nxt = None if following is None else self._payload(following, campaign)
-            entry.committed = committed = self._writer.submit(write)
+            # `awaited`: the caller awaits the future on its loop, so the loop may write it;
+            # a caller that blocks on it must have the writer thread do it
+            entry.committed = committed = self._writer.submit(write, in_background=not awaited)
 
         def finish() -> tuple[dict[str, Any], dict[str, Any] | None]:
             try:
@@ -685,7 +719,7 @@ class LabelingPool:
     def submit(
         self, annotator: str, sub: Submission, shown_at: float | None = None, then_next: bool = False
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        return self.begin_submit(annotator, sub, shown_at, then_next)[1]()
+        return self.begin_submit(annotator, sub, shown_at, then_next, awaited=False)[1]()
 
     def _mark_done(self, a: _Assignment, entry: _Key) -> None:
         state = a.task.campaign
