@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from studio import campaigns, labeling, quality
+from studio.app import create_app
+from studio.config import Settings
 from studio.labeling import Submission
+from studio.runtime import Studio
 from studio.store import Store, StoreError
 from tests.helpers import make_users, seed_campaign
 
@@ -275,4 +281,62 @@ def test_a_reused_key_from_another_campaign_returns_that_judgment(tmp_path: Path
     assert again["id"] == stored["id"] and again["campaign"] == "c1"
     assert labeling.progress(store, "c2", "ann1")["done"] == 0
     assert labeling.next_task(store, "c2", "ann1")["assignment_id"] == other["assignment_id"]  # still open
+    store.close()
+
+
+@pytest.mark.anyio
+async def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path: Path) -> None:
+    """POST /judgments writes its batch on the event loop, and never waits for the store's
+    write lock: while another thread holds it (a long import) judgments are still stored and
+    answered."""
+    settings = Settings(data_dir=tmp_path, ui=False)
+    studio = Studio(settings)
+    studio.store = Store(settings.db_path)
+    tokens = make_users(studio.store, *[(f"ann{i}", "annotator") for i in range(6)])
+    seed_campaign(studio.store, prompts=10, overlap=3)
+    app = create_app(settings, studio)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://studio") as client:
+
+        async def first_task(name: str) -> dict:
+            headers = {"Authorization": f"Bearer {tokens[name]}"}
+            return (await client.post("/api/v1/campaigns/c1/next", headers=headers)).json()["task"]
+
+        async def label(name: str, rounds: int, task: dict | None = None) -> list[str]:
+            headers = {"Authorization": f"Bearer {tokens[name]}"}
+            task = task or await first_task(name)
+            ids = []
+            for _ in range(rounds):
+                body = {"assignment_id": task["assignment_id"], "ranks": [1, 2, 3], "next": True}
+                r = await client.post("/api/v1/judgments", json=body, headers=headers)
+                assert r.status_code == 200, r.text
+                ids.append(r.json()["judgment"]["id"])
+                task = r.json()["next"]["task"]
+            return ids
+
+        acked = [j for ids in await asyncio.gather(*[label(f"ann{i}", 3) for i in range(5)]) for j in ids]
+
+        held, release = threading.Event(), threading.Event()
+
+        def hold_write_lock() -> None:
+            with studio.store.transaction():
+                held.set()
+                release.wait(10)
+
+        task = await first_task("ann5")  # handing out a task waits for its row, so before the lock
+        holder = threading.Thread(target=hold_write_lock)
+        holder.start()
+        held.wait(10)
+        try:
+            acked += await asyncio.wait_for(label("ann5", 1, task), 5)  # while the lock is held
+        finally:
+            release.set()
+            holder.join()
+    studio.store.close()
+
+    store = Store(settings.db_path)
+    assert {r["id"] for r in store.query("SELECT id FROM judgments")} == set(acked)
+    assert len(acked) == 16
+    done = store.query("SELECT count(*) AS n FROM assignments WHERE status = 'done'")[0]["n"]
+    assert done == 16  # the assignment rows followed from the backlog by the close
     store.close()
