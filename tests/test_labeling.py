@@ -284,11 +284,11 @@ def test_a_reused_key_from_another_campaign_returns_that_judgment(tmp_path: Path
     store.close()
 
 
-@pytest.mark.anyio
-async def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path: Path) -> None:
+def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path: Path) -> None:
     """POST /judgments writes its batch on the event loop, and never waits for the store's
     write lock: while another thread holds it (a long import) judgments are still stored and
-    answered."""
+    answered. (Its own asyncio.run, not the anyio plugin: the plugin closes its loop when the
+    session ends, which in the full suite failed with "another loop is running".)"""
     settings = Settings(data_dir=tmp_path, ui=False)
     studio = Studio(settings)
     studio.store = Store(settings.db_path)
@@ -296,42 +296,47 @@ async def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path
     seed_campaign(studio.store, prompts=10, overlap=3)
     app = create_app(settings, studio)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://studio") as client:
 
-        async def first_task(name: str) -> dict:
-            headers = {"Authorization": f"Bearer {tokens[name]}"}
-            return (await client.post("/api/v1/campaigns/c1/next", headers=headers)).json()["task"]
+    async def scenario() -> list[str]:
+        async with httpx.AsyncClient(transport=transport, base_url="http://studio") as client:
 
-        async def label(name: str, rounds: int, task: dict | None = None) -> list[str]:
-            headers = {"Authorization": f"Bearer {tokens[name]}"}
-            task = task or await first_task(name)
-            ids = []
-            for _ in range(rounds):
-                body = {"assignment_id": task["assignment_id"], "ranks": [1, 2, 3], "next": True}
-                r = await client.post("/api/v1/judgments", json=body, headers=headers)
-                assert r.status_code == 200, r.text
-                ids.append(r.json()["judgment"]["id"])
-                task = r.json()["next"]["task"]
-            return ids
+            async def first_task(name: str) -> dict:
+                headers = {"Authorization": f"Bearer {tokens[name]}"}
+                return (await client.post("/api/v1/campaigns/c1/next", headers=headers)).json()["task"]
 
-        acked = [j for ids in await asyncio.gather(*[label(f"ann{i}", 3) for i in range(5)]) for j in ids]
+            async def label(name: str, rounds: int, task: dict | None = None) -> list[str]:
+                headers = {"Authorization": f"Bearer {tokens[name]}"}
+                task = task or await first_task(name)
+                ids = []
+                for _ in range(rounds):
+                    body = {"assignment_id": task["assignment_id"], "ranks": [1, 2, 3], "next": True}
+                    r = await client.post("/api/v1/judgments", json=body, headers=headers)
+                    assert r.status_code == 200, r.text
+                    ids.append(r.json()["judgment"]["id"])
+                    task = r.json()["next"]["task"]
+                return ids
 
-        held, release = threading.Event(), threading.Event()
+            acked = [j for ids in await asyncio.gather(*[label(f"ann{i}", 3) for i in range(5)]) for j in ids]
 
-        def hold_write_lock() -> None:
-            with studio.store.transaction():
-                held.set()
-                release.wait(10)
+            held, release = threading.Event(), threading.Event()
 
-        task = await first_task("ann5")  # handing out a task waits for its row, so before the lock
-        holder = threading.Thread(target=hold_write_lock)
-        holder.start()
-        held.wait(10)
-        try:
-            acked += await asyncio.wait_for(label("ann5", 1, task), 5)  # while the lock is held
-        finally:
-            release.set()
-            holder.join()
+            def hold_write_lock() -> None:
+                with studio.store.transaction():
+                    held.set()
+                    release.wait(10)
+
+            task = await first_task("ann5")  # handing out a task waits for its row, so before the lock
+            holder = threading.Thread(target=hold_write_lock)
+            holder.start()
+            held.wait(10)
+            try:
+                acked += await asyncio.wait_for(label("ann5", 1, task), 5)  # while the lock is held
+            finally:
+                release.set()
+                holder.join()
+        return acked
+
+    acked = asyncio.run(scenario())
     studio.store.close()
 
     store = Store(settings.db_path)
