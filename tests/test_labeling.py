@@ -287,8 +287,8 @@ def test_a_reused_key_from_another_campaign_returns_that_judgment(tmp_path: Path
 def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path: Path) -> None:
     """POST /judgments writes its batch on the event loop, and never waits for the store's
     write lock: while another thread holds it (a long import) judgments are still stored and
-    answered. (Its own asyncio.run, not the anyio plugin: the plugin closes its loop when the
-    session ends, which in the full suite failed with "another loop is running".)"""
+    answered. (Its loop runs in a thread of its own: Playwright's sync API, used by the
+    session's browser fixture, keeps a running loop on the main thread.)"""
     settings = Settings(data_dir=tmp_path, ui=False)
     studio = Studio(settings)
     studio.store = Store(settings.db_path)
@@ -336,7 +336,8 @@ def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path: Path
                 holder.join()
         return acked
 
-    acked = asyncio.run(scenario())
+    with ThreadPoolExecutor(1) as runner:  # a thread of its own: see the docstring
+        acked = runner.submit(asyncio.run, scenario()).result()
     studio.store.close()
 
     store = Store(settings.db_path)
