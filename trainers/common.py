@@ -16,7 +16,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -406,6 +406,45 @@ def trl_trainer(
         callbacks=[hf_callback(reporter)],
     )
     return trainer, reporter
+
+
+def policy_trainer(
+    stage: str,
+    trainer_cls: Any,
+    config_cls: Any,
+    args: argparse.Namespace,
+    recipe: dict[str, Any],
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    held: list[dict[str, Any]],
+    columns: Sequence[str],
+    **defaults: Any,
+) -> tuple[Any, Reporter, bool]:
+    """`trl_trainer` for a causal-LM policy stage (DPO, SFT): rows cut to `columns`, no eval set
+    when nothing is held out, LoRA unless the recipe turns it off, 512 tokens unless it says.
+
+    Returns the trainer, its reporter, and whether it trains a LoRA (for `train_policy`)."""
+    from datasets import Dataset
+
+    def to_ds(part: list[dict[str, Any]]) -> Any:
+        return Dataset.from_list([{k: r[k] for k in columns} for r in part])
+
+    lora = uses_lora(recipe)
+    trainer, reporter = trl_trainer(
+        stage,
+        trainer_cls,
+        config_cls,
+        args,
+        recipe,
+        model,
+        tokenizer,
+        to_ds(train_rows),
+        to_ds(held) if held else None,
+        lora_config(recipe, "CAUSAL_LM") if lora else None,
+        **{"max_length": 512, **defaults},
+    )
+    return trainer, reporter, lora
 
 
 def train_policy(

@@ -15,15 +15,13 @@ from typing import Any
 from trainers.common import (
     load_model,
     load_tokenizer,
-    lora_config,
+    policy_trainer,
     read_snapshot,
     require_columns,
     run_main,
     seed_everything,
     split_held_out,
     train_policy,
-    trl_trainer,
-    uses_lora,
     write_meta,
 )
 
@@ -58,31 +56,17 @@ def logp_margin(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> float
 
 
 def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     rows = read_snapshot(args.snapshot)
     require_columns(rows, COLUMNS, "dpo", args.snapshot)
     seed_everything(int(recipe.get("seed", 0)))
     train_rows, held = split_held_out(rows, float(recipe.get("held_out", 0.2)))
-    to_ds = lambda part: Dataset.from_list([{k: r[k] for k in COLUMNS} for r in part])  # noqa: E731
-
     tokenizer = load_tokenizer(args.parent)
     model = load_model(args.parent)
     before = logp_margin(model, tokenizer, held)
-    lora = uses_lora(recipe)
-    trainer, reporter = trl_trainer(
-        "dpo",
-        DPOTrainer,
-        DPOConfig,
-        args,
-        recipe,
-        model,
-        tokenizer,
-        to_ds(train_rows),
-        to_ds(held) if held else None,
-        lora_config(recipe, "CAUSAL_LM") if lora else None,
-        max_length=512,
+    trainer, reporter, lora = policy_trainer(
+        "dpo", DPOTrainer, DPOConfig, args, recipe, model, tokenizer, train_rows, held, COLUMNS
     )
     result, moved, evaluation, saved = train_policy(trainer, args, tokenizer, lora, evaluate=bool(held))
     metrics = {
