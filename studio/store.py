@@ -376,8 +376,9 @@ class BatchWriter:
     transactions cap the studio at a few hundred writes a second. Callers hand a unit of
     rows to `write`, which returns only once `flush` has committed it (so an acknowledged
     judgment is on disk). One thread takes every unit waiting and `flush` writes them
-    together, in as few statements as it can. If a batch fails, each of its units is
-    retried alone, so one bad unit fails only its own caller.
+    together, in as few statements as it can; units submitted on an event loop are
+    written on that loop instead (see `loop_flush`). If a batch fails, each of its units
+    is retried alone, so one bad unit fails only its own caller.
     """
 
     IDLE_S = 2.0  # the thread ends after this long without work (a new write starts another)
