@@ -73,11 +73,11 @@ def take_snapshot(
             raise StoreError(
                 f"campaign '{name}': a battle campaign has no rankings to train on; pick a labeling campaign"
             )
+    if min_strength is not None and min_strength not in (1, 2, 3):
+        raise StoreError(f"min_strength {min_strength}: use 1 (slight), 2 (clear) or 3 (strong)")
     rows: list[dict[str, Any]] = []
     for name in names or [None]:
         rows += build_rows(store, kind, name)[0]
-    if min_strength is not None and min_strength not in (1, 2, 3):
-        raise StoreError(f"min_strength {min_strength}: use 1 (slight), 2 (clear) or 3 (strong)")
     people = sorted(set(annotators or []))
     if people or min_strength:
         strength = {r["id"]: r["strength"] or 0 for r in store.query("SELECT id, strength FROM judgments")}
