@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import math
 import sys
 import textwrap
@@ -100,6 +101,11 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 # ---------------------------------------------------------------- typed fields
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
@@ -174,7 +180,7 @@ class Section:
     SECTION: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in fields(self):
             if not (isinstance(hints[f.name], type) and is_dataclass(hints[f.name])):
                 setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], self.key(f.name)))
@@ -625,7 +631,7 @@ class StageConfig(Section):
     )
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in fields(self):
             hint, value = hints[f.name], getattr(self, f.name)
             if isinstance(hint, type) and is_dataclass(hint) and not isinstance(value, hint):
@@ -738,9 +744,10 @@ def config_class(stage: str) -> type[StageConfig]:
 # ---------------------------------------------------------------- keys, validation, writing out
 
 
-def walk(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+@functools.cache
+def walk(cls: type, prefix: str = "") -> tuple[tuple[str, dataclasses.Field, Any], ...]:
     """(dotted key, field, type) of every setting, in field order."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     out = []
     for f in fields(cls):
         hint = hints[f.name]
@@ -748,7 +755,7 @@ def walk(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]
             out += walk(hint, f"{prefix}{f.name}.")
         else:
             out.append((prefix + f.name, f, hint))
-    return out
+    return tuple(out)
 
 
 def setting_keys(stage: str) -> list[str]:
@@ -927,7 +934,7 @@ def add_setting_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     """One `--KEY VALUE` option per setting, grouped by section, with its help and default."""
     cls = config_class(stage)
     defaults = cls()
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     titles = {"": f"recipe settings of stage {stage} (override any with --KEY VALUE; values are YAML)"}
     titles |= {
         f.name: f"{f.name}: {f.metadata['help']}"
