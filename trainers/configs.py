@@ -886,9 +886,9 @@ def format_value(value: Any) -> str:
     return text[: -len("\n...")].strip() if text.endswith("\n...") else text
 
 
-def dump(config: StageConfig, header: str = "") -> str:
+def dump(config: StageConfig) -> str:
     """The config written out as a recipe: every setting, with its help as a comment above it."""
-    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    lines: list[str] = []
 
     def emit(obj: Any, indent: int) -> None:
         pad = " " * indent
@@ -955,7 +955,13 @@ def add_setting_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
 
 def cli_overrides(stage: str, namespace: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     """Overrides from parsed setting options; leftovers are unknown keys, refused with the nearest one."""
-    overrides = {k: yaml.safe_load(v) for k, v in vars(namespace).items() if k in setting_keys(stage)}
+    overrides = {}
+    for key, raw in vars(namespace).items():
+        if key in setting_keys(stage):
+            try:
+                overrides[key] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override --{key} {raw}: not a YAML value ({exc})", key) from None
     for i, token in enumerate(extra):
         if token.startswith("--"):
             check_key(stage, token[2:].partition("=")[0], "override")
