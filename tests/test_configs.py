@@ -155,17 +155,16 @@ def test_one_default_for_held_out_and_seed_in_one_place() -> None:
         validate("dpo", {"train": {"seed": 3}})
 
 
-def test_the_old_switches_for_full_weights_are_refused_with_the_one_to_use() -> None:
-    with pytest.raises(
-        ConfigError, match=r"`lora: false` is no longer read.*write `lora: \{enabled: false\}`"
-    ):
-        validate("dpo", {"lora": False})
+def test_lora_false_is_a_shorthand_and_full_weights_is_refused_with_the_one_to_use() -> None:
+    assert validate("dpo", {"lora": False}).lora.enabled is False
+    assert validate("dpo", {}, {"lora": False}).lora.enabled is False
+    assert validate("dpo", {"lora": True}).lora.enabled is True
     with pytest.raises(
         ConfigError, match=r"'full_weights' is not a setting of stage sft: .*lora: \{enabled: false\}"
     ):
         validate("sft", {"full_weights": True})
     with pytest.raises(ConfigError, match=r"'lora' is not a setting .*switched by lora.enabled"):
-        validate("dpo", {}, {"lora": False})
+        validate("dpo", {}, {"lora": "no"})
     assert validate("dpo", {}, {"lora.enabled": False}).lora.enabled is False
 
 

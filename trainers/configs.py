@@ -812,10 +812,9 @@ def _flatten(stage: str, recipe: Mapping[str, Any], source: str) -> dict[str, An
         if key in sections and (isinstance(value, Mapping) or value is None):
             flat |= {f"{key}.{k}": v for k, v in (value or {}).items()}
         elif key == "lora" and isinstance(value, bool):
-            raise ConfigError(
-                f"{source}: `lora: {str(value).lower()}` is no longer read; LoRA is switched by "
-                f"lora.enabled: write `lora: {{enabled: {str(value).lower()}}}`"
-            )
+            # `lora: false` is how the README and earlier recipes said "train all weights":
+            # a shorthand for lora.enabled, so those recipes keep working.
+            flat["lora.enabled"] = value
         elif key in sections:
             raise ConfigError(f"{source}: {key} {value!r}: a group of settings, written as a mapping")
         else:
@@ -857,7 +856,10 @@ def validate(
         for key in paths & flat.keys():
             if isinstance(flat[key], str) and not Path(flat[key]).is_absolute():
                 flat[key] = str(folder / flat[key])
-    given = dict(overrides or {})
+    given = {
+        ("lora.enabled" if k == "lora" and isinstance(v, bool) else k): v
+        for k, v in (overrides or {}).items()
+    }
     for key in given:
         check_key(stage, str(key), "override")
     flat |= {str(k): v for k, v in given.items()}
