@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from studio.names import check_name
 from studio.store import Store, StoreError
 
 ROLES = ("annotator", "expert", "engineer", "admin")
@@ -31,7 +31,6 @@ CAN = {
     "train": {"engineer", "admin"},
     "admin": {"admin"},
 }
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_PASSWORD = 8
 BOOTSTRAP_FILE = "admin-credentials.json"
 
@@ -63,11 +62,7 @@ def hash_token(token: str) -> str:
 
 def add_user(store: Store, name: str, role: str, password: str) -> str:
     """Create a user; returns their REST token (shown once, stored only as a hash)."""
-    if not NAME_RE.match(name):
-        raise StoreError(
-            f"user name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a "
-            "letter or digit"
-        )
+    check_name("user", name)
     if role not in ROLES:
         raise StoreError(f"--role {role}: unknown role; use one of {', '.join(ROLES)}")
     if len(password) < MIN_PASSWORD:
