@@ -48,8 +48,8 @@ LOGIN_MESSAGE = (
 class ClientAddress:
     """ASGI middleware: each request's client address where the login check can read it
     (studio.ratelimit.client_address); Gradio gives its auth callable only name and password.
-    Behind a reverse proxy, run uvicorn with --proxy-headers/--forwarded-allow-ips so that
-    this is the real client, not the proxy."""
+    Behind a reverse proxy this is the client uvicorn's proxy headers name: it trusts a proxy
+    on this machine, and those listed in FORWARDED_ALLOW_IPS."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
