@@ -279,3 +279,56 @@ def test_max_model_len_reads_the_served_models_and_an_adapter_uses_its_parents()
     assert backend_with(vllm_like(200, {}, {"data": [{"id": "x"}]})).max_model_len("x") is None
     down = OpenAIChatBackend("http://127.0.0.1:9")  # nothing listens on the discard port
     assert down.max_model_len("base") is None
+
+
+# ---------------------------------------------------------------- the probe's requests over REST
+
+
+def test_the_probes_rest_requests_get_a_4xx_naming_the_input(tmp_path: Path) -> None:
+    """No model server: the checks run before anything is sampled."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from studio.app import create_app
+    from studio.config import Settings
+    from studio.runtime import Studio
+    from tests.helpers import make_users
+
+    settings = Settings(data_dir=tmp_path, ui=False)
+    studio = Studio(settings)
+    studio.store = Store(settings.db_path)
+    seed_campaign(studio.store, "c0", prompts=1)
+    token = make_users(studio.store, ("boss", "admin"))["boss"]
+    app = create_app(settings, studio)
+    campaign = {"name": "c1", "prompt_set": "c0-set"}
+    requests = [
+        ("/campaigns", {**campaign, "seed": 2**70}, "seed=1180591620717411303424"),
+        ("/campaigns", {**campaign, "task_timeout_s": 1e12}, "task_timeout_s=1000000000000"),
+        ("/campaigns", {**campaign, "name": "../../evil"}, "campaign name '../../evil'"),
+        ("/campaigns", {**campaign, "name": "x" * 20_000}, "campaign name 'xxxxxxxx"),
+        ("/campaigns", {**campaign, "guidelines": SURROGATE}, "guidelines: character 1 is a lone surrogate"),
+        ("/prompt-sets/s1/prompts", {"records": [{"prompt": SURROGATE}]}, "record 1: field 'prompt'"),
+        ("/prompt-sets/s1/prompts", {"records": [{"prompt": "p" * 100_001}]}, "100,001 characters"),
+        ("/prompt-sets/%3Cb%3Ebad%20name%3B/prompts", {"records": [{"prompt": "hi"}]}, "prompt set name"),
+    ]
+
+    async def scenario() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://studio/api/v1") as client:
+            # json.dumps escapes a lone surrogate as '\ud800', as the probe sent it
+            return [
+                await client.post(route, content=json.dumps(body), headers=headers)
+                for route, body, _ in requests
+            ]
+
+    with ThreadPoolExecutor(1) as pool:  # a loop of its own (see test_labeling's REST test)
+        responses = pool.submit(asyncio.run, scenario()).result()
+    for (route, _, message), resp in zip(requests, responses, strict=True):
+        assert 400 <= resp.status_code < 500, (route, resp.status_code, resp.text[:300])
+        assert message in resp.json()["detail"], (route, resp.text[:300])
+        assert len(resp.text) < 1_000
+    assert studio.store.count("campaigns") == 1 and [s["name"] for s in studio.store.prompt_sets()] == [
+        "c0-set"
+    ]
+    studio.store.close()
