@@ -325,7 +325,7 @@ class Store:
     def prompt(self, prompt_id: str) -> dict[str, Any]:
         rows = self.query("SELECT * FROM prompts WHERE id = ?", [prompt_id])
         if not rows:
-            raise StoreError(f"prompt '{prompt_id}' does not exist")
+            raise StoreError(f"prompt '{shorten(prompt_id)}' does not exist")
         return _decode(rows[0], "messages", "metadata")
 
     # generations --------------------------------------------------------------

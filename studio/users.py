@@ -69,7 +69,7 @@ def add_user(store: Store, name: str, role: str, password: str) -> str:
     """Create a user; returns their REST token (shown once, stored only as a hash)."""
     check_name("user", name)
     if role not in ROLES:
-        raise StoreError(f"--role {role}: unknown role; use one of {', '.join(ROLES)}")
+        raise StoreError(f"--role {shorten(role)}: unknown role; use one of {', '.join(ROLES)}")
     if len(password) < MIN_PASSWORD:
         raise StoreError(f"password for '{name}': at least {MIN_PASSWORD} characters, please")
     token = secrets.token_urlsafe(32)
@@ -85,10 +85,10 @@ def add_user(store: Store, name: str, role: str, password: str) -> str:
 
 def set_password(store: Store, name: str, password: str) -> None:
     if len(password) < MIN_PASSWORD:
-        raise StoreError(f"password for '{name}': at least {MIN_PASSWORD} characters, please")
+        raise StoreError(f"password for '{shorten(name)}': at least {MIN_PASSWORD} characters, please")
     with store.transaction() as cur:
         if not cur.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
-            raise StoreError(f"user '{name}' does not exist")
+            raise StoreError(f"user '{shorten(name)}' does not exist")
         cur.execute("UPDATE users SET password_hash = ? WHERE name = ?", [_hasher.hash(password), name])
 
 
@@ -97,7 +97,7 @@ def new_token(store: Store, name: str) -> str:
     token = secrets.token_urlsafe(32)
     with store.transaction() as cur:
         if not cur.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
-            raise StoreError(f"user '{name}' does not exist")
+            raise StoreError(f"user '{shorten(name)}' does not exist")
         cur.execute("UPDATE users SET token_hash = ? WHERE name = ?", [hash_token(token), name])
     for key, user in list(store.memo.items()):
         if key[0] == "token" and user.name == name:
