@@ -100,7 +100,9 @@ def take_snapshot(
     folder = data_dir / "snapshots" / snap_id
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{kind}.parquet"
-    tmp = folder / f".{kind}.parquet.partial"
+    # Each call writes a temporary file of its own: two identical calls at once must not write
+    # into one file (nor find it read-only), and the later replace swaps in identical bytes.
+    tmp = folder / f".{kind}.parquet.{new_id()}.partial"
     pq.write_table(pa.Table.from_pylist(rows), tmp)
     os.chmod(tmp, 0o444)  # immutable: a run's data never changes under it
     os.replace(tmp, path)
@@ -111,11 +113,13 @@ def take_snapshot(
         "annotators": people or "all",
         "min_strength": min_strength,
     }
-    (folder / "filter.json").write_text(
-        json.dumps({**filt, "content_hash": digest, "judgment_ids": judgment_ids})
-    )
+    tmp_filter = folder / f".filter.json.{new_id()}.partial"
+    tmp_filter.write_text(json.dumps({**filt, "content_hash": digest, "judgment_ids": judgment_ids}))
+    os.replace(tmp_filter, folder / "filter.json")
     with store.transaction() as cur:
-        if not existing:
+        # Asked again under the write lock: an identical call may have stored the row since the
+        # first look. Both calls then return the one snapshot.
+        if not cur.execute("SELECT 1 FROM snapshots WHERE id = ?", [snap_id]).fetchone():
             cur.execute(
                 "INSERT INTO snapshots (id, content_hash, kind, path, filter, rows, created_by)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
