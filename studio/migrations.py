@@ -237,4 +237,11 @@ MIGRATIONS: list[tuple[str, str]] = [
             LEFT JOIN model_versions v ON list_contains(r.versions, v.name);
         """,
     ),
+    (
+        "005_battle_alpha",
+        """
+        -- The error level of a two-version duel's stopping rule (studio/sequential.py).
+        ALTER TABLE battle_campaigns ADD COLUMN alpha DOUBLE NOT NULL DEFAULT 0.05;
+        """,
+    ),
 ]
