@@ -382,12 +382,19 @@ def two_version_duel(store: Store, name: str) -> dict[str, Any] | None:
     log_evidence, rule}. p = P(x wins | the vote is decisive), [lower, upper] the confidence
     sequence's interval at the campaign's alpha (studio/sequential.py); "both bad" is a tie."""
     campaign = battle_campaign(store, name)
-    rows = _vote_rows(store, name, both_bad_as_tie=True)
+    # counts only: this runs after every vote
+    rows = store.query(
+        "SELECT b.version_a, b.version_b, v.winner, count(*) AS n FROM votes v"
+        " JOIN battles b ON b.id = v.battle_id WHERE v.campaign = ? AND b.leak IS NULL GROUP BY ALL",
+        [name],
+    )
     names = sorted({r["version_a"] for r in rows} | {r["version_b"] for r in rows})
     if len(names) != 2:
         return None
     x, z = names
-    won = Counter(r[f"version_{r['winner']}"] if r["winner"] in ("a", "b") else None for r in rows)
+    won: Counter[str | None] = Counter()
+    for r in rows:
+        won[r[f"version_{r['winner']}"] if r["winner"] in ("a", "b") else None] += r["n"]
     state = sequential.duel(won[x], won[z], won[None], alpha=campaign["alpha"])
     return {
         "x": x,
