@@ -40,9 +40,9 @@ from scipy.stats import norm
 SCALE = 400.0 / math.log(10.0)  # Elo points per unit of log-odds
 BASE = 1000.0
 # The prior's sd on each log-strength: 350 Elo points (2.0 in log-odds), the rating deviation
-# Glicko gives a player it knows nothing about (Glickman 1999); TrueSkill's default prior is of
-# the same width. Two standard deviations apart is odds of about 55:1, so no real gap between
-# two chat models is ruled out, yet a 5-0 sweep stays finite.
+# Glicko gives a player it knows nothing about (Glickman 1999; TrueSkill's default prior is a
+# little wider, about 2.4 in log-odds). Two standard deviations apart is odds of about 55:1, so no
+# real gap between two chat models is ruled out, yet a 5-0 sweep stays finite.
 PRIOR_SD = 350.0 / SCALE
 # Below this many battles a version's row is marked provisional (the CLI's --min-battles can only
 # raise it): with 30 battles the binomial sd of a win rate near 1/2 is still 0.09, an interval
