@@ -7,8 +7,8 @@ a tie (both-bad counts as a tie by default). The model: P(a beats b) = sigmoid(t
 The fit is the maximum a posteriori estimate under a Gaussian prior on the log-strengths,
 t ~ N(0, PRIOR_SD^2) each (scipy L-BFGS with the analytic gradient). Without it a version that
 never lost has no finite maximum-likelihood strength (5-0 gave 2117.9 against -117.9); with it
-that duel reads 1231 against 769, and with hundreds of battles the prior moves no rating by
-more than a fraction of a point. The likelihood depends on the battles only through each
+that duel reads 1231 against 769, while among three versions 0-170 points apart it moved no
+rating by more than 1.2 points after 100 battles and 0.1 after 1,000. The likelihood depends on the battles only through each
 pair's battle count and score (ties half), so every fit works on at most M(M-1)/2 pairs,
 whatever the number of battles.
 
