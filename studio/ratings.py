@@ -8,9 +8,9 @@ The fit is the maximum a posteriori estimate under a Gaussian prior on the log-s
 t ~ N(0, PRIOR_SD^2) each (scipy L-BFGS with the analytic gradient). Without it a version that
 never lost has no finite maximum-likelihood strength (5-0 gave 2117.9 against -117.9); with it
 that duel reads 1231 against 769, while among three versions 0-170 points apart it moved no
-rating by more than 1.2 points after 100 battles and 0.1 after 1,000. The likelihood depends on the battles only through each
-pair's battle count and score (ties half), so every fit works on at most M(M-1)/2 pairs,
-whatever the number of battles.
+rating by more than 1.2 points after 100 battles and 0.1 after 1,000. The likelihood depends
+on the battles only through each pair's battle count and score (ties half), so every fit works
+on at most M(M-1)/2 pairs, whatever the number of battles.
 
 Intervals. A multinomial bootstrap over the unique rows (as FastChat's arena does), in which
 each round's fit also draws its prior centre from the prior (a randomised-prior bootstrap;
