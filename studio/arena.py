@@ -4,29 +4,39 @@ A battle is one prompt answered by two versions with the same sampling
 parameters, sides assigned at random and recorded. Until the vote nothing an
 expert receives names a version: the battle id is random, the payload holds
 the prompt and the two texts only. An answer that reveals an identity (a
-version name or a word from the campaign's list) marks the battle as a leak:
-it is never served and never rated, and the leaderboard counts it.
+version name that could identify it, or a word from the campaign's list) marks
+the battle as a leak: it is never served and never rated, and the leaderboard
+counts it. A two-version campaign stops as soon as an always-valid confidence
+sequence decides it (studio/sequential.py), or when its vote budget is spent.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
+import threading
 from collections import Counter, defaultdict
 from dataclasses import replace
 from itertools import combinations
 from typing import Any
 
 import numpy as np
+from wordfreq import zipf_frequency
 
 from studio import campaigns as camp
+from studio import sequential
 from studio.names import check_name
-from studio.ratings import Battles, bootstrap, fit, leaderboard, style_controlled, win_matrix
+from studio.ratings import PROVISIONAL_BATTLES, Battles, fit, leaderboard, style_controlled, win_matrix
 from studio.store import Store, StoreError, new_id
 
 WINNERS = ("a", "b", "tie", "both_bad")
-MIN_VOTES_TO_STOP = 10
+# A letters-only version name at least this common in English (wordfreq's Zipf scale: 4 is ten
+# uses per million words; base 5.1, policy 5.2, champion 4.6) is an ordinary word that answers
+# use by chance, so it does not mark a leak. Rarer ones (zephyr 2.9, smollm 0) do.
+ORDINARY_WORD_ZIPF = 4.0
+_STOP_LOCK = threading.Lock()  # one stopping decision at a time, so two votes cannot both close
 
 # SmolLM introduces itself by name; other families do the same.
 DEFAULT_LEAK_WORDS = (
@@ -61,7 +71,11 @@ def create_battle_campaign(
     leak_words: list[str] | None = None,
     criteria: list[str] | None = None,
     created_by: str | None = None,
+    alpha: float = sequential.ALPHA,
 ) -> dict[str, Any]:
+    """`alpha`: the error level of a two-version duel's verdict. The duel is looked at after
+    every vote and stops the first time its confidence sequence excludes an even split; the
+    chance that it names a winner between two equally good versions is at most alpha."""
     check_name("campaign", name)
     versions = list(dict.fromkeys(v.strip() for v in versions if v.strip()))
     if len(versions) < 2:
@@ -75,6 +89,10 @@ def create_battle_campaign(
 
     if not 1 <= budget <= 100_000:
         raise StoreError(f"budget={budget}: the vote budget must be between 1 and 100000")
+    if not 0.001 <= alpha <= 0.2:
+        raise StoreError(
+            f"alpha={alpha}: the duel's error level must be between 0.001 and 0.2 (default 0.05)"
+        )
     camp.create_campaign(
         store,
         name,
@@ -92,9 +110,9 @@ def create_battle_campaign(
     words = [w.lower() for w in (leak_words if leak_words is not None else DEFAULT_LEAK_WORDS) if w]
     with store.transaction() as cur:
         cur.execute(
-            "INSERT INTO battle_campaigns (name, versions, budget, both_bad_as_tie, leak_words, criteria)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            [name, versions, budget, both_bad_as_tie, words, list(criteria or [])],
+            "INSERT INTO battle_campaigns (name, versions, budget, both_bad_as_tie, leak_words, criteria,"
+            " alpha) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [name, versions, budget, both_bad_as_tie, words, list(criteria or []), alpha],
         )
     camp.set_status(store, name, "active")
     return battle_campaign(store, name)
@@ -109,13 +127,34 @@ def battle_campaign(store: Store, name: str) -> dict[str, Any]:
     return {**base, **{k: (list(v) if isinstance(v, np.ndarray | list) else v) for k, v in extra.items()}}
 
 
+@functools.lru_cache(maxsize=1024)
+def identifies(name: str) -> bool:
+    """Whether an answer naming `name` reveals the version. Names shorter than 3 characters never
+    do (they occur everywhere), names with a digit or punctuation always do (`lora-test`,
+    `dpo-3`: nobody writes them by chance), and a letters-only name does unless it is an
+    ordinary English word (`base`, `policy`, `other`; see ORDINARY_WORD_ZIPF)."""
+    low = name.lower()
+    if len(low) < 3:
+        return False
+    if not low.isalpha():
+        return True
+    return zipf_frequency(low, "en") < ORDINARY_WORD_ZIPF
+
+
 def find_leak(texts: list[str], words: list[str], names: list[str]) -> str | None:
-    """The first identity-revealing word in any of the texts, or None."""
-    needles = [w.lower() for w in words] + [n.lower() for n in names if len(n) >= 3]
+    """The first identity-revealing word in any of the texts, or None.
+
+    A version name counts when `identifies` says it could identify a version, as a whole
+    word. A configured leak word counts also when digits follow it, as in a family name with
+    its generation (`smollm` in "SmolLM2", `llama` in "Llama3")."""
+    patterns = [(w.lower(), rf"(?<![a-z0-9]){re.escape(w.lower())}(?![a-z])") for w in words if w]
+    patterns += [
+        (n.lower(), rf"(?<![a-z0-9]){re.escape(n.lower())}(?![a-z0-9])") for n in names if identifies(n)
+    ]
     for text in texts:
         low = text.lower()
-        for needle in needles:
-            if re.search(rf"(?<![a-z0-9]){re.escape(needle)}(?![a-z0-9])", low):
+        for needle, pattern in patterns:
+            if re.search(pattern, low):
                 return needle
     return None
 
@@ -264,7 +303,9 @@ def vote(
     idempotency_key: str | None = None,
     duration_ms: float | None = None,
 ) -> dict[str, Any]:
-    """Record the vote, lock the battle and reveal the versions. Retries return the same reveal."""
+    """Record the vote, lock the battle and reveal the versions. Retries return the same reveal,
+    also when they race the first attempt: the check and the insert share one write transaction,
+    and the store lets one write transaction run at a time, so the second sees the first's row."""
     if winner not in WINNERS:
         raise StoreError(f"winner {winner!r}: use one of {', '.join(WINNERS)}")
     key = idempotency_key or f"{battle_id}:{expert}"
@@ -272,45 +313,61 @@ def vote(
     if not rows:
         raise StoreError(f"battle '{battle_id}' does not exist; ask for the next battle")
     battle = rows[0]
-    existing = store.query("SELECT * FROM votes WHERE battle_id = ?", [battle_id])
-    if existing:
-        if existing[0]["expert"] != expert:
-            raise StoreError(f"battle '{battle_id}' was already judged by someone else")
-        return _reveal(store, battle, existing[0])
-    if battle["expert"] != expert or battle["status"] != "assigned":
-        raise StoreError(f"battle '{battle_id}' is not assigned to you; ask for the next battle")
     campaign = battle_campaign(store, battle["campaign"])
-    checked: dict[str, dict[str, int]] = {}
-    for criterion, pair in (scores or {}).items():
-        if criterion not in campaign["criteria"]:
-            raise StoreError(
-                f"scores: unknown criterion {criterion!r}; use {', '.join(campaign['criteria'])}"
-            )
-        if not all(isinstance(pair.get(s), int) and 1 <= pair[s] <= 5 for s in ("a", "b")):
-            raise StoreError(f"scores: {criterion} needs whole numbers 1-5 for 'a' and 'b'")
-        checked[criterion] = {"a": pair["a"], "b": pair["b"]}
     with store.transaction() as cur:
+        existing = _fetch(cur, "SELECT * FROM votes WHERE battle_id = ?", [battle_id])
+        if existing:
+            if existing[0]["expert"] != expert:
+                raise StoreError(f"battle '{battle_id}' was already judged by someone else")
+            return _reveal(battle, existing[0])
+        reused = _fetch(cur, "SELECT battle_id FROM votes WHERE idempotency_key = ?", [key])
+        if reused:
+            raise StoreError(
+                f"idempotency_key {key!r} was already used for another battle; send a new key per vote"
+            )
+        state = cur.execute("SELECT expert, status FROM battles WHERE id = ?", [battle_id]).fetchone()
+        if state is None or state[0] != expert or state[1] != "assigned":
+            raise StoreError(f"battle '{battle_id}' is not assigned to you; ask for the next battle")
+        checked = _checked_scores(scores, campaign["criteria"])
+        row = {
+            "id": new_id(),
+            "idempotency_key": key,
+            "battle_id": battle_id,
+            "campaign": battle["campaign"],
+            "expert": expert,
+            "winner": winner,
+            "scores": json.dumps(checked),
+            "rationale": (rationale or "").strip() or None,
+            "duration_ms": duration_ms,
+        }
         cur.execute(
-            "INSERT INTO votes (id, idempotency_key, battle_id, campaign, expert, winner, scores,"
-            " rationale, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                new_id(),
-                key,
-                battle_id,
-                battle["campaign"],
-                expert,
-                winner,
-                json.dumps(checked),
-                (rationale or "").strip() or None,
-                duration_ms,
-            ],
+            f"INSERT INTO votes ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", list(row.values())
         )
         cur.execute("UPDATE battles SET status = 'voted' WHERE id = ?", [battle_id])
     check_stop(store, battle["campaign"])
-    return _reveal(store, battle, store.query("SELECT * FROM votes WHERE battle_id = ?", [battle_id])[0])
+    return _reveal(battle, row)
 
 
-def _reveal(store: Store, battle: dict[str, Any], vote_row: dict[str, Any]) -> dict[str, Any]:
+def _fetch(cur: Any, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    result = cur.execute(sql, params)
+    columns = [c[0] for c in result.description]
+    return [dict(zip(columns, r, strict=True)) for r in result.fetchall()]
+
+
+def _checked_scores(scores: dict | None, criteria: list[str]) -> dict[str, dict[str, int]]:
+    checked: dict[str, dict[str, int]] = {}
+    for criterion, pair in (scores or {}).items():
+        if criterion not in criteria:
+            raise StoreError(f"scores: unknown criterion {criterion!r}; use {', '.join(criteria)}")
+        if not isinstance(pair, dict) or not all(
+            isinstance(pair.get(s), int) and 1 <= pair[s] <= 5 for s in ("a", "b")
+        ):
+            raise StoreError(f"scores: {criterion} needs whole numbers 1-5 for 'a' and 'b'")
+        checked[criterion] = {"a": pair["a"], "b": pair["b"]}
+    return checked
+
+
+def _reveal(battle: dict[str, Any], vote_row: dict[str, Any]) -> dict[str, Any]:
     return {
         "battle_id": battle["id"],
         "winner": vote_row["winner"],
@@ -321,52 +378,94 @@ def _reveal(store: Store, battle: dict[str, Any], vote_row: dict[str, Any]) -> d
 
 
 # -- ratings and stopping ------------------------------------------------------------------------
+def two_version_duel(store: Store, name: str) -> dict[str, Any] | None:
+    """Where a two-version campaign stands under its stopping rule, or None when its votes are not
+    between exactly two versions: {x, z, wins, losses, ties, p, lower, upper, alpha, decided,
+    log_evidence, rule}. p = P(x wins | the vote is decisive), [lower, upper] the confidence
+    sequence's interval at the campaign's alpha (studio/sequential.py); "both bad" is a tie."""
+    campaign = battle_campaign(store, name)
+    # counts only: this runs after every vote
+    rows = store.query(
+        "SELECT b.version_a, b.version_b, v.winner, count(*) AS n FROM votes v"
+        " JOIN battles b ON b.id = v.battle_id WHERE v.campaign = ? AND b.leak IS NULL GROUP BY ALL",
+        [name],
+    )
+    names = sorted({r["version_a"] for r in rows} | {r["version_b"] for r in rows})
+    if len(names) != 2:
+        return None
+    x, z = names
+    won: Counter[str | None] = Counter()
+    for r in rows:
+        won[r[f"version_{r['winner']}"] if r["winner"] in ("a", "b") else None] += r["n"]
+    state = sequential.duel(won[x], won[z], won[None], alpha=campaign["alpha"])
+    return {
+        "x": x,
+        "z": z,
+        "wins": state.wins,
+        "losses": state.losses,
+        "ties": state.ties,
+        "p": state.p,
+        "lower": state.lower,
+        "upper": state.upper,
+        "alpha": state.alpha,
+        "decided": state.decided,
+        "log_evidence": state.log_evidence,
+        "rule": "beta-binomial mixture confidence sequence on decisive votes, valid at every vote",
+    }
+
+
 def two_version_interval(
     store: Store, name: str, rounds: int = 200
 ) -> tuple[str, str, float, float, float] | None:
-    """(x, z, p, lo, hi): P(x beats z) and its 95% bootstrap interval, for a two-version campaign."""
-    campaign = battle_campaign(store, name)
-    a, b, y = _outcomes(store, name, campaign["both_bad_as_tie"])
-    if not y or len(set(a) | set(b)) != 2:
+    """(x, z, p, lo, hi): P(x beats z) on decisive votes and the interval the stopping rule uses
+    (a 1 - alpha confidence sequence, see `two_version_duel`). `rounds` is no longer used: the
+    interval is exact, not bootstrapped."""
+    duel = two_version_duel(store, name)
+    if duel is None:
         return None
-    battles = Battles.from_outcomes(a, b, y)
-    theta = fit(battles)
-    boots = bootstrap(battles, rounds=rounds, seed=len(y))
-    diff = boots[:, 0] - boots[:, 1]
-    lo, hi = np.quantile(1 / (1 + np.exp(-diff)), [0.025, 0.975])
-    p = float(1 / (1 + np.exp(-(theta[0] - theta[1]))))
-    return battles.names[0], battles.names[1], p, float(lo), float(hi)
+    return duel["x"], duel["z"], duel["p"], duel["lower"], duel["upper"]
 
 
 def check_stop(store: Store, name: str) -> str | None:
-    """Stop a campaign when its budget is spent, or (two versions) when the verdict is clear."""
-    campaign = battle_campaign(store, name)
-    votes = store.query("SELECT count(*) AS n FROM votes WHERE campaign = ?", [name])[0]["n"]
-    verdict = None
-    # With a handful of votes the bootstrap is degenerate (every resample agrees), so the
-    # interval rule waits for a minimum; 10 is where a 10-0 sweep first excludes 0.5 by a margin.
-    enough = votes >= MIN_VOTES_TO_STOP
-    spent = votes >= campaign["budget"]
-    # the bootstrap runs on every vote, so only when its answer can change the outcome
-    two = len(set(campaign["versions"])) == 2
-    interval = two_version_interval(store, name) if two and (enough or spent) else None
-    if interval is not None:
-        x, z, p, lo, hi = interval
-        if enough and (lo > 0.5 or hi < 0.5):
-            better, worse = (x, z) if lo > 0.5 else (z, x)
-            pw = p if lo > 0.5 else 1 - p
-            verdict = (
-                f"{better} beats {worse}: P(win) {pw:.2f}, 95% interval excludes 0.5 after {votes} votes"
+    """Close a campaign when its budget is spent, or (two versions) as soon as its confidence
+    sequence for P(win) excludes 0.5; record the verdict with its numbers. Returns the verdict
+    when this call closed the campaign."""
+    with _STOP_LOCK:
+        campaign = battle_campaign(store, name)
+        if campaign["status"] == "closed":
+            return None  # decided already; a late vote on a battle handed out before does not reopen it
+        votes = store.query("SELECT count(*) AS n FROM votes WHERE campaign = ?", [name])[0]["n"]
+        spent = votes >= campaign["budget"]
+        duel = two_version_duel(store, name) if len(set(campaign["versions"])) == 2 else None
+        verdict = None
+        if duel is not None and duel["decided"]:
+            x_better = duel["lower"] > 0.5
+            better, worse = (duel["x"], duel["z"]) if x_better else (duel["z"], duel["x"])
+            won, lost = (duel["wins"], duel["losses"]) if x_better else (duel["losses"], duel["wins"])
+            p, lo, hi = (
+                (duel["p"], duel["lower"], duel["upper"])
+                if x_better
+                else (1 - duel["p"], 1 - duel["upper"], 1 - duel["lower"])
             )
-    if verdict is None and spent:
-        verdict = f"budget of {campaign['budget']} votes spent without a clear winner"
-        if interval is not None:
-            verdict += f" (P({interval[0]} beats {interval[1]}) {interval[2]:.2f})"
-    if verdict:
-        with store.transaction() as cur:
-            cur.execute("UPDATE battle_campaigns SET verdict = ? WHERE name = ?", [verdict, name])
-        camp.set_status(store, name, "closed")
-    return verdict
+            verdict = (
+                f"{better} beats {worse}: won {won} of {won + lost} decisive votes ({duel['ties']} ties),"
+                f" P(win) {p:.2f}, {1 - duel['alpha']:.0%} confidence sequence [{lo:.2f}, {hi:.2f}]"
+                f" excludes 0.5 after {votes} votes"
+            )
+        elif spent:
+            verdict = f"budget of {campaign['budget']} votes spent without a clear winner"
+            if duel is not None:
+                verdict += (
+                    f" ({duel['x']} won {duel['wins']} of {duel['wins'] + duel['losses']} decisive votes,"
+                    f" {duel['ties']} ties; P({duel['x']} wins) {duel['p']:.2f},"
+                    f" {1 - duel['alpha']:.0%} confidence sequence"
+                    f" [{duel['lower']:.2f}, {duel['upper']:.2f}])"
+                )
+        if verdict:
+            with store.transaction() as cur:
+                cur.execute("UPDATE battle_campaigns SET verdict = ? WHERE name = ?", [verdict, name])
+            camp.set_status(store, name, "closed")
+        return verdict
 
 
 def campaign_leaderboard(
@@ -382,13 +481,21 @@ def campaign_leaderboard(
     rows: list[dict[str, Any]] = []
     for n in names:
         rows += _vote_rows(store, n, battle_campaign(store, n)["both_bad_as_tie"])
-    leaks = store.query(
-        "SELECT count(*) AS n FROM battles WHERE leak IS NOT NULL AND list_contains(?, campaign)", [names]
-    )[0]["n"]
+    reasons = {
+        r["leak"]: r["n"]
+        for r in store.query(
+            "SELECT leak, count(*) AS n FROM battles WHERE leak IS NOT NULL AND list_contains(?, campaign)"
+            " GROUP BY leak ORDER BY n DESC, leak",
+            [names],
+        )
+    }
+    leaks = sum(reasons.values())
     out: dict[str, Any] = {
         "campaigns": names,
         "votes": len(rows),
         "leaked_battles_excluded": leaks,
+        "leak_reasons": reasons,  # the word that screened each battle out, and how often
+        "provisional_below": max(min_battles, PROVISIONAL_BATTLES),
         "leaderboard": [],
         "win_rate": {},
         "battle_count": {},
@@ -430,6 +537,7 @@ def campaign_leaderboard(
             [r["len_b"] for r in rows],
             rounds=rounds,
         )
+        out["style_controlled"]["leaked_battles_excluded"] = leaks
     return out
 
 

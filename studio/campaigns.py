@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 from studio.names import check_name, check_new_name
@@ -15,6 +16,8 @@ POLICY = "policy"
 # over a weekend; the column is a 32-bit INTEGER, so an unbounded value would not even store.
 MIN_TASK_TIMEOUT_S = 30
 MAX_TASK_TIMEOUT_S = 7 * 24 * 3600
+# Guards the campaign memo's compare-and-set (see get_campaign); held for a dict lookup or two.
+_MEMO_LOCK = threading.Lock()
 
 
 def set_alias(store: Store, alias: str, version: str) -> None:
@@ -151,19 +154,33 @@ def create_campaign(
 
 
 def get_campaign(store: Store, name: str) -> dict[str, Any]:
-    # Read on every task handed out; campaigns change only through this module
-    # in the studio process (the only writer), which drops the memo on change.
+    # Read on every task handed out; campaigns change only through this module in the studio
+    # process (the only writer), which calls _changed after each change commits. A reader that
+    # read the row before that commit must not put it back after the memo was dropped, so the
+    # row is cached only if no change committed since the reader looked (a generation count).
     cached = store.memo.get(("campaign", name))
     if cached is not None:
         return dict(cached)
+    seen = store.memo.get(("campaign-generation", name), 0)
     rows = store.query("SELECT * FROM campaigns WHERE name = ?", [name])
     if not rows:
         known = ", ".join(c["name"] for c in list_campaigns(store)) or "none"
         raise StoreError(f"campaign '{name}' does not exist (known: {known})")
     row = rows[0]
     row["sampling"] = json.loads(row["sampling"])
-    store.memo[("campaign", name)] = row
+    with _MEMO_LOCK:
+        if store.memo.get(("campaign-generation", name), 0) == seen:
+            store.memo[("campaign", name)] = row
     return dict(row)
+
+
+def _changed(store: Store, name: str) -> None:
+    """Drop the memoised row. Call only after the change has committed: dropped before, a
+    concurrent read could cache the old row again, and a closed campaign would keep serving."""
+    with _MEMO_LOCK:
+        key = ("campaign-generation", name)
+        store.memo[key] = store.memo.get(key, 0) + 1
+        store.memo.pop(("campaign", name), None)
 
 
 def list_campaigns(store: Store, kind: str | None = None) -> list[dict[str, Any]]:
@@ -188,15 +205,15 @@ def sampling_params(campaign: dict[str, Any]) -> SamplingParams:
 
 def set_guidelines(store: Store, name: str, text: str) -> None:
     get_campaign(store, name)
-    store.memo.pop(("campaign", name), None)
     with store.transaction() as cur:
         cur.execute("UPDATE campaigns SET guidelines = ? WHERE name = ?", [text, name])
+    _changed(store, name)
 
 
 def set_status(store: Store, name: str, status: str) -> None:
     if status not in ("active", "paused", "closed"):
         raise StoreError(f"status {status!r}: use active, paused or closed")
     get_campaign(store, name)
-    store.memo.pop(("campaign", name), None)
     with store.transaction() as cur:
         cur.execute("UPDATE campaigns SET status = ? WHERE name = ?", [status, name])
+    _changed(store, name)

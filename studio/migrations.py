@@ -238,6 +238,13 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
+        "005_battle_alpha",
+        """
+        -- The error level of a two-version duel's stopping rule (studio/sequential.py).
+        ALTER TABLE battle_campaigns ADD COLUMN alpha DOUBLE NOT NULL DEFAULT 0.05;
+        """,
+    ),
+    (
         "006_security",
         """
         -- Every refused login: a wrong password or unknown name, or an attempt refused by the

@@ -1,26 +1,54 @@
 """Bradley-Terry ratings with bootstrap confidence intervals. Pure array code.
 
-Shapes: B battles, U unique (a, b, outcome) rows, M model versions, R bootstrap rounds.
-A battle is (a, b, y) with y = 1 when a won, 0 when b won, 0.5 for a tie
-(both-bad counts as a tie by default). The model: P(a beats b) = sigmoid(t_a - t_b),
-fitted by maximum likelihood (scipy L-BFGS with the analytic gradient) on
-deduplicated rows weighted by their counts; ratings are on the Elo-like scale
-(400 points per factor of ten in odds, mean 1000). Intervals come from a
-multinomial bootstrap over the unique rows (as FastChat's arena does).
+Shapes: B battles, U unique (a, b, outcome) rows, P pairs of versions that met, M model
+versions, R bootstrap rounds. A battle is (a, b, y) with y = 1 when a won, 0 when b won, 0.5 for
+a tie (both-bad counts as a tie by default). The model: P(a beats b) = sigmoid(t_a - t_b).
+
+The fit is the maximum a posteriori estimate under a Gaussian prior on the log-strengths,
+t ~ N(0, PRIOR_SD^2) each (scipy L-BFGS with the analytic gradient). Without it a version that
+never lost has no finite maximum-likelihood strength (5-0 gave 2117.9 against -117.9); with it
+that duel reads 1231 against 769, while among three versions 0-170 points apart it moved no
+rating by more than 1.2 points after 100 battles and 0.1 after 1,000. The likelihood depends
+on the battles only through each pair's battle count and score (ties half), so every fit works
+on at most M(M-1)/2 pairs, whatever the number of battles.
+
+Intervals. A multinomial bootstrap over the unique rows (as FastChat's arena does), in which
+each round's fit also draws its prior centre from the prior (a randomised-prior bootstrap;
+Osband, Aslanides & Cassirer 2018 show that fitting to perturbed data with a prior draw samples
+the exact posterior in the linear-Gaussian case), widened where needed to the normal
+approximation of the posterior at its mode (Laplace: the inverse Hessian). A bootstrap cannot
+see what its resamples do not vary: a 5-0 sweep resamples to 5-0 every time, which is how the
+old intervals had zero width. Simulated with true strengths drawn from the prior, the 95%
+intervals covered the truth 94-95% of the time for two versions after 5, 10 and 30 battles, and
+92-96% for four versions after 20 and 100 (the plain bootstrap: 37%, 55%, 75%, 69%, 87%). With
+many battles the three intervals agree.
+
+Ratings are on the Elo-like scale: 400 points per factor of ten in odds, mean 1000.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
+from scipy.stats import norm
 
 SCALE = 400.0 / math.log(10.0)  # Elo points per unit of log-odds
 BASE = 1000.0
-RIDGE = 1e-6  # keeps the optimum finite when a version never lost; far below any data term
+# The prior's sd on each log-strength: 350 Elo points (2.0 in log-odds), the rating deviation
+# Glicko gives a player it knows nothing about (Glickman 1999; TrueSkill's default prior is a
+# little wider, about 2.4 in log-odds). Two standard deviations apart is odds of about 55:1, so no
+# real gap between two chat models is ruled out, yet a 5-0 sweep stays finite.
+PRIOR_SD = 350.0 / SCALE
+# Below this many battles a version's row is marked provisional (the CLI's --min-battles can only
+# raise it): with 30 battles the binomial sd of a win rate near 1/2 is still 0.09, an interval
+# of about +-125 Elo points, and a sweep is still what the prior makes of it.
+PROVISIONAL_BATTLES = 30
+RIDGE = 1e-6  # the unregularised fit (prior_sd=None) keeps only this, to stay finite
 
 
 @dataclass(frozen=True)
@@ -34,44 +62,89 @@ class Battles:
     @classmethod
     def from_outcomes(cls, model_a: list[str], model_b: list[str], y: list[float]) -> Battles:
         """Deduplicate (a, b, y) triples into weighted rows."""
+        if not len(model_a) == len(model_b) == len(y):
+            raise ValueError(f"{len(model_a)} model_a, {len(model_b)} model_b and {len(y)} outcomes")
         names = sorted(set(model_a) | set(model_b))
         index = {n: i for i, n in enumerate(names)}
-        triples = np.array(
-            [[index[x], index[z], v] for x, z, v in zip(model_a, model_b, y, strict=True)], dtype=float
-        ).reshape(-1, 3)
-        unique, counts = np.unique(triples, axis=0, return_counts=True)
-        return cls(
-            unique[:, 0].astype(int), unique[:, 1].astype(int), unique[:, 2], counts.astype(float), names
-        )
+        m = len(names)
+        a = np.fromiter((index[x] for x in model_a), np.int64, len(model_a))
+        b = np.fromiter((index[x] for x in model_b), np.int64, len(model_b))
+        yy = np.asarray(y, dtype=float)
+        halves = np.rint(yy * 2)
+        if np.array_equal(halves / 2, yy) and ((halves >= 0) & (halves <= 2)).all():
+            values, code = np.array([0.0, 0.5, 1.0]), halves.astype(np.int64)
+        else:  # outcomes other than win/tie/loss: keep each distinct value
+            values, code = np.unique(yy, return_inverse=True)
+        k = len(values)
+        key = (a * m + b) * k + code
+        if m * m * k <= 4 * len(key) + 1024:  # a dense count is cheaper than sorting
+            counts = np.bincount(key, minlength=m * m * k)
+            unique = np.flatnonzero(counts)
+            counts = counts[unique]
+        else:
+            unique, counts = np.unique(key, return_counts=True)
+        pair, code_u = np.divmod(unique, k)
+        return cls(pair // m, pair % m, values[code_u], counts.astype(float), names)
 
     @property
     def total(self) -> int:
         return int(self.w.sum())
 
+    @cached_property
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """([P] i, [P] j with i < j, [U] the pair of each row, [U] each row's score for i)."""
+        m = len(self.names)
+        lo, hi = np.minimum(self.a, self.b), np.maximum(self.a, self.b)
+        ids, row_pair = np.unique(lo * m + hi, return_inverse=True)
+        score_i = np.where(self.a == lo, self.y, 1.0 - self.y)
+        return ids // m, ids % m, row_pair.reshape(-1), score_i
 
-def _nll_and_grad(
-    theta: np.ndarray, a: np.ndarray, b: np.ndarray, y: np.ndarray, w: np.ndarray
+    def pair_totals(self, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """[P] score of i over j (ties half) and [P] battle count, for row weights [U] (default: w)."""
+        w = self.w if weights is None else weights
+        i, _, row_pair, score_i = self.pairs
+        return np.bincount(row_pair, w * score_i, len(i)), np.bincount(row_pair, w, len(i))
+
+
+def _neg_log_posterior(
+    theta: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    s: np.ndarray,
+    n: np.ndarray,
+    centre: np.ndarray,
+    precision: float,
 ) -> tuple[float, np.ndarray]:
-    d = theta[a] - theta[b]  # [U]
+    """-log p(theta | pair scores s [P] out of n [P]) up to a constant, and its gradient [M]."""
+    d = theta[i] - theta[j]  # [P]
     # log sigmoid(d) and log sigmoid(-d), stable for large |d|
     log_p = -np.logaddexp(0.0, -d)
     log_q = -np.logaddexp(0.0, d)
-    nll = -np.sum(w * (y * log_p + (1.0 - y) * log_q)) + RIDGE * theta @ theta
-    p = np.exp(log_p)
-    g_d = w * (p - y)  # d nll / d d
-    grad = np.bincount(a, g_d, len(theta)) - np.bincount(b, g_d, len(theta)) + 2 * RIDGE * theta
+    off = theta - centre
+    nll = -np.sum(s * log_p + (n - s) * log_q) + 0.5 * precision * off @ off
+    g_d = n * np.exp(log_p) - s  # d nll / d d
+    m = len(theta)
+    grad = np.bincount(i, g_d, m) - np.bincount(j, g_d, m) + precision * off
     return float(nll), grad
 
 
-def fit(battles: Battles, weights: np.ndarray | None = None, start: np.ndarray | None = None) -> np.ndarray:
-    """Maximum-likelihood log-strengths [M], centred at 0."""
+def fit(
+    battles: Battles,
+    weights: np.ndarray | None = None,
+    start: np.ndarray | None = None,
+    prior_sd: float | None = PRIOR_SD,
+    prior_centre: np.ndarray | None = None,
+) -> np.ndarray:
+    """Log-strengths [M], centred at 0: the posterior mode (prior_sd=None: maximum likelihood)."""
     m = len(battles.names)
-    w = battles.w if weights is None else weights
-    x0 = np.zeros(m) if start is None else start
+    i, j, _, _ = battles.pairs
+    s, n = battles.pair_totals(weights)
+    precision = 2 * RIDGE if prior_sd is None else 1.0 / prior_sd**2
+    centre = np.zeros(m) if prior_centre is None else prior_centre
     res = minimize(
-        _nll_and_grad,
-        x0,
-        args=(battles.a, battles.b, battles.y, w),
+        _neg_log_posterior,
+        np.zeros(m) if start is None else start,
+        args=(i, j, s, n, centre, precision),
         jac=True,
         method="L-BFGS-B",
         options={"maxiter": 500, "gtol": 1e-8},
@@ -84,13 +157,45 @@ def to_elo(theta: np.ndarray) -> np.ndarray:
     return BASE + SCALE * theta
 
 
-def bootstrap(battles: Battles, rounds: int = 100, seed: int = 0) -> np.ndarray:
-    """[R, M] log-strengths, one fit per multinomial resample of the battles."""
+def bootstrap(
+    battles: Battles, rounds: int = 100, seed: int = 0, prior_sd: float | None = PRIOR_SD
+) -> np.ndarray:
+    """[R, M] log-strengths: one fit per multinomial resample of the battles, each with its prior
+    centre drawn from the prior (see the module docstring), warm-started from the full fit."""
     rng = np.random.default_rng(seed)
+    m = len(battles.names)
     p = battles.w / battles.w.sum()
     counts = rng.multinomial(battles.total, p, size=rounds).astype(float)  # [R, U]
-    centre = fit(battles)
-    return np.stack([fit(battles, weights=c, start=centre) for c in counts])
+    centres = rng.normal(0.0, prior_sd, (rounds, m)) if prior_sd is not None else np.zeros((rounds, m))
+    # The likelihood ignores a common shift of all strengths, so only the centred part of a prior
+    # draw moves the centred fit; dropping its mean also keeps the fit's mean at 0, where the start
+    # is (along that direction the only curvature is the prior's, and L-BFGS would crawl there).
+    centres -= centres.mean(axis=1, keepdims=True)
+    full = fit(battles, prior_sd=prior_sd)
+    return np.stack(
+        [
+            fit(battles, weights=c, start=full, prior_sd=prior_sd, prior_centre=z)
+            for c, z in zip(counts, centres, strict=True)
+        ]
+    )
+
+
+def posterior_sd(battles: Battles, theta: np.ndarray, prior_sd: float = PRIOR_SD) -> np.ndarray:
+    """[M] sd of each centred log-strength under the Laplace (normal) approximation of the
+    posterior at its mode theta: the inverse of the Hessian of _neg_log_posterior."""
+    m = len(battles.names)
+    i, j, _, _ = battles.pairs
+    _, n = battles.pair_totals()
+    d = theta[i] - theta[j]
+    w = n * np.exp(-np.logaddexp(0.0, -d) - np.logaddexp(0.0, d))  # n p (1 - p), [P]
+    hessian = np.eye(m) / prior_sd**2
+    np.add.at(hessian, (i, i), w)
+    np.add.at(hessian, (j, j), w)
+    np.add.at(hessian, (i, j), -w)
+    np.add.at(hessian, (j, i), -w)
+    centring = np.eye(m) - 1.0 / m  # row k: the contrast t_k - mean(t)
+    cov = centring @ np.linalg.inv(hessian) @ centring.T
+    return np.sqrt(np.clip(np.diag(cov), 0.0, None))
 
 
 def win_matrix(battles: Battles) -> tuple[np.ndarray, np.ndarray]:
@@ -108,33 +213,50 @@ def win_matrix(battles: Battles) -> tuple[np.ndarray, np.ndarray]:
 
 
 def leaderboard(
-    battles: Battles, rounds: int = 100, min_battles: int = 0, level: float = 0.95, seed: int = 0
+    battles: Battles,
+    rounds: int = 100,
+    min_battles: int = 0,
+    level: float = 0.95,
+    seed: int = 0,
+    prior_sd: float | None = PRIOR_SD,
 ) -> list[dict[str, Any]]:
     """Rows {version, rating, lower, upper, battles, rank, provisional}, best first.
 
     A version outranks another only when its whole interval lies above the
     other's: rank = 1 + the number of versions whose lower bound exceeds this
-    one's upper bound. Versions with fewer than `min_battles` are marked provisional.
+    one's upper bound. Versions with fewer than max(min_battles, PROVISIONAL_BATTLES)
+    battles are marked provisional.
     """
-    theta = fit(battles)
-    boots = bootstrap(battles, rounds, seed) if rounds else theta[None, :]
+    theta = fit(battles, prior_sd=prior_sd)
+    boots = bootstrap(battles, rounds, seed, prior_sd) if rounds else theta[None, :]
     lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2], axis=0)
+    if prior_sd is not None:
+        # The wider of the bootstrap's and the posterior's (normal approximation) interval. The
+        # bootstrap cannot see what its resamples do not vary (a sweep resamples to a sweep);
+        # the posterior's curvature can, and with many battles the two agree.
+        half = norm.ppf(0.5 + level / 2) * posterior_sd(battles, theta, prior_sd)
+        lo, hi = np.minimum(lo, theta - half), np.maximum(hi, theta + half)
     _, count = win_matrix(battles)
     played = count.sum(axis=1)
+    return _rows(battles.names, theta, lo, hi, played, max(min_battles, PROVISIONAL_BATTLES))
+
+
+def _rows(
+    names: list[str], theta: np.ndarray, lo: np.ndarray, hi: np.ndarray, played: np.ndarray, gate: int
+) -> list[dict[str, Any]]:
     rating, lower, upper = to_elo(theta), to_elo(lo), to_elo(hi)
-    rows = []
-    for i, name in enumerate(battles.names):
-        rows.append(
-            {
-                "version": name,
-                "rating": round(float(rating[i]), 1),
-                "lower": round(float(lower[i]), 1),
-                "upper": round(float(upper[i]), 1),
-                "battles": int(played[i]),
-                "rank": 1 + int(np.sum(lower > upper[i])),
-                "provisional": bool(played[i] < min_battles),
-            }
-        )
+    rows = [
+        {
+            "version": name,
+            "rating": round(float(rating[i]), 1),
+            "lower": round(float(lower[i]), 1),
+            "upper": round(float(upper[i]), 1),
+            "battles": int(played[i]),
+            "rank": 1 + int(np.sum(lo > hi[i])),
+            "provisional": bool(played[i] < gate),
+        }
+        for i, name in enumerate(names)
+    ]
     return sorted(rows, key=lambda r: -r["rating"])
 
 
@@ -173,10 +295,12 @@ def _style_nll(
     d = theta[a] - theta[b] + gamma * z  # [B]
     log_p = -np.logaddexp(0.0, -d)
     log_q = -np.logaddexp(0.0, d)
-    nll = -np.sum(y * log_p + (1.0 - y) * log_q) + RIDGE * (theta @ theta + gamma * gamma)
+    # the same prior on the strengths as the plain fit; gamma only needs to stay finite
+    precision = 1.0 / PRIOR_SD**2
+    nll = -np.sum(y * log_p + (1.0 - y) * log_q) + 0.5 * precision * theta @ theta + RIDGE * gamma * gamma
     g_d = np.exp(log_p) - y
     grad = np.empty(m + 1)
-    grad[:m] = np.bincount(a, g_d, m) - np.bincount(b, g_d, m) + 2 * RIDGE * theta
+    grad[:m] = np.bincount(a, g_d, m) - np.bincount(b, g_d, m) + precision * theta
     grad[m] = g_d @ z + 2 * RIDGE * gamma
     return float(nll), grad
 
@@ -219,18 +343,7 @@ def style_controlled(
     theta = full[:m] - full[:m].mean()
     centred = boots[:, :m] - boots[:, :m].mean(axis=1, keepdims=True)
     lo, hi = np.quantile(centred, [0.025, 0.975], axis=0)
+    lo, hi = np.minimum(lo, theta), np.maximum(hi, theta)
     played = np.bincount(a, minlength=m) + np.bincount(b, minlength=m)
-    rows = [
-        {
-            "version": n,
-            "rating": round(float(to_elo(theta)[i]), 1),
-            "lower": round(float(to_elo(lo)[i]), 1),
-            "upper": round(float(to_elo(hi)[i]), 1),
-            "battles": int(played[i]),
-            "rank": 1 + int(np.sum(lo > hi[i])),
-            "provisional": False,
-        }
-        for i, n in enumerate(names)
-    ]
-
-    return {"leaderboard": sorted(rows, key=lambda r: -r["rating"]), "length_coefficient": float(full[m])}
+    rows = _rows(names, theta, lo, hi, played, PROVISIONAL_BATTLES)
+    return {"leaderboard": rows, "length_coefficient": float(full[m])}

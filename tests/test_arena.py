@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from studio import arena
+from studio import campaigns as camp
 from studio.ratings import battles_from_log
 from studio.store import Store, StoreError
 from tests.helpers import make_users, seed_battles
@@ -64,36 +70,112 @@ def test_identity_leaks_are_never_served_and_counted(store: Store) -> None:
         ],
     )
     assert arena.find_leak(["I'm smollm"], ["smollm"], []) == "smollm"
-    assert arena.find_leak(["basement"], [], ["base"]) is None  # whole words only
-    assert arena.find_leak(["as the other model"], [], ["other"]) == "other"
+    assert arena.find_leak(["basement"], [], ["lora-test"]) is None  # whole words only
+    assert arena.find_leak(["as the lora-test model"], [], ["lora-test"]) == "lora-test"
     battle = arena.next_battle(store, "b1", "exp1")
     assert "SmolLM" not in json.dumps(battle)
     arena.vote(store, "exp1", battle["battle_id"], "a")
     assert arena.next_battle(store, "b1", "exp1") is None
     board = arena.campaign_leaderboard(store, "b1", rounds=10)
     assert board["leaked_battles_excluded"] == 1 and board["votes"] == 1
+    assert board["leak_reasons"] == {"smollm": 1}
 
 
-def test_two_version_campaign_stops_when_the_interval_excludes_half(store: Store) -> None:
-    outcomes = [
-        ("base", "other", f"a{i}", f"b{i}") if i % 2 else ("other", "base", f"c{i}", f"d{i}")
-        for i in range(60)
-    ]
-    seed_battles(store, "b1", outcomes)
-    # base always wins, whichever side it is on
+def test_only_names_that_could_identify_a_version_are_screened(store: Store) -> None:
+    """`base` and `policy` are ordinary words: an answer about a database is no leak. Names no one
+    writes by chance (digits, punctuation, rare words) and the configured words still are."""
+    assert not arena.identifies("base") and not arena.identifies("policy") and not arena.identifies("other")
+    assert arena.identifies("lora-test") and arena.identifies("dpo3") and arena.identifies("zephyr")
+    assert not arena.identifies("v2")  # too short to screen: it occurs everywhere
+    assert (
+        arena.find_leak(["Use a base of 10 and the other policy."], [], ["base", "other", "policy"]) is None
+    )
+    assert arena.find_leak(["I am Zephyr."], [], ["base", "zephyr"]) == "zephyr"
+    # a family name with its generation number is caught by the family's leak word
+    assert arena.find_leak(["I'm SmolLM2, a small model."], ["smollm"], []) == "smollm"
+    assert arena.find_leak(["Llama3 here"], ["llama"], []) == "llama"
+    assert arena.find_leak(["smollmx"], ["smollm"], []) is None
+    seed_battles(
+        store,
+        "b1",
+        [
+            ("base", "other", "The base case of the recursion is n = 0.", "Start from n = 0."),
+            ("other", "base", "Paris.", "I am SmolLM."),
+        ],
+    )
+    battle = arena.next_battle(store, "b1", "exp1")
+    assert "base case" in battle["a"] + battle["b"]  # served: "base" names no version here
+    arena.vote(store, "exp1", battle["battle_id"], "tie")
+    board = arena.campaign_leaderboard(store, "b1", rounds=10)
+    assert board["votes"] == 1 and board["leaked_battles_excluded"] == 1
+    assert board["leak_reasons"] == {"smollm": 1}
+    assert {r["version"] for r in board["leaderboard"]} == {"base", "other"}
+    styled = arena.campaign_leaderboard(store, "b1", rounds=5, style_control=True)
+    assert styled["style_controlled"]["leaked_battles_excluded"] == 1
+
+
+def _duel(store: Store, name: str, outcomes: list[str], budget: int = 1000, alpha: float = 0.05) -> int:
+    """Vote through a base-vs-other campaign: 'base', 'other' (the winner) or 'tie', in order.
+    Returns the number of votes cast before the campaign closed (or the outcomes ran out)."""
+    seed_battles(
+        store,
+        name,
+        [
+            ("base", "other", f"a{i}", f"b{i}") if i % 2 else ("other", "base", f"c{i}", f"d{i}")
+            for i in range(len(outcomes))
+        ],
+        budget=budget,
+    )
+    store.write("UPDATE battle_campaigns SET alpha = ? WHERE name = ?", [alpha, name])
     votes = 0
-    while (battle := arena.next_battle(store, "b1", "exp1")) is not None:
+    for outcome in outcomes:
+        battle = arena.next_battle(store, name, "exp1")
+        assert battle is not None
         side = store.query("SELECT version_a FROM battles WHERE id = ?", [battle["battle_id"]])[0]
-        arena.vote(store, "exp1", battle["battle_id"], "a" if side["version_a"] == "base" else "b")
+        winner = "tie" if outcome == "tie" else ("a" if side["version_a"] == outcome else "b")
+        arena.vote(store, "exp1", battle["battle_id"], winner)
         votes += 1
-        if arena.battle_campaign(store, "b1")["status"] != "active":
+        if arena.battle_campaign(store, name)["status"] != "active":
             break
+    return votes
+
+
+def test_two_version_campaign_stops_when_the_confidence_sequence_excludes_half(store: Store) -> None:
+    votes = _duel(store, "b1", ["base"] * 60)
     campaign = arena.battle_campaign(store, "b1")
-    assert campaign["status"] == "closed"
-    assert campaign["verdict"].startswith("base beats other") and "excludes 0.5" in campaign["verdict"]
-    assert votes < 60  # it stopped by itself before the battles ran out
+    assert campaign["status"] == "closed" and campaign["alpha"] == 0.05
+    # 11 straight wins is where the Beta(4, 4) mixture's evidence first reaches 1/alpha = 20
+    assert votes == 11
+    assert campaign["verdict"].startswith("base beats other: won 11 of 11 decisive votes (0 ties)")
+    assert "95% confidence sequence [" in campaign["verdict"] and "excludes 0.5" in campaign["verdict"]
+    # what the leaderboard shows is the interval that decided it
+    x, z, p, lo, hi = arena.two_version_interval(store, "b1")
+    assert (x, z, p) == ("base", "other", 1.0) and lo > 0.5 and hi == 1.0
+    assert f"[{lo:.2f}, {hi:.2f}]" in campaign["verdict"]
     with pytest.raises(StoreError, match="closed: base beats other"):
         arena.next_battle(store, "b1", "exp1")
+    # a late vote (a battle handed out before the close) does not decide it again
+    assert arena.check_stop(store, "b1") is None
+    assert arena.battle_campaign(store, "b1")["verdict"] == campaign["verdict"]
+
+
+def test_ties_are_no_evidence_and_the_old_false_verdict_is_not_reached(store: Store) -> None:
+    """The issue's duel: 7 wins, 2 losses and 15 ties was declared by the old rule; it is not now."""
+    outcomes = ["base"] * 7 + ["other"] * 2 + ["tie"] * 15
+    assert _duel(store, "b1", outcomes) == 24
+    assert arena.battle_campaign(store, "b1")["status"] == "active"
+    duel = arena.two_version_duel(store, "b1")
+    assert (duel["wins"], duel["losses"], duel["ties"]) == (7, 2, 15)
+    assert duel["lower"] < 0.5 < duel["upper"] and not duel["decided"]
+
+
+def test_a_stricter_level_waits_for_more_evidence(store: Store) -> None:
+    seed_battles(store, "b0", [])
+    with pytest.raises(StoreError, match=r"alpha=0.5: .* between 0.001 and 0.2"):
+        arena.create_battle_campaign(store, "b2", prompt_set="b0-set", versions=["base", "other"], alpha=0.5)
+    votes = _duel(store, "b1", ["base"] * 30, alpha=0.01)
+    assert votes == 15  # 11 at the default 0.05
+    assert "99% confidence sequence" in arena.battle_campaign(store, "b1")["verdict"]
 
 
 def test_budget_stops_an_undecided_campaign(store: Store) -> None:
@@ -178,3 +260,103 @@ def test_aliases_that_resolve_to_one_version_are_refused(store: Store) -> None:
     seed_battles(store, "b1", [])
     with pytest.raises(StoreError, match="all resolve to base"):
         arena.create_battle_campaign(store, "b2", prompt_set="b1-set", versions=["base", "policy"])
+
+
+# -- races -------------------------------------------------------------------------------------
+def test_a_read_during_a_status_change_does_not_cache_the_old_row(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread reads the campaign after the UPDATE ran but before it committed. Had the
+    memo been dropped before the UPDATE, that read would cache the old row for good, and a
+    campaign closed by the stopping rule would keep serving battles."""
+    seed_battles(store, "b1", [("base", "other", "x", "y")])
+    camp.get_campaign(store, "b1")  # memoised while active
+    original = store.transaction
+
+    @contextmanager
+    def read_before_commit() -> Iterator[Any]:
+        with original() as cur:
+            yield cur
+            reader = threading.Thread(target=camp.get_campaign, args=(store, "b1"))
+            reader.start()
+            reader.join()
+
+    monkeypatch.setattr(store, "transaction", read_before_commit)
+    camp.set_status(store, "b1", "closed")
+    monkeypatch.undo()
+    assert camp.get_campaign(store, "b1")["status"] == "closed"
+    with pytest.raises(StoreError, match="is closed"):
+        arena.next_battle(store, "b1", "exp1")
+
+
+@pytest.mark.parametrize("change", ["status", "guidelines"])
+def test_a_read_that_started_before_a_change_does_not_cache_after_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """A reader fetches the old row, stalls, and stores it only after the change committed and
+    dropped the memo: the generation count must turn that late store away."""
+    seed_battles(store, "b1", [("base", "other", "x", "y")])
+    store.memo.pop(("campaign", "b1"), None)
+    fetched, resume = threading.Event(), threading.Event()
+    original = store.query
+
+    def stalling_query(sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        rows = original(sql, params)
+        if threading.current_thread().name == "reader" and sql.startswith("SELECT * FROM campaigns"):
+            fetched.set()
+            resume.wait(10)
+        return rows
+
+    monkeypatch.setattr(store, "query", stalling_query)
+    reader = threading.Thread(target=camp.get_campaign, args=(store, "b1"), name="reader")
+    reader.start()
+    assert fetched.wait(10)
+    if change == "status":
+        camp.set_status(store, "b1", "closed")
+    else:
+        camp.set_guidelines(store, "b1", "Prefer the shorter answer.")
+    resume.set()
+    reader.join()
+    monkeypatch.undo()
+    row = camp.get_campaign(store, "b1")
+    assert (row["status"], row["guidelines"]) == (
+        ("closed", "") if change == "status" else ("active", "Prefer the shorter answer.")
+    )
+
+
+def test_two_identical_votes_at_once_get_the_same_reveal(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both requests pass every check before either inserts (the barrier holds them there); one
+    stores the vote, the other finds it and returns the same reveal, never a constraint error."""
+    seed_battles(store, "b1", [("base", "other", "x", "y")])
+    battle = arena.next_battle(store, "b1", "exp1")
+    barrier = threading.Barrier(2)
+    original = arena.battle_campaign
+    met = threading.local()
+
+    def meet_then_read(s: Store, name: str) -> dict[str, Any]:
+        if not getattr(met, "done", False):
+            met.done = True
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=5)
+        return original(s, name)
+
+    monkeypatch.setattr(arena, "battle_campaign", meet_then_read)
+    results: list[Any] = [None, None]
+
+    def cast(k: int) -> None:
+        try:
+            results[k] = arena.vote(store, "exp1", battle["battle_id"], "a", idempotency_key="same-key")
+        except Exception as exc:  # the assertion below shows it
+            results[k] = exc
+
+    threads = [threading.Thread(target=cast, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not barrier.broken  # both really were between the check and the insert together
+    assert all(isinstance(r, dict) for r in results), results
+    assert results[0] == results[1]
+    assert store.count("votes") == 1

@@ -10,7 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from studio.ratings import SCALE, Battles, battles_from_log, bootstrap, fit, leaderboard, win_matrix
+from studio.ratings import (
+    PROVISIONAL_BATTLES,
+    SCALE,
+    Battles,
+    battles_from_log,
+    bootstrap,
+    fit,
+    leaderboard,
+    win_matrix,
+)
 
 
 def simulate(true: np.ndarray, battles: int, rng: np.random.Generator) -> Battles:
@@ -67,6 +76,71 @@ def test_rank_only_when_intervals_separate() -> None:
     assert by["v2"]["rank"] == 1
     assert by["v0"]["rank"] == by["v1"]["rank"] == 2  # too close to tell apart
     assert all(r["provisional"] for r in rows)  # about 400 battles each, below the gate
+
+
+def test_a_sweep_is_finite_uncertain_and_provisional() -> None:
+    """5-0 between two versions: maximum likelihood diverges (the old 2117.9 against -117.9 with
+    zero-width intervals); the prior keeps it finite and the intervals wide, and so few battles
+    are provisional without anyone asking for --min-battles."""
+    sweep = Battles.from_outcomes(["x", "y", "x", "y", "x"], ["y", "x", "y", "x", "y"], [1, 0, 1, 0, 1])
+    unregularised = {r["version"]: r for r in leaderboard(sweep, rounds=20, prior_sd=None)}
+    assert unregularised["x"]["rating"] > 2000 and unregularised["x"]["lower"] == unregularised["x"]["upper"]
+    rows = {r["version"]: r for r in leaderboard(sweep, rounds=50)}
+    x, y = rows["x"], rows["y"]
+    assert 1150 < x["rating"] < 1300 and x["rating"] + y["rating"] == pytest.approx(2000, abs=0.2)
+    for r in (x, y):
+        assert r["lower"] < r["rating"] < r["upper"]
+        assert r["upper"] - r["lower"] > 300  # five battles say little
+        assert r["provisional"] and r["battles"] == 5
+    assert x["lower"] < y["upper"]  # so neither outranks the other yet
+    assert x["rank"] == y["rank"] == 1
+
+
+def test_provisional_below_the_documented_number_by_default() -> None:
+    rng = np.random.default_rng(6)
+    battles = simulate(np.array([0.0, 0.5, 1.0]), 40, rng)  # about 27 battles each
+    rows = leaderboard(battles, rounds=10)  # min_battles left at 0
+    assert any(r["provisional"] for r in rows)
+    assert all(r["provisional"] == (r["battles"] < PROVISIONAL_BATTLES) for r in rows)
+    many = leaderboard(simulate(np.array([0.0, 0.5, 1.0]), 600, rng), rounds=10)
+    assert not any(r["provisional"] for r in many)
+    # --min-battles raises the bar, never lowers it
+    assert all(
+        r["provisional"] for r in leaderboard(simulate(np.zeros(3), 600, rng), rounds=0, min_battles=1000)
+    )
+
+
+def test_the_prior_changes_nothing_with_many_battles() -> None:
+    rng = np.random.default_rng(7)
+    true = np.array([-1.0, -0.3, 0.0, 0.4, 1.2])
+    battles = simulate(true, 20_000, rng)
+    mle = fit(battles, prior_sd=None)
+    assert np.abs(SCALE * (fit(battles) - mle)).max() < 1.0  # Elo points
+    plain = {r["version"]: r for r in leaderboard(battles, rounds=40, prior_sd=None)}
+    for r in leaderboard(battles, rounds=40):
+        p = plain[r["version"]]
+        assert abs(r["rating"] - p["rating"]) < 1.0
+        assert r["upper"] - r["lower"] == pytest.approx(p["upper"] - p["lower"], rel=0.25)
+        assert r["rank"] == p["rank"] and not r["provisional"]
+
+
+def test_deduplication_and_pair_totals() -> None:
+    battles = Battles.from_outcomes(
+        ["x", "y", "x", "z", "x"], ["y", "x", "y", "x", "z"], [1.0, 1.0, 0.5, 0.0, 0.0]
+    )
+    assert battles.total == 5 and len(battles.w) == 5
+    i, j, _, _ = battles.pairs
+    score, count = battles.pair_totals()
+    by_pair = {
+        (battles.names[a], battles.names[b]): (s, n) for a, b, s, n in zip(i, j, score, count, strict=True)
+    }
+    # x-y: x won, y won, a tie; x-z: z won twice (once on each side)
+    assert by_pair == {("x", "y"): (1.5, 3.0), ("x", "z"): (1.0, 2.0)}
+    # outcomes other than win, tie and loss are kept as they are
+    odd = Battles.from_outcomes(["x", "x"], ["y", "y"], [0.25, 0.25])
+    assert odd.y.tolist() == [0.25] and odd.w.tolist() == [2.0]
+    with pytest.raises(ValueError, match="2 model_a, 1 model_b"):
+        Battles.from_outcomes(["x", "x"], ["y"], [1.0, 0.0])
 
 
 def test_battle_log_parsing_and_errors() -> None:
