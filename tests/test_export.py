@@ -91,6 +91,8 @@ def test_judgments_rows_keep_order_ties_all_bad_and_flags(judged: Store, tmp_pat
     assert [json.loads(x)["judgment_id"] for x in lines] == [r["judgment_id"] for r in rows]
     card = json.loads((tmp_path / "j.jsonl.card.json").read_text())
     assert [q["annotator"] for q in card["annotator_quality"]] == ["ann1", "ann2"]
+    write_export(judged, tmp_path / "jd", "judgments")  # nested lists and empty flags fit Arrow too
+    assert load_from_disk(str(tmp_path / "jd"))[0]["flags"] == rows[0]["flags"]
 
 
 @pytest.mark.parametrize("fmt", ["datasets", "parquet", "jsonl"])
