@@ -294,16 +294,24 @@ def trained(tmp_path: Path, model_cache: Path) -> dict[str, Any]:
 
 
 def eval_result(version: str, against: str) -> dict[str, Any]:
-    """`studio eval VERSION --against PARENT --json`'s shape (issue 11), with made-up numbers."""
-    values = {"win_rate_vs_parent": (0.64, 0.5), "property_rate": (0.4, 0.25), "heldout_reward": (0.31, 0.12)}
+    """`studio eval VERSION --against PARENT --json`'s shape (issue 11) with made-up means, each
+    number rounded to 6 decimals as the engine rounds them (so a delta may be 1e-6 off)."""
+    means = {"win_rate_vs_parent": (0.64, 0.5), "property_rate": (0.4, 0.25), "refusal": (0.1000006, 4e-7)}
+    metrics = {}
+    for name, (v, a) in means.items():
+        d = v - a
+        metrics[name] = {
+            "version": round(v, 6),
+            "against": round(a, 6),
+            "delta": round(d, 6),
+            "ci": [round(d - 0.1, 6), round(d + 0.1, 6)],
+        }
+    assert metrics["refusal"]["delta"] != metrics["refusal"]["version"] - metrics["refusal"]["against"]
     return {
         "version": version,
         "against": against,
-        "metrics": {
-            name: {"version": v, "against": a, "delta": v - a, "ci": [v - a - 0.1, v - a + 0.1]}
-            for name, (v, a) in values.items()
-        },
-        "gate": {"passed": False, "reasons": ["heldout_reward: within tolerance but below the bar"]},
+        "metrics": metrics,
+        "gate": {"passed": False, "reasons": ["refusal: +0.10 is past the tolerance of +0.05"]},
     }
 
 
