@@ -43,16 +43,17 @@ def direct(stage: str, snapshot: Path, parent: Path, out: Path, steps: int, batc
         TrainerCallback,
     )
 
-    from trainers.common import load_recipe, read_snapshot
+    from trainers.common import read_snapshot
+    from trainers.configs import validate
 
     times: list[float] = []
-    recipe = load_recipe(RECIPES / f"{stage}.yaml")
     if stage == "ppo":
         from trainers.ppo import train_ppo
 
-        recipe["ppo"].update(iterations=steps, batch_size=batch, mini_batch_size=max(1, batch // 2))
+        sizes = {"ppo.iterations": steps, "ppo.batch_size": batch, "ppo.mini_batch_size": max(1, batch // 2)}
+        config = validate(stage, RECIPES / f"{stage}.yaml", sizes)
         args = argparse.Namespace(snapshot=snapshot, parent=parent, output=out, reward_model="rule:brevity")
-        train_ppo(args, recipe, report=lambda row: times.append(time.perf_counter()))
+        train_ppo(args, config, report=lambda row: times.append(time.perf_counter()))
         (out / "direct.json").write_text(json.dumps({"times": times}))
         return
 
@@ -60,9 +61,10 @@ def direct(stage: str, snapshot: Path, parent: Path, out: Path, steps: int, batc
         def on_step_end(self, *a: Any, **k: Any) -> None:
             times.append(time.perf_counter())
 
+    config = validate(stage, RECIPES / f"{stage}.yaml")
     rows = read_snapshot(snapshot)
     tokenizer = AutoTokenizer.from_pretrained(parent)
-    lora = recipe["lora"]
+    lora = config.lora
     common = {
         "output_dir": str(out / "ckpt"),
         "bf16": False,
@@ -71,17 +73,17 @@ def direct(stage: str, snapshot: Path, parent: Path, out: Path, steps: int, batc
         "logging_steps": 1,
         "max_steps": steps,
         "per_device_train_batch_size": batch,
-        "learning_rate": float(recipe["train"]["learning_rate"]),
-        "max_length": recipe["train"]["max_length"],
+        "learning_rate": config.train.learning_rate,
+        "max_length": config.train.max_length,
         "use_cpu": True,
         "disable_tqdm": True,
-        "seed": int(recipe.get("seed", 0)),  # the studio run's batches, so the same lengths
+        "seed": config.seed,  # the studio run's batches, so the same lengths
     }
     peft = {
-        "r": lora["r"],
-        "lora_alpha": lora["alpha"],
-        "lora_dropout": 0.0,
-        "target_modules": lora["target_modules"],
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": lora.target_modules,
     }
     if stage == "reward":
         from trl import RewardConfig, RewardTrainer
@@ -106,7 +108,7 @@ def direct(stage: str, snapshot: Path, parent: Path, out: Path, steps: int, batc
         data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
         trainer = DPOTrainer(
             model=model,
-            args=DPOConfig(beta=recipe["train"]["beta"], **common),
+            args=DPOConfig(beta=config.train.beta, **common),
             train_dataset=data,
             processing_class=tokenizer,
             callbacks=[Clock()],

@@ -5,14 +5,65 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from html import escape
+from typing import Any
 
 from fastapi import FastAPI
 
 from studio.api import build_router, install_error_handlers
 from studio.config import Settings
+from studio.ratelimit import client_address
 from studio.runtime import Studio
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+# Gradio's login page shows its own fixed "Incorrect Credentials" on a 400 and nothing at all
+# on any other answer, so a rate-limited login (429, "... try again in N s") would look like a
+# dead button. The auth message is rendered as HTML: an image that cannot load runs its
+# onerror once, which wraps fetch to put the login POST's 429 message (as text) under it.
+_SHOW_LOGIN_REFUSAL = r"""
+if (!window.studioLoginNotice) {
+  window.studioLoginNotice = true;
+  const fetch0 = window.fetch;
+  window.fetch = async (...args) => {
+    const response = await fetch0(...args);
+    const url = String((args[0] && args[0].url) || args[0]);
+    const notice = document.getElementById("login-notice");
+    if (notice && /\/login\/?$/.test(url)) {
+      const refused = response.status === 429;
+      const body = refused ? await response.clone().json().catch(() => ({})) : {};
+      notice.textContent = refused ? body.detail || "Too many attempts: wait and try again." : "";
+    }
+    return response;
+  };
+}
+"""
+LOGIN_MESSAGE = (
+    "Preference Studio: log in with the account an admin gave you."
+    '<br><strong id="login-notice" role="alert"></strong>'
+    f'<img src="data:," alt="" hidden onerror="{escape(_SHOW_LOGIN_REFUSAL.strip(), quote=True)}">'
+)
+
+
+class ClientAddress:
+    """ASGI middleware: each request's client address where the login check can read it
+    (studio.ratelimit.client_address); Gradio gives its auth callable only name and password.
+    Behind a reverse proxy this is the client uvicorn's proxy headers name: it trusts a proxy
+    on this machine, and those listed in FORWARDED_ALLOW_IPS."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        token = client_address.set(str(client[0]) if client else "unknown")
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            client_address.reset(token)
 
 
 def create_app(settings: Settings, studio: Studio | None = None) -> FastAPI:
@@ -49,8 +100,9 @@ def create_app(settings: Settings, studio: Studio | None = None) -> FastAPI:
             path="/",
             footer_links=[],
             auth=gradio_auth(studio),
-            auth_message="Preference Studio: log in with the account an admin gave you.",
+            auth_message=LOGIN_MESSAGE,
             head=SHORTCUTS,
         )
+        app.add_middleware(ClientAddress)
 
     return app

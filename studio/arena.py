@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from studio import campaigns as camp
+from studio.names import check_name
 from studio.ratings import Battles, bootstrap, fit, leaderboard, style_controlled, win_matrix
 from studio.store import Store, StoreError, new_id
 
@@ -61,6 +62,7 @@ def create_battle_campaign(
     criteria: list[str] | None = None,
     created_by: str | None = None,
 ) -> dict[str, Any]:
+    check_name("campaign", name)
     versions = list(dict.fromkeys(v.strip() for v in versions if v.strip()))
     if len(versions) < 2:
         raise StoreError("versions: a battle campaign needs at least two different versions or aliases")

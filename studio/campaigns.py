@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
+from studio.names import check_name, check_new_name
 from studio.serving.client import SamplingParams
 from studio.store import Store, StoreError
+from studio.textcheck import MAX_GUIDELINES_CHARS, check_text, listing, shorten
 
 POLICY = "policy"
-CAMPAIGN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# An assignment not submitted by then goes back to the pool. A week covers a task left open
+# over a weekend; the column is a 32-bit INTEGER, so an unbounded value would not even store.
+MIN_TASK_TIMEOUT_S = 30
+MAX_TASK_TIMEOUT_S = 7 * 24 * 3600
 
 
 def set_alias(store: Store, alias: str, version: str) -> None:
+    """Point `alias` at `version`. A new alias follows studio.names' rule and may not be a version's name."""
+
+    def alias_exists(name: str) -> bool:
+        return bool(store.query("SELECT 1 FROM aliases WHERE name = ?", [name]))
+
+    check_new_name("alias", alias, alias_exists)  # aliases named before the rule stay usable
     if store.model_version(version)["kind"] == "reward":  # must exist, and must answer prompts
         raise StoreError(f"version '{version}' is a reward model; only policy versions can be promoted")
     with store.transaction() as cur:
+        new = not cur.execute("SELECT 1 FROM aliases WHERE name = ?", [alias]).fetchone()
+        if new and cur.execute("SELECT 1 FROM model_versions WHERE name = ?", [alias]).fetchone():
+            raise StoreError(
+                f"alias '{alias}' is a version's name (a name must say whether it is a version "
+                "or an alias); pick another alias name"
+            )
         cur.execute(
             "INSERT INTO aliases (name, version) VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
             " SET version = excluded.version, updated_at = now()",
@@ -67,29 +83,41 @@ def create_campaign(
     created_by: str | None = None,
     status: str = "active",
     kind: str = "label",
+    max_model_len: int | None = None,
 ) -> dict[str, Any]:
-    if not CAMPAIGN_RE.match(name):
-        raise StoreError(
-            f"campaign name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    """Store a new campaign. Every setting is checked first; a refused campaign stores nothing.
+
+    `max_model_len`: the served model's context in tokens (OpenAIChatBackend.max_model_len),
+    when known: max_tokens must leave room in it for the prompt.
+    """
+    check_name("campaign", name)
     if not 2 <= n <= 8:
         raise StoreError(f"n={n}: a labeling task shows 2 to 8 completions to rank")
     if not 1 <= overlap <= 50:
         raise StoreError(f"overlap={overlap}: each task goes to 1 to 50 different annotators")
     if status not in ("active", "paused", "closed"):
         raise StoreError(f"status {status!r}: use active, paused or closed")
-    if task_timeout_s < 30:
-        raise StoreError(f"task_timeout_s={task_timeout_s}: give annotators at least 30 s")
+    if not MIN_TASK_TIMEOUT_S <= task_timeout_s <= MAX_TASK_TIMEOUT_S:
+        raise StoreError(
+            f"task_timeout_s={shorten(task_timeout_s)}: give annotators between {MIN_TASK_TIMEOUT_S} s "
+            f"and {MAX_TASK_TIMEOUT_S} s (7 days) per task"
+        )
+    check_text(guidelines, "guidelines", max_chars=MAX_GUIDELINES_CHARS)
     try:
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     except ValueError as exc:
         raise StoreError(str(exc)) from None
+    if max_model_len is not None and params.max_tokens >= max_model_len:
+        raise StoreError(
+            f"max_tokens={params.max_tokens}: the served model's context is {max_model_len} tokens, "
+            f"prompt and answer together; use a max_tokens below {max_model_len} that leaves room "
+            "for the prompts"
+        )
     resolve_policy(store, model)  # an unknown model or a reward model fails now, not in the sampler
     sets = {s["name"]: s["prompts"] for s in store.prompt_sets()}
     if prompt_set not in sets:
-        known = ", ".join(sets) or "none yet; import one with `studio import FILE --set NAME`"
-        raise StoreError(f"prompt set '{prompt_set}' does not exist (known: {known})")
+        known = listing(list(sets)) or "none yet; import one with `studio import FILE --set NAME`"
+        raise StoreError(f"prompt set '{shorten(prompt_set)}' does not exist (known: {known})")
     if not sets[prompt_set]:
         raise StoreError(f"prompt set '{prompt_set}' is empty")
     sampling = {

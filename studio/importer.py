@@ -7,6 +7,10 @@ A record holds a prompt as either
   - `prompt`: a string, or a list of chat messages, or
   - `messages`: a list of chat messages ({"role": ..., "content": ...}),
 plus an optional `id`. Every other column is kept as metadata.
+
+Limits (studio.textcheck): a prompt holds at most MAX_PROMPT_CHARS characters over all its
+messages, one JSONL line (or one record's metadata) at most MAX_RECORD_BYTES, metadata nests at
+most MAX_JSON_DEPTH deep, and all text must be valid Unicode (no lone surrogates).
 """
 
 from __future__ import annotations
@@ -19,8 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from studio.store import ImportedPrompt
+from studio.textcheck import (
+    MAX_JSON_DEPTH,
+    MAX_PROMPT_CHARS,
+    MAX_RECORD_BYTES,
+    check_json,
+    check_text,
+    shorten,
+)
 
 ROLES = ("system", "user", "assistant")
+MAX_ID_CHARS = 1_000
 PROMPT_FIELDS = ("prompt", "messages")
 FORMATS = ("jsonl", "csv", "parquet", "datasets")
 
@@ -56,8 +69,11 @@ def messages_hash(messages: list[dict[str, str]]) -> str:
 
 
 def normalize_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
-    """A prompt string becomes one user message; a message list is checked item by item."""
+    """A prompt string becomes one user message; a message list is checked item by item.
+
+    The text of all messages together is at most MAX_PROMPT_CHARS characters."""
     if isinstance(value, str):
+        check_text(value, f"{where}: field '{field}'", max_chars=MAX_PROMPT_CHARS, error=PromptFileError)
         if not value.strip():
             raise PromptFileError(f"{where}: field '{field}' is an empty string")
         return [{"role": "user", "content": value}]
@@ -71,6 +87,7 @@ def normalize_messages(value: Any, where: str, field: str) -> list[dict[str, str
     if not value:
         raise PromptFileError(f"{where}: field '{field}' is an empty list of messages")
     out = []
+    total = 0
     for i, msg in enumerate(value):
         if not isinstance(msg, dict):
             raise PromptFileError(
@@ -80,10 +97,22 @@ def normalize_messages(value: Any, where: str, field: str) -> list[dict[str, str
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
             raise PromptFileError(
-                f"{where}: field '{field}' item {i}: role {role!r} is not one of {', '.join(ROLES)}"
+                f"{where}: field '{field}' item {i}: role {shorten(role)!r} is not one of {', '.join(ROLES)}"
             )
         if not isinstance(content, str) or not content.strip():
             raise PromptFileError(f"{where}: field '{field}' item {i}: 'content' must be a non-empty string")
+        check_text(
+            content,
+            f"{where}: field '{field}' item {i} 'content'",
+            max_chars=MAX_PROMPT_CHARS,
+            error=PromptFileError,
+        )
+        total += len(content)
+        if total > MAX_PROMPT_CHARS:
+            raise PromptFileError(
+                f"{where}: field '{field}': the messages hold over {MAX_PROMPT_CHARS:,} characters "
+                "together, the limit for one prompt; shorten them"
+            )
         out.append({"role": role, "content": content})
     if out[-1]["role"] == "assistant":
         raise PromptFileError(
@@ -111,13 +140,23 @@ def to_prompt(record: Any, where: str) -> ImportedPrompt:
     raw_id = record.get("id")
     if raw_id is not None and not isinstance(raw_id, (str, int)):
         raise PromptFileError(f"{where}: field 'id' must be a string or an integer")
+    if isinstance(raw_id, str):
+        check_text(raw_id, f"{where}: field 'id'", max_chars=MAX_ID_CHARS, error=PromptFileError)
     metadata = {k: v for k, v in record.items() if k not in (*PROMPT_FIELDS, "id")}
+    check_json(metadata, f"{where}: metadata", max_depth=MAX_JSON_DEPTH, error=PromptFileError)
+    metadata = _plain(metadata)
+    size = len(json.dumps(metadata, ensure_ascii=False, default=str).encode())
+    if size > MAX_RECORD_BYTES:
+        raise PromptFileError(
+            f"{where}: the other fields (kept as metadata) take {size:,} bytes, over the limit of "
+            f"{MAX_RECORD_BYTES:,} for one record; drop the big columns before importing"
+        )
     return ImportedPrompt(
         location=where,
         messages=messages,
         content_hash=messages_hash(messages),
         external_id=None if raw_id is None else str(raw_id),
-        metadata=_plain(metadata),
+        metadata=metadata,
     )
 
 
@@ -133,42 +172,72 @@ def _plain(value: Any) -> Any:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        lineno = 0
+        # readline with a limit: a line over the limit is refused without being read whole
+        while raw := fh.readline(MAX_RECORD_BYTES + 1):
+            lineno += 1
+            where = f"{path} line {lineno}"
+            if len(raw.rstrip(b"\r\n")) > MAX_RECORD_BYTES:
+                raise PromptFileError(
+                    f"{where}: longer than {MAX_RECORD_BYTES:,} bytes, the limit for one record; "
+                    "shorten the prompt or drop the big fields"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PromptFileError(
+                    f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line)"
+                ) from None
             if not line.strip():
                 continue
-            try:
-                yield f"{path} line {lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PromptFileError(
-                    f"{path} line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                    "each line must be one JSON object"
-                ) from None
+            yield where, _json_record(line, where, "each line must be one JSON object")
+
+
+def _json_record(text: str, where: str, expected: str, subject: str = "") -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptFileError(
+            f"{where}: {subject}not valid JSON ({exc.msg} at column {exc.colno}); {expected}"
+        ) from None
+    except RecursionError:
+        # Python's parser recurses once per level: thousands of nested brackets overflow it
+        raise PromptFileError(
+            f"{where}: {subject}JSON nested too deep to read (limit {MAX_JSON_DEPTH} levels); {expected}"
+        ) from None
 
 
 def _csv(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open(encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
-        if not reader.fieldnames or not set(PROMPT_FIELDS) & set(reader.fieldnames):
-            raise PromptFileError(
-                f"{path} line 1: the header has no 'prompt' or 'messages' column "
-                f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})"
+        try:
+            yield from _csv_rows(path, reader)
+        except csv.Error as exc:  # e.g. a cell over the csv module's field size limit (131,072)
+            # line_num counts the lines of the records read whole: the bad one starts after them
+            raise PromptFileError(f"{path} line {reader.line_num + 1}: not readable as CSV ({exc})") from None
+
+
+def _csv_rows(path: Path, reader: csv.DictReader) -> Iterator[tuple[str, Any]]:
+    if not reader.fieldnames or not set(PROMPT_FIELDS) & set(reader.fieldnames):
+        raise PromptFileError(
+            f"{path} line 1: the header has no 'prompt' or 'messages' column "
+            f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})"
+        )
+    for row in reader:
+        where = f"{path} line {reader.line_num}"
+        if None in row:
+            raise PromptFileError(f"{where}: more fields than the header has columns")
+        record: dict[str, Any] = {k: (v if v != "" else None) for k, v in row.items()}
+        if record.get("messages") is not None:
+            # CSV has no lists: a 'messages' cell holds the list as JSON.
+            record["messages"] = _json_record(
+                record["messages"],
+                where,
+                "a CSV 'messages' cell holds a JSON list of chat messages",
+                subject="field 'messages' is ",
             )
-        for row in reader:
-            where = f"{path} line {reader.line_num}"
-            if None in row:
-                raise PromptFileError(f"{where}: more fields than the header has columns")
-            record: dict[str, Any] = {k: (v if v != "" else None) for k, v in row.items()}
-            if record.get("messages") is not None:
-                # CSV has no lists: a 'messages' cell holds the list as JSON.
-                try:
-                    record["messages"] = json.loads(record["messages"])
-                except json.JSONDecodeError:
-                    raise PromptFileError(
-                        f"{where}: field 'messages' is not valid JSON "
-                        "(a CSV 'messages' cell holds a JSON list of chat messages)"
-                    ) from None
-            yield where, record
+        yield where, record
 
 
 def _rows(path: Path, rows: Iterable[dict[str, Any]]) -> Iterator[tuple[str, Any]]:

@@ -210,10 +210,7 @@ class Runner:
                 self._finish(run_id, "cancelled", self._cancel[run_id])
                 return
             if code != 0 or not (folder / META_FILE).is_file():
-                last = [ln for ln in tail(out / "run.log", 400).splitlines() if ln.strip()]
-                errors = [ln for ln in last if ln.startswith(("error:", "Traceback")) or "Error" in ln]
-                reason = (errors[-1] if errors else (last[-1] if last else "no output")).strip()[:500]
-                self._finish(run_id, "failed", f"stage {stage} exited with code {code}: {reason}")
+                self._finish(run_id, "failed", failure_reason(stage, code, tail(out / "run.log", 400)))
                 return
             meta = json.loads((folder / META_FILE).read_text())
             metrics[stage] = meta.get("metrics", {})
@@ -264,6 +261,27 @@ class Runner:
                 "UPDATE runs SET status = ?, reason = ?, finished_at = now() WHERE id = ?",
                 [status, reason, run_id],
             )
+
+
+def failure_reason(stage: str, code: int, log_tail: str) -> str:
+    """Why a stage failed, from its exit code and the end of its log.
+
+    A negative code is the signal that ended the process (subprocess's convention): the log's
+    last line then says nothing about the cause (it is often just a metrics line), so the
+    reason names the signal. Otherwise it is the last error line the stage printed."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        reason = f"stage {stage} was killed by {name}"
+        if -code == signal.SIGKILL:
+            reason += " (a kill -9, or the kernel's out-of-memory killer: see `dmesg`)"
+        return reason + "; run.log has its output up to then"
+    last = [ln for ln in log_tail.splitlines() if ln.strip()]
+    errors = [ln for ln in last if ln.startswith(("error:", "Traceback")) or "Error" in ln]
+    detail = (errors[-1] if errors else (last[-1] if last else "no output")).strip()[:500]
+    return f"stage {stage} exited with code {code}: {detail}"
 
 
 def _terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:

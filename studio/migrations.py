@@ -237,4 +237,17 @@ MIGRATIONS: list[tuple[str, str]] = [
             LEFT JOIN model_versions v ON list_contains(r.versions, v.name);
         """,
     ),
+    (
+        "006_security",
+        """
+        -- Every refused login: a wrong password or unknown name, or an attempt refused by the
+        -- rate limit before its password was checked (one row per lock, not per refusal).
+        CREATE TABLE failed_logins (
+            attempted_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            user_name    VARCHAR NOT NULL,   -- as typed, cut to 128 characters
+            address      VARCHAR,            -- the client's address as the server saw it
+            reason       VARCHAR NOT NULL    -- wrong password | unknown or disabled user | rate limited: ...
+        );
+        """,
+    ),
 ]

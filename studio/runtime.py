@@ -35,7 +35,9 @@ def say(message: str) -> None:
 
 
 def version_name_for(path: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name).strip("-") or "model"
+    """A version name (studio.names' rule) from a model folder's name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name).lstrip("._-")[:64].rstrip("-")
+    return name or "model"
 
 
 def cached_folder_hash(folder: Path, cache_file: Path) -> str:
@@ -217,6 +219,7 @@ class Studio:
             path=url,
             content_hash="external:" + hashlib.sha256(f"{url}|{name}".encode()).hexdigest(),
             source=f"external:{url}",
+            served_id=True,  # requests must name the model exactly as that server does
         )
         self.base_version = name
         self.backend = backend

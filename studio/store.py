@@ -28,7 +28,10 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from studio.errors import StoreError
 from studio.migrations import MIGRATIONS
+from studio.names import check_new_name
+from studio.textcheck import listing, shorten
 
 DB_FILE = "studio.duckdb"
 log = logging.getLogger(__name__)
@@ -36,10 +39,6 @@ log = logging.getLogger(__name__)
 
 class StoreLockedError(RuntimeError):
     """Another process holds the database file."""
-
-
-class StoreError(ValueError):
-    """A write was refused; nothing was stored."""
 
 
 def new_id() -> str:
@@ -124,8 +123,10 @@ class Store:
             cur.execute("BEGIN TRANSACTION")
             try:
                 yield cur
-            except BaseException:
+            except BaseException as exc:
                 cur.execute("ROLLBACK")
+                if _is_unencodable(exc):
+                    raise _unencodable_error(exc) from None
                 raise
             cur.execute("COMMIT")
 
@@ -136,14 +137,24 @@ class Store:
         event loop) and whose statement cannot conflict with another transaction: an append
         to a table no other code changes (DuckDB lets transactions append concurrently)."""
         values = params if isinstance(params, dict) else list(params)
-        if not exclusive:
-            self.cursor().execute(sql, values)
-            return
-        with self._write_lock:
-            self.cursor().execute(sql, values)
+        try:
+            if not exclusive:
+                self.cursor().execute(sql, values)
+                return
+            with self._write_lock:
+                self.cursor().execute(sql, values)
+        except duckdb.InvalidInputException as exc:
+            if _is_unencodable(exc):
+                raise _unencodable_error(exc) from None
+            raise
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
-        cur = self.cursor().execute(sql, params if isinstance(params, dict) else list(params))
+        try:
+            cur = self.cursor().execute(sql, params if isinstance(params, dict) else list(params))
+        except duckdb.InvalidInputException as exc:
+            if _is_unencodable(exc):
+                raise _unencodable_error(exc) from None
+            raise
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
@@ -193,9 +204,18 @@ class Store:
         kind: str = "full",
         parent: str | None = None,
         meta: dict[str, Any] | None = None,
+        served_id: bool = False,
     ) -> dict[str, Any]:
-        """Register a version, or return it unchanged when the same content is registered again."""
+        """Register a version, or return it unchanged when the same content is registered again.
+
+        A new name must follow studio.names' rule (`served_id`: the wider rule for an
+        external server's own model id) and may not be an alias's name."""
         with self.transaction() as cur:
+            check_new_name(
+                "served model" if served_id else "version",
+                name,
+                lambda n: bool(cur.execute("SELECT 1 FROM model_versions WHERE name = ?", [n]).fetchone()),
+            )
             row = cur.execute("SELECT content_hash FROM model_versions WHERE name = ?", [name]).fetchone()
             if row is not None and row[0] != content_hash:
                 raise StoreError(
@@ -203,6 +223,11 @@ class Store:
                     f"(hash {row[0][:12]}, new {content_hash[:12]}); pick another name"
                 )
             if row is None:
+                if cur.execute("SELECT 1 FROM aliases WHERE name = ?", [name]).fetchone():
+                    raise StoreError(
+                        f"version name '{name}' is an alias's name (aliases point at versions: "
+                        "a name must say which one it is); pick another name"
+                    )
                 cur.execute(
                     "INSERT INTO model_versions (name, kind, path, content_hash, source, parent, meta)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -213,8 +238,8 @@ class Store:
     def model_version(self, name: str) -> dict[str, Any]:
         rows = self.query("SELECT * FROM model_versions WHERE name = ?", [name])
         if not rows:
-            known = ", ".join(v["name"] for v in self.model_versions()) or "none"
-            raise StoreError(f"model version '{name}' is not registered (known: {known})")
+            known = listing([v["name"] for v in self.model_versions()]) or "none"
+            raise StoreError(f"model version '{shorten(name)}' is not registered (known: {known})")
         return _decode(rows[0], "meta")
 
     def model_versions(self) -> list[dict[str, Any]]:
@@ -229,6 +254,11 @@ class Store:
         if not set_name.strip():
             raise StoreError("prompt set name is empty; pass --set NAME")
         with self.transaction() as cur:
+            check_new_name(  # sets named before the rule stay usable
+                "prompt set",
+                set_name,
+                lambda n: bool(cur.execute("SELECT 1 FROM prompt_sets WHERE name = ?", [n]).fetchone()),
+            )
             existing = dict(
                 cur.execute(
                     "SELECT content_hash, coalesce(external_id, '#' || position::VARCHAR)"
@@ -295,7 +325,7 @@ class Store:
     def prompt(self, prompt_id: str) -> dict[str, Any]:
         rows = self.query("SELECT * FROM prompts WHERE id = ?", [prompt_id])
         if not rows:
-            raise StoreError(f"prompt '{prompt_id}' does not exist")
+            raise StoreError(f"prompt '{shorten(prompt_id)}' does not exist")
         return _decode(rows[0], "messages", "metadata")
 
     # generations --------------------------------------------------------------
@@ -535,6 +565,19 @@ class BatchWriter:
             return
         for _, done in batch:
             done.set_result(None)
+
+
+def _is_unencodable(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.InvalidInputException) and "cannot encode str as UTF-8" in str(exc)
+
+
+def _unencodable_error(exc: BaseException) -> StoreError:
+    # The last line of defence: inputs are checked by name where they enter (studio.textcheck),
+    # but a lone surrogate that slips past them is a bad input (4xx), not a server failure.
+    return StoreError(
+        "a text value holds a lone surrogate (such as a JSON '\\ud800' escape without its pair), "
+        "which is not valid Unicode and cannot be stored; nothing was stored, fix the text's encoding"
+    )
 
 
 def _decode(row: dict[str, Any], *json_cols: str) -> dict[str, Any]:

@@ -16,13 +16,14 @@ from studio import campaigns as camp
 from studio.export import build_rows
 from studio.quality import campaign_agreement
 from studio.store import Store, StoreError, _decode, new_id
+from trainers import configs
 from trainers.common import STAGES, rows_hash
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "data" / "recipes"
 PIPELINES = {"ppo_then_dpo": ["ppo", "dpo"]}
 SNAPSHOT_KIND = {"reward": "preference", "dpo": "preference", "ppo": "preference", "sft": "sft"}
 POLICY_STAGES = {"dpo", "ppo", "sft"}
-# Quick knobs the Train tab offers, mapped to recipe keys per stage.
+# Quick knobs the Train tab offers, mapped to recipe keys per stage (trainers.configs.setting_keys).
 STEPS_KEY = {
     "reward": "train.max_steps",
     "dpo": "train.max_steps",
@@ -99,7 +100,9 @@ def take_snapshot(
     folder = data_dir / "snapshots" / snap_id
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{kind}.parquet"
-    tmp = folder / f".{kind}.parquet.partial"
+    # Each call writes a temporary file of its own: two identical calls at once must not write
+    # into one file (nor find it read-only), and the later replace swaps in identical bytes.
+    tmp = folder / f".{kind}.parquet.{new_id()}.partial"
     pq.write_table(pa.Table.from_pylist(rows), tmp)
     os.chmod(tmp, 0o444)  # immutable: a run's data never changes under it
     os.replace(tmp, path)
@@ -110,11 +113,13 @@ def take_snapshot(
         "annotators": people or "all",
         "min_strength": min_strength,
     }
-    (folder / "filter.json").write_text(
-        json.dumps({**filt, "content_hash": digest, "judgment_ids": judgment_ids})
-    )
+    tmp_filter = folder / f".filter.json.{new_id()}.partial"
+    tmp_filter.write_text(json.dumps({**filt, "content_hash": digest, "judgment_ids": judgment_ids}))
+    os.replace(tmp_filter, folder / "filter.json")
     with store.transaction() as cur:
-        if not existing:
+        # Asked again under the write lock: an identical call may have stored the row since the
+        # first look. Both calls then return the one snapshot.
+        if not cur.execute("SELECT 1 FROM snapshots WHERE id = ?", [snap_id]).fetchone():
             cur.execute(
                 "INSERT INTO snapshots (id, content_hash, kind, path, filter, rows, created_by)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -160,21 +165,26 @@ def submit_run(
         if name not in available:
             raise StoreError(f"recipe {name!r}: not found; available: {', '.join(available)}")
         chosen[s] = str(available[name])
-    if held_out is not None and not 0 <= held_out < 0.9:
-        raise StoreError(f"held_out {held_out}: use a share between 0 and 0.9")
     if steps is not None and not 1 <= steps <= 100_000:
         raise StoreError(f"steps {steps}: use a whole number from 1 to 100000")
     per_stage: dict[str, dict[str, Any]] = {}
-    for s in stages:
-        o = dict(overrides or {})
-        if steps is not None:
-            o[STEPS_KEY[s]] = steps
-        if held_out is not None and s != "ppo":
-            o["held_out"] = held_out
-        for key in o:
-            if not key.replace(".", "").replace("_", "").isalnum():
-                raise StoreError(f"override {key!r}: keys are recipe settings like train.max_steps")
-        per_stage[s] = o
+    try:
+        for key in overrides or {}:  # in a pipeline a key goes to the stages that have it
+            configs.check_key(stages, str(key), "override")
+        for s in stages:
+            keys = configs.setting_keys(s)
+            o = {k: v for k, v in (overrides or {}).items() if k in keys}
+            if steps is not None:
+                o[STEPS_KEY[s]] = steps
+            if held_out is not None and "held_out" in keys:  # PPO holds nothing out
+                o["held_out"] = held_out
+            try:  # the stage's own config checks the recipe and every override, as its trainer will
+                config = configs.validate(s, chosen[s], o)
+            except configs.ConfigError as exc:
+                raise configs.ConfigError(f"{s}: {exc}" if len(stages) > 1 else str(exc)) from None
+            per_stage[s] = {key: configs.get(config, key) for key in o}  # as the trainer reads them
+    except configs.ConfigError as exc:
+        raise StoreError(str(exc)) from None
     rm = None
     if "ppo" in stages:
         rm = reward_model or newest_reward_model(store)

@@ -1196,9 +1196,22 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
 
 def gradio_auth(studio: Studio) -> Any:
-    """Gradio's login check: name and password against the users table."""
+    """Gradio's login check: name and password against the users table, under the login rate
+    limit (studio/ratelimit.py). Over the limit, the login POST is answered 429 with
+    "... try again in N s" and Retry-After (studio/app.py shows it on the login page)."""
+    from fastapi import HTTPException
 
-    def check(username: str, password: str) -> bool:
-        return studio.store is not None and users.check_password(studio.store, username, password) is not None
+    from studio.ratelimit import LoginLimiter, TooManyAttempts, client_address
+
+    limiter = LoginLimiter()
+
+    async def check(username: str, password: str) -> bool:  # async: Gradio awaits it on the loop
+        if studio.store is None:
+            return False
+        try:
+            user = await users.login(studio.store, limiter, username, password, client_address.get())
+        except TooManyAttempts as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        return user is not None
 
     return check

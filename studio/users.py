@@ -7,10 +7,11 @@ the database never holds a usable credential.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import os
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,10 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from studio.names import check_name
+from studio.ratelimit import LoginLimiter, TooManyAttempts
 from studio.store import Store, StoreError
+from studio.textcheck import shorten
 
 ROLES = ("annotator", "expert", "engineer", "admin")
 # What each capability needs. Checked on the server for every route and event.
@@ -31,11 +35,11 @@ CAN = {
     "train": {"engineer", "admin"},
     "admin": {"admin"},
 }
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_PASSWORD = 8
 BOOTSTRAP_FILE = "admin-credentials.json"
 
 _hasher = PasswordHasher()
+log = logging.getLogger(__name__)
 
 
 class AuthError(PermissionError):
@@ -63,13 +67,9 @@ def hash_token(token: str) -> str:
 
 def add_user(store: Store, name: str, role: str, password: str) -> str:
     """Create a user; returns their REST token (shown once, stored only as a hash)."""
-    if not NAME_RE.match(name):
-        raise StoreError(
-            f"user name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a "
-            "letter or digit"
-        )
+    check_name("user", name)
     if role not in ROLES:
-        raise StoreError(f"--role {role}: unknown role; use one of {', '.join(ROLES)}")
+        raise StoreError(f"--role {shorten(role)}: unknown role; use one of {', '.join(ROLES)}")
     if len(password) < MIN_PASSWORD:
         raise StoreError(f"password for '{name}': at least {MIN_PASSWORD} characters, please")
     token = secrets.token_urlsafe(32)
@@ -85,10 +85,10 @@ def add_user(store: Store, name: str, role: str, password: str) -> str:
 
 def set_password(store: Store, name: str, password: str) -> None:
     if len(password) < MIN_PASSWORD:
-        raise StoreError(f"password for '{name}': at least {MIN_PASSWORD} characters, please")
+        raise StoreError(f"password for '{shorten(name)}': at least {MIN_PASSWORD} characters, please")
     with store.transaction() as cur:
         if not cur.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
-            raise StoreError(f"user '{name}' does not exist")
+            raise StoreError(f"user '{shorten(name)}' does not exist")
         cur.execute("UPDATE users SET password_hash = ? WHERE name = ?", [_hasher.hash(password), name])
 
 
@@ -97,7 +97,7 @@ def new_token(store: Store, name: str) -> str:
     token = secrets.token_urlsafe(32)
     with store.transaction() as cur:
         if not cur.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
-            raise StoreError(f"user '{name}' does not exist")
+            raise StoreError(f"user '{shorten(name)}' does not exist")
         cur.execute("UPDATE users SET token_hash = ? WHERE name = ?", [hash_token(token), name])
     for key, user in list(store.memo.items()):
         if key[0] == "token" and user.name == name:
@@ -106,16 +106,63 @@ def new_token(store: Store, name: str) -> str:
 
 
 def check_password(store: Store, name: str, password: str) -> User | None:
+    return verify_login(store, name, password)[0]
+
+
+def verify_login(store: Store, name: str, password: str) -> tuple[User | None, str]:
+    """The user if the password is theirs, else None and why (for the failed-login log only)."""
     rows = store.query("SELECT name, role, password_hash FROM users WHERE name = ? AND NOT disabled", [name])
     if not rows:
         # spend the same time as a real check, so timing does not tell which names exist
         _hasher.hash(password)
-        return None
+        return None, "unknown or disabled user"
     try:
         _hasher.verify(rows[0]["password_hash"], password)
     except (VerificationError, InvalidHashError):
-        return None
-    return User(rows[0]["name"], rows[0]["role"])
+        return None, "wrong password"
+    return User(rows[0]["name"], rows[0]["role"]), "ok"
+
+
+async def login(store: Store, limiter: LoginLimiter, name: str, password: str, address: str) -> User | None:
+    """One login attempt under the rate limit (studio/ratelimit.py has the policy).
+
+    Raises TooManyAttempts, before the password is checked, when the name or the address is
+    over its limit. The argon2 check (~280 ms of CPU) and the failed-login row are done on a
+    worker thread: the event loop serves everyone else meanwhile."""
+    try:
+        attempt = limiter.begin(name, address)
+    except TooManyAttempts as exc:
+        if exc.first:
+            await asyncio.to_thread(record_failed_login, store, name, address, f"rate limited: {exc.why}")
+        raise
+    ok: bool | None = None
+    try:
+        user, reason = await asyncio.to_thread(verify_login, store, name, password)
+        ok = user is not None
+        if user is None:
+            await asyncio.to_thread(record_failed_login, store, name, address, reason)
+        return user
+    finally:
+        limiter.finish(attempt, ok)
+
+
+def record_failed_login(store: Store, name: str, address: str, reason: str) -> None:
+    try:
+        store.write(
+            "INSERT INTO failed_logins (user_name, address, reason) VALUES (?, ?, ?)",
+            [shorten(name, 128), shorten(address, 128), reason],
+        )
+    except Exception:  # the log must not turn a refused login into a server error
+        log.exception("could not record a failed login of %r from %s", shorten(name), address)
+
+
+def failed_logins(store: Store, limit: int = 100) -> list[dict[str, object]]:
+    """The latest failed logins, newest first (for admins)."""
+    return store.query(
+        "SELECT attempted_at, user_name, address, reason FROM failed_logins"
+        " ORDER BY attempted_at DESC LIMIT ?",
+        [limit],
+    )
 
 
 def known_token(store: Store, token: str) -> User | None:

@@ -233,6 +233,7 @@ def handmade_stage(store: Store, data: Path, tiny: Path, model_cache: Path) -> s
     import argparse
 
     from studio.jobs import version_name
+    from trainers import configs
     from trainers.common import Reporter, read_snapshot, write_meta
 
     run_id = "run-handmade00"
@@ -245,7 +246,8 @@ def handmade_stage(store: Store, data: Path, tiny: Path, model_cache: Path) -> s
     reporter.emit("end", step=4, train_loss=1.0)
     args = argparse.Namespace(parent=tiny, snapshot=Path(snapshot["path"]), parent_version="base")
     rows = read_snapshot(Path(snapshot["path"]))
-    meta = write_meta(folder, "sft", args, {"stage": "sft"}, rows, {"train_loss": 1.0}, {"kind": "full"})
+    config = configs.validate("sft", ROOT / "data" / "recipes" / "sft.yaml", {"lora.enabled": False})
+    meta = write_meta(folder, "sft", args, config, rows, {"train_loss": 1.0}, {"kind": "full"})
     name = version_name({"id": run_id}, "sft")
     store.register_model_version(
         name,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainers.configs import ConfigError, PPOSettings, validate
 from trainers.ppo import (
     AdaptiveKL,
     FixedKL,
-    PPOSettings,
     gae,
     kl_per_token,
     masked_whiten,
@@ -110,11 +110,13 @@ def test_whitening_is_masked() -> None:
 
 
 def test_recipe_errors_name_the_setting() -> None:
-    with pytest.raises(SystemExit, match=r"ppo\.bogus"):
-        PPOSettings.from_recipe({"ppo": {"bogus": 1}})
-    with pytest.raises(SystemExit, match="mini_batch_size 3 must divide"):
-        PPOSettings.from_recipe({"ppo": {"batch_size": 8, "mini_batch_size": 3}})
-    assert PPOSettings.from_recipe({"ppo": {"learning_rate": "3e-3"}}).learning_rate == 3e-3
+    with pytest.raises(ConfigError, match=r"ppo\.bogus"):
+        validate("ppo", {"ppo": {"bogus": 1}})
+    with pytest.raises(ConfigError, match="mini_batch_size 3 must divide"):
+        validate("ppo", {"ppo": {"batch_size": 8, "mini_batch_size": 3}})
+    with pytest.raises(ConfigError, match=r"lora.enabled False: PPO trains a LoRA"):
+        validate("ppo", {"lora": {"enabled": False}})
+    assert PPOSettings(learning_rate="3e-3").learning_rate == 3e-3  # YAML 1.1 reads 3e-3 as text
 
 
 @pytest.mark.slow
@@ -123,18 +125,20 @@ def test_short_ppo_run_on_the_packaged_model_shortens_answers_under_a_brevity_re
 ) -> None:
     """Reward = minus length (and the missing-EOS penalty): a few iterations make answers shorter."""
     from tests.helpers import easy_preference_rows, write_parquet
-    from trainers.common import load_recipe
 
     snapshot = write_parquet(easy_preference_rows(16), tmp_path / "prompts.parquet")
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "data" / "recipes" / "ppo.yaml")
-    recipe["ppo"].update(iterations=8, learning_rate=3e-4, max_new_tokens=40)
+    config = validate(
+        "ppo",
+        Path(__file__).resolve().parents[1] / "data" / "recipes" / "ppo.yaml",
+        {"ppo.iterations": 8, "ppo.learning_rate": 3e-4, "ppo.max_new_tokens": 40},
+    )
     args = Namespace(
         snapshot=snapshot,
         parent=model_cache / "smollm2-135m-instruct",
         output=tmp_path / "out",
         reward_model="rule:brevity",
     )
-    result = train_ppo(args, recipe)
+    result = train_ppo(args, config)
     history = result["history"]
 
     def mean(key: str, part: list[dict]) -> float:

@@ -118,6 +118,28 @@ def test_dpo_stage_and_sft_stacked_on_it_give_one_servable_adapter(
     ] == str(tiny)
 
 
+def test_lora_enabled_false_trains_all_weights_and_model_dtype_is_honoured(
+    tiny: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from trainers.common import load_model
+    from trainers.configs import ModelSettings
+
+    rows = [{"messages": r["prompt"] + r["chosen"]} for r in easy_preference_rows(6)]
+    snap = write_parquet(rows, tmp_path / "sft.parquet")
+    meta = run_stage(
+        "sft", snap, tiny, tmp_path / "full", "--lora.enabled", "false", "--train.max_steps", "2"
+    )
+    assert meta["kind"] == "full" and meta["config"]["lora"]["enabled"] is False
+    assert (tmp_path / "full" / "config.json").is_file()
+    assert not (tmp_path / "full" / "adapter_config.json").exists()
+    assert_all_moved(meta)
+    assert meta["metrics"]["trainable_tensors"] == len(list(load_model(tiny).parameters()))
+    half = load_model(tiny, settings=ModelSettings(dtype="bfloat16"))
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
 def test_stacked_adapter_equals_parent_adapter_plus_new_one(tiny: Path, tmp_path: Path) -> None:
     """vLLM serves adapters over the base only: a child of an adapter is saved as one exact delta."""
     import torch
@@ -276,6 +298,20 @@ def test_submit_refuses_bad_requests_and_stores_nothing(judged: Store, tmp_path:
         ({"stage": "dpo", "held_out": 1.5}, "held_out 1.5"),
         ({"stage": "dpo", "parent": "ghost"}, "model version 'ghost' is not registered"),
         ({"stage": "dpo", "overrides": {"x; rm -rf": 1}}, "override"),
+        (
+            {"stage": "dpo", "overrides": {"train.lerning_rate": 1e-4}},
+            r"override: unknown setting 'train.lerning_rate' for stage dpo; did you mean "
+            r"'train.learning_rate'\? valid: .*train\.\{learning_rate, ",
+        ),
+        ({"stage": "dpo", "overrides": {"train.learning_rate": "fast"}}, "expected a number"),
+        (
+            {"stage": "reward", "overrides": {"train.beta": 0.2}},
+            "unknown setting 'train.beta' for stage reward",
+        ),
+        (
+            {"stage": "ppo_then_dpo", "overrides": {"train.beta": 0}},
+            r"dpo: override: train.beta 0.0: must be",
+        ),
     ]
     for body, message in cases:
         with pytest.raises(StoreError, match=message):
@@ -309,8 +345,8 @@ def test_runner_trains_registers_with_lineage_and_keeps_crashes_and_cancels_cont
         ok = training.submit_run(
             judged, tmp_path, stage="reward", created_by="eng", campaigns=["easy"], steps=2
         )
-        crash = training.submit_run(
-            judged, tmp_path, stage="dpo", created_by="eng", overrides={"train.learning_rate": "fast"}
+        crash = training.submit_run(  # valid settings, but no module of the model has that name
+            judged, tmp_path, stage="dpo", created_by="eng", overrides={"lora.target_modules": ["nope_proj"]}
         )
         slow = training.submit_run(judged, tmp_path, stage="dpo", created_by="eng", steps=500)
         runner.poke()

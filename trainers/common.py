@@ -1,5 +1,6 @@
-"""What every training stage shares: the command line, recipes, snapshots, the held-out split,
-parent loading (including LoRA parents), metrics as JSON lines and meta.json.
+"""What every training stage shares: the command line, snapshots, the held-out split, parent loading
+(including LoRA parents), TRL's config from the stage's settings, metrics as JSON lines and meta.json.
+The settings themselves (recipes, overrides, their checks) are trainers/configs.py.
 
 A stage module never imports the studio's store: it reads a Parquet snapshot and writes a folder.
 The studio's runner reads `metrics.jsonl` in the output folder for progress and curves, and
@@ -20,7 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+from trainers import configs
+from trainers.configs import LoraSettings, ModelSettings, StageConfig
 
 STAGES = ("reward", "dpo", "ppo", "sft")
 METRICS_FILE = "metrics.jsonl"
@@ -39,11 +41,18 @@ def fail(message: str) -> None:
 # ---------------------------------------------------------------- command line and recipe
 
 
-def parse_args(stage: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
-    parser = argparse.ArgumentParser(
+def parse_args(stage: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, StageConfig]:
+    """The run's inputs and the stage's config: the recipe with `--key value` overrides applied."""
+    parser = configs.ArgumentParser(
         prog=f"python -m trainers.{stage}",
-        description=f"Train the {stage} stage from a snapshot. Extra `--key value` pairs override the recipe "
-        "(dotted keys reach nested settings, e.g. --train.max_steps 5).",
+        usage=f"python -m trainers.{stage} --config RECIPE --snapshot SNAP --parent MODEL --output DIR"
+        + (" --reward-model RM" if stage == "ppo" else "")
+        + " [--KEY VALUE ...]",
+        description=f"Train the {stage} stage from a snapshot. Every recipe setting below can be "
+        "overridden with --KEY VALUE (dotted keys reach a section, e.g. --train.max_steps 5); values are "
+        "YAML, e.g. --lora.target_modules [q_proj,v_proj].",
+        formatter_class=configs.HelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--config", required=True, type=Path, help="recipe YAML (data/recipes/*.yaml)")
     parser.add_argument(
@@ -63,41 +72,18 @@ def parse_args(stage: str, argv: list[str] | None = None) -> tuple[argparse.Name
             help="reward-model folder written by trainers.reward, or rule:NAME for a rule-based reward "
             "(rule:spaces, rule:brevity)",
         )
-    args, extra = parser.parse_known_args(argv)
-    recipe = load_recipe(args.config)
-    apply_overrides(recipe, extra)
+    configs.add_setting_arguments(parser, stage)
+    args, extra = parser.parse_known_args(
+        configs.normalise_argv(stage, sys.argv[1:] if argv is None else argv)
+    )
+    try:
+        config = configs.validate(stage, args.config, configs.cli_overrides(stage, args, extra))
+    except configs.ConfigError as exc:
+        fail(str(exc))
     for name in ("snapshot", "parent"):
         if not getattr(args, name).exists():
             fail(f"--{name} {getattr(args, name)}: no such file or folder")
-    return args, recipe
-
-
-def load_recipe(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        fail(f"--config {path}: no such recipe file; the shipped ones are in data/recipes/")
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        fail(f"--config {path}: not valid YAML ({exc})")
-    if not isinstance(recipe, dict):
-        fail(f"--config {path}: a recipe is a mapping of settings, got {type(recipe).__name__}")
-    return recipe
-
-
-def apply_overrides(recipe: dict[str, Any], extra: list[str]) -> None:
-    """`--train.max_steps 5 --lora.r 4` -> nested keys; values parsed as YAML scalars."""
-    if len(extra) % 2:
-        fail(f"override {extra[-1]}: every --key needs a value")
-    for key, raw in zip(extra[::2], extra[1::2], strict=True):
-        if not key.startswith("--") or len(key) < 3:
-            fail(f"argument {key}: overrides look like --key value")
-        *path, leaf = key[2:].replace("-", "_").split(".")
-        node = recipe
-        for part in path:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                fail(f"override {key}: {part} is not a group of settings in the recipe")
-        node[leaf] = yaml.safe_load(raw)
+    return args, config
 
 
 # ---------------------------------------------------------------- snapshot
@@ -187,19 +173,24 @@ def base_of(path: Path) -> Path:
     return path
 
 
-def load_model(path: Path, cls: Any = None, **kwargs: Any) -> Any:
-    """Full weights in float32; a LoRA folder is applied to its base and merged: the result is the parent."""
+def load_model(path: Path, cls: Any = None, settings: ModelSettings | None = None, **kwargs: Any) -> Any:
+    """The parent as `settings` say (float32 by default); a LoRA folder is applied to its base and
+    merged: the result is the parent."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     cls = cls or AutoModelForCausalLM
+    settings = settings or ModelSettings()
     if not is_adapter(path):
         if not (path / "config.json").is_file():
             fail(f"--parent {path}: neither a model folder (config.json) nor a LoRA adapter")
-        return cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+        dtype = settings.dtype if settings.dtype == "auto" else getattr(torch, settings.dtype)
+        if settings.attn_implementation:
+            kwargs["attn_implementation"] = settings.attn_implementation
+        return cls.from_pretrained(path, dtype=dtype, **kwargs)
     inner = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = load_model(Path(inner), cls, **kwargs)
+    model = load_model(Path(inner), cls, settings, **kwargs)
     return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
@@ -212,22 +203,20 @@ def load_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
-def lora_config(recipe: dict[str, Any], task_type: str, **extra: Any) -> Any:
+def lora_config(lora: LoraSettings, task_type: str, **extra: Any) -> Any:
+    """peft's LoraConfig for the recipe's `lora` section, or None when it trains all weights."""
     from peft import LoraConfig
 
-    lora = dict(recipe.get("lora") or {})
+    if not lora.enabled:
+        return None
     return LoraConfig(
-        r=int(lora.get("r", 8)),
-        lora_alpha=int(lora.get("alpha", 16)),
-        lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
         task_type=task_type,
         **extra,
     )
-
-
-def uses_lora(recipe: dict[str, Any]) -> bool:
-    return recipe.get("lora", {}) is not False and recipe.get("full_weights") is not True
 
 
 def save_policy_adapter(model: Any, parent: Path, output: Path, max_rank: int = 16) -> dict[str, Any]:
@@ -318,20 +307,17 @@ def hf_callback(reporter: Reporter) -> Any:
     return Forward()
 
 
-def train_args(recipe: dict[str, Any], output: Path) -> dict[str, Any]:
-    """Settings for a TRL config: the recipe's `train` group, with this CPU's safe defaults."""
-    args: dict[str, Any] = {
-        "output_dir": str(output / "checkpoints"),
-        "bf16": False,  # TRL defaults to bf16, 30-70x slower on a CPU without bf16 units
-        "report_to": [],
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "disable_tqdm": True,  # progress goes to metrics.jsonl; bars only clutter the run log
-        "seed": int(recipe.get("seed", 0)),
-        "use_cpu": not _has_cuda(),
-    }
-    args.update(recipe.get("train") or {})
-    return args
+def trl_config(config_cls: Any, config: StageConfig, output: Path) -> Any:
+    """TRL's config for the stage: the recipe's `train` section plus what the stage owns."""
+    return config_cls(
+        **config.train.trl_kwargs(),
+        output_dir=str(output / "checkpoints"),
+        seed=config.seed,
+        use_cpu=not _has_cuda(),
+        logging_steps=1,  # every step: the studio's progress, ETA and curves read each one
+        save_strategy="no",  # the stage saves the trained model itself, once, at the end
+        disable_tqdm=True,  # progress goes to metrics.jsonl; bars only clutter the run log
+    )
 
 
 def _has_cuda() -> bool:
@@ -344,7 +330,7 @@ def write_meta(
     output: Path,
     stage: str,
     args: argparse.Namespace,
-    recipe: dict[str, Any],
+    config: StageConfig,
     rows: list[dict[str, Any]],
     metrics: dict[str, Any],
     extra: dict[str, Any] | None = None,
@@ -357,7 +343,7 @@ def write_meta(
         "snapshot": str(args.snapshot.resolve()),
         "snapshot_hash": rows_hash(rows),
         "snapshot_rows": len(rows),
-        "config": recipe,
+        "config": configs.to_dict(config),
         "metrics": metrics,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
@@ -368,11 +354,11 @@ def write_meta(
     return meta
 
 
-def run_main(stage: str, train: Callable[[argparse.Namespace, dict[str, Any]], dict[str, Any]]) -> None:
-    args, recipe = parse_args(stage)
+def run_main(stage: str, train: Callable[[argparse.Namespace, Any], dict[str, Any]]) -> None:
+    args, config = parse_args(stage)
     try:
-        train(args, recipe)
-    except TrainerError as exc:
+        train(args, config)
+    except (TrainerError, configs.ConfigError) as exc:
         fail(str(exc))
 
 
@@ -381,24 +367,20 @@ def trl_trainer(
     trainer_cls: Any,
     config_cls: Any,
     args: argparse.Namespace,
-    recipe: dict[str, Any],
+    config: StageConfig,
     model: Any,
     tokenizer: Any,
     train_dataset: Any,
     eval_dataset: Any,
     peft_config: Any,
-    **defaults: Any,
 ) -> tuple[Any, Reporter]:
-    """A TRL trainer on the recipe's `train` settings (CPU-safe defaults, then the stage's own
-    `defaults` where the recipe is silent), reporting every logged step to metrics.jsonl."""
-    settings = train_args(recipe, args.output)
-    for key, value in defaults.items():
-        settings.setdefault(key, value)
-    config = config_cls(**settings)
-    reporter = Reporter(args.output, stage, max(config.max_steps, 0))  # -1: epochs decide; set on begin
+    """A TRL trainer on the stage config's `train` settings, reporting every logged step to
+    metrics.jsonl."""
+    trl_args = trl_config(config_cls, config, args.output)
+    reporter = Reporter(args.output, stage, max(trl_args.max_steps, 0))  # -1: epochs decide; set on begin
     trainer = trainer_cls(
         model=model,
-        args=config,
+        args=trl_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
@@ -413,16 +395,15 @@ def policy_trainer(
     trainer_cls: Any,
     config_cls: Any,
     args: argparse.Namespace,
-    recipe: dict[str, Any],
+    config: StageConfig,
     model: Any,
     tokenizer: Any,
     train_rows: list[dict[str, Any]],
     held: list[dict[str, Any]],
     columns: Sequence[str],
-    **defaults: Any,
 ) -> tuple[Any, Reporter, bool]:
     """`trl_trainer` for a causal-LM policy stage (DPO, SFT): rows cut to `columns`, no eval set
-    when nothing is held out, LoRA unless the recipe turns it off, 512 tokens unless it says.
+    when nothing is held out, LoRA unless the config's lora.enabled is false.
 
     Returns the trainer, its reporter, and whether it trains a LoRA (for `train_policy`)."""
     from datasets import Dataset
@@ -430,21 +411,19 @@ def policy_trainer(
     def to_ds(part: list[dict[str, Any]]) -> Any:
         return Dataset.from_list([{k: r[k] for k in columns} for r in part])
 
-    lora = uses_lora(recipe)
     trainer, reporter = trl_trainer(
         stage,
         trainer_cls,
         config_cls,
         args,
-        recipe,
+        config,
         model,
         tokenizer,
         to_ds(train_rows),
         to_ds(held) if held else None,
-        lora_config(recipe, "CAUSAL_LM") if lora else None,
-        **{"max_length": 512, **defaults},
+        lora_config(config.lora, "CAUSAL_LM"),
     )
-    return trainer, reporter, lora
+    return trainer, reporter, config.lora.enabled
 
 
 def train_policy(

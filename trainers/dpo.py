@@ -1,6 +1,7 @@
 """DPO: TRL's DPOTrainer, LoRA by default with the parent (adapter switched off) as the reference.
 
-beta and the loss type come from the recipe (sigmoid, robust for noisy labels, ipo, hinge, ...).
+beta and the loss type come from the recipe's `train` section (trainers.configs.DPOStageConfig:
+sigmoid, robust for noisy labels, ipo, hinge, ...).
 After training, TRL's own evaluation on the held-out prompts gives reward accuracy and margins,
 and the policy's chosen-minus-rejected log-probability margin is measured before and after.
 
@@ -24,6 +25,7 @@ from trainers.common import (
     train_policy,
     write_meta,
 )
+from trainers.configs import DPOStageConfig
 
 COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -55,18 +57,18 @@ def logp_margin(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> float
     return sum(gaps) / len(gaps)
 
 
-def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
+def train(args: argparse.Namespace, config: DPOStageConfig) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
     rows = read_snapshot(args.snapshot)
     require_columns(rows, COLUMNS, "dpo", args.snapshot)
-    seed_everything(int(recipe.get("seed", 0)))
-    train_rows, held = split_held_out(rows, float(recipe.get("held_out", 0.2)))
+    seed_everything(config.seed)
+    train_rows, held = split_held_out(rows, config.held_out)
     tokenizer = load_tokenizer(args.parent)
-    model = load_model(args.parent)
+    model = load_model(args.parent, settings=config.model)
     before = logp_margin(model, tokenizer, held)
     trainer, reporter, lora = policy_trainer(
-        "dpo", DPOTrainer, DPOConfig, args, recipe, model, tokenizer, train_rows, held, COLUMNS
+        "dpo", DPOTrainer, DPOConfig, args, config, model, tokenizer, train_rows, held, COLUMNS
     )
     result, moved, evaluation, saved = train_policy(trainer, args, tokenizer, lora, evaluate=bool(held))
     metrics = {
@@ -80,7 +82,7 @@ def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
         **{k: v for k, v in evaluation.items() if k.startswith("eval_rewards") or k == "eval_loss"},
     }
     reporter.emit("end", step=result.global_step, **{k: v for k, v in metrics.items() if v is not None})
-    write_meta(args.output, "dpo", args, recipe, rows, metrics, saved)
+    write_meta(args.output, "dpo", args, config, rows, metrics, saved)
     return metrics
 
 

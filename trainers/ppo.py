@@ -24,7 +24,6 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,60 +43,9 @@ from trainers.common import (
     trainable_copy,
     write_meta,
 )
+from trainers.configs import PPOSettings, PPOStageConfig
 
 RewardFn = Callable[[list[list[dict]], list[str], list[int]], list[float]]
-
-
-@dataclass
-class PPOSettings:
-    iterations: int = 6
-    batch_size: int = 8
-    mini_batch_size: int = 4
-    epochs: int = 4
-    learning_rate: float = 2e-4
-    max_new_tokens: int = 40
-    temperature: float = 0.7
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    kl_coef: float = 0.05
-    adaptive_kl: bool = True
-    target_kl: float = 6.0
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"
-    missing_eos_penalty: float | None = 1.0
-    normalize_scores: bool = True
-    max_grad_norm: float = 1.0
-
-    @classmethod
-    def from_recipe(cls, recipe: dict[str, Any]) -> PPOSettings:
-        given = dict(recipe.get("ppo") or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise SystemExit(
-                f"error: recipe ppo.{unknown[0]}: unknown setting; known: {', '.join(sorted(known))}"
-            )
-        defaults = cls()
-        for key, value in given.items():
-            kind = type(getattr(defaults, key))
-            if value is not None and kind in (int, float):
-                try:  # YAML reads 3e-3 as a string
-                    given[key] = kind(float(value)) if kind is int else kind(value)
-                except ValueError:
-                    raise SystemExit(f"error: recipe ppo.{key} {value!r}: not a number") from None
-        settings = cls(**given)
-
-        if settings.kl_estimator not in ("k1", "k3"):
-            raise SystemExit(f"error: recipe ppo.kl_estimator {settings.kl_estimator!r}: use k1 or k3")
-        if settings.batch_size % settings.mini_batch_size:
-            raise SystemExit(
-                f"error: recipe ppo.mini_batch_size {settings.mini_batch_size} must divide "
-                f"ppo.batch_size {settings.batch_size}"
-            )
-        return settings
 
 
 # ---------------------------------------------------------------- the textbook pieces (unit-tested)
@@ -291,21 +239,23 @@ class _Both:
 
 def train_ppo(
     args: argparse.Namespace,
-    recipe: dict[str, Any],
+    config: PPOStageConfig,
     reward: RewardFn | None = None,
     report: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     from peft import get_peft_model
     from transformers import GenerationConfig
 
-    cfg = PPOSettings.from_recipe(recipe)
-    seed_everything(int(recipe.get("seed", 0)))
+    cfg: PPOSettings = config.ppo
+    seed_everything(config.seed)
     rows = read_snapshot(args.snapshot)
     prompts = snapshot_prompts(rows, args.snapshot)
     tokenizer = load_tokenizer(args.parent)
     tokenizer.padding_side = "left"
     reward = reward or reward_for(args.reward_model, tokenizer)
-    policy = get_peft_model(load_model(args.parent), lora_config(recipe, "CAUSAL_LM"))
+    policy = get_peft_model(
+        load_model(args.parent, settings=config.model), lora_config(config.lora, "CAUSAL_LM")
+    )
     policy.eval()  # no dropout anywhere: log-probs must be the same function in rollout and update
     head = nn.Linear(policy.config.hidden_size, 1)
     nn.init.zeros_(head.weight)  # values start at 0 (Huang et al. 2024)
@@ -453,7 +403,7 @@ def train_ppo(
         args.output,
         "ppo",
         args,
-        recipe,
+        config,
         rows,
         metrics,
         {"kind": "lora", "reward_model": str(args.reward_model), **saved},
@@ -462,4 +412,4 @@ def train_ppo(
 
 
 if __name__ == "__main__":
-    run_main("ppo", lambda args, recipe: train_ppo(args, recipe))
+    run_main("ppo", lambda args, config: train_ppo(args, config))

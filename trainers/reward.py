@@ -26,9 +26,9 @@ from trainers.common import (
     split_held_out,
     trainable_copy,
     trl_trainer,
-    uses_lora,
     write_meta,
 )
+from trainers.configs import RewardStageConfig
 
 COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -98,35 +98,25 @@ def load_reward_model(folder: Path) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
+def train(args: argparse.Namespace, config: RewardStageConfig) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     rows = read_snapshot(args.snapshot)
     require_columns(rows, COLUMNS, "reward", args.snapshot)
-    seed_everything(int(recipe.get("seed", 0)))
-    train_rows, held = split_held_out(rows, float(recipe.get("held_out", 0.2)))
-    keep = [*COLUMNS, "margin"] if recipe.get("use_margin", True) and "margin" in rows[0] else list(COLUMNS)
+    seed_everything(config.seed)
+    train_rows, held = split_held_out(rows, config.held_out)
+    keep = [*COLUMNS, "margin"] if config.use_margin and "margin" in rows[0] else list(COLUMNS)
     dataset = Dataset.from_list([{k: r[k] for k in keep} for r in train_rows])
 
     tokenizer = load_tokenizer(args.parent)
-    model = load_model(args.parent, AutoModelForSequenceClassification, num_labels=1)
+    model = load_model(args.parent, AutoModelForSequenceClassification, config.model, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
-    peft = lora_config(recipe, "SEQ_CLS", modules_to_save=["score"]) if uses_lora(recipe) else None
+    peft = lora_config(config.lora, "SEQ_CLS", modules_to_save=["score"])
     # no eval_dataset: held-out accuracy is measured after training (pair_accuracy)
     trainer, reporter = trl_trainer(
-        "reward",
-        RewardTrainer,
-        RewardConfig,
-        args,
-        recipe,
-        model,
-        tokenizer,
-        dataset,
-        None,
-        peft,
-        max_length=512,
+        "reward", RewardTrainer, RewardConfig, args, config, model, tokenizer, dataset, None, peft
     )
     before_training = trainable_copy(trainer.model)
     result = trainer.train()
@@ -140,7 +130,7 @@ def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
         **pair_accuracy(trainer.model, tokenizer, held, trainer.args.max_length or 1024),
     }
     reporter.emit("end", step=result.global_step, **metrics)
-    write_meta(args.output, "reward", args, recipe, rows, metrics, {"kind": "reward"})
+    write_meta(args.output, "reward", args, config, rows, metrics, {"kind": "reward"})
     return metrics
 
 

@@ -20,29 +20,20 @@ from trainers.common import (
     train_policy,
     write_meta,
 )
+from trainers.configs import SFTStageConfig
 
 
-def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
+def train(args: argparse.Namespace, config: SFTStageConfig) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     rows = read_snapshot(args.snapshot)
     require_columns(rows, ["messages"], "sft", args.snapshot)
-    seed_everything(int(recipe.get("seed", 0)))
-    train_rows, held = split_held_out(rows, float(recipe.get("held_out", 0.0)))
+    seed_everything(config.seed)
+    train_rows, held = split_held_out(rows, config.held_out)
     tokenizer = load_tokenizer(args.parent)
-    model = load_model(args.parent)
+    model = load_model(args.parent, settings=config.model)
     trainer, reporter, lora = policy_trainer(
-        "sft",
-        SFTTrainer,
-        SFTConfig,
-        args,
-        recipe,
-        model,
-        tokenizer,
-        train_rows,
-        held,
-        ["messages"],
-        assistant_only_loss=False,
+        "sft", SFTTrainer, SFTConfig, args, config, model, tokenizer, train_rows, held, ["messages"]
     )
     result, moved, evaluation, saved = train_policy(trainer, args, tokenizer, lora, evaluate=bool(held))
     metrics = {
@@ -53,7 +44,7 @@ def train(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
         **({"eval_loss": evaluation["eval_loss"]} if "eval_loss" in evaluation else {}),
     }
     reporter.emit("end", step=result.global_step, **metrics)
-    write_meta(args.output, "sft", args, recipe, rows, metrics, saved)
+    write_meta(args.output, "sft", args, config, rows, metrics, saved)
     return metrics
 
 

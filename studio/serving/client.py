@@ -6,15 +6,32 @@ speaks it (an external vLLM on a GPU machine, say) works through `--backend-url`
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+# vLLM's chat API refuses seeds outside a signed 64-bit integer (its protocol's _INT64_MIN/MAX),
+# and the generations table stores the seed as a BIGINT.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# What vLLM's 400s say when the prompt and max_tokens do not fit the model's context.
+LENGTH_WORDS = re.compile(r"context|max_tokens|max_total_tokens|too long|length|tokens", re.IGNORECASE)
+
 
 class BackendError(RuntimeError):
-    """The serving backend did not answer as expected."""
+    """The serving backend did not answer as expected (it is down, restarting or broken): a 503."""
+
+
+class BackendRequestError(BackendError):
+    """The backend refused this request as too long or malformed (its HTTP 400): the caller's
+    input must change, so the REST layer answers 4xx, not 503. `max_model_len` is the model's
+    context in tokens when the backend says it."""
+
+    def __init__(self, message: str, max_model_len: int | None = None):
+        super().__init__(message)
+        self.max_model_len = max_model_len
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,12 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
         if not 1 <= self.max_tokens <= 8192:
             raise ValueError(f"max_tokens={self.max_tokens}: must be between 1 and 8192")
+        seed = self.seed
+        if seed is not None and not (type(seed) is int and SEED_MIN <= seed <= SEED_MAX):
+            raise ValueError(
+                f"seed={str(self.seed)[:40]}: must be a whole number from {SEED_MIN} to {SEED_MAX} "
+                "(a signed 64-bit integer, as vLLM and the generations table take it)"
+            )
 
     def as_request(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -74,6 +97,7 @@ class OpenAIChatBackend:
         # One pooled client per backend: a new TCP connection per call costs
         # more than a short completion on this machine.
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+        self._context: dict[str | None, int] = {}
 
     def close(self) -> None:
         self._http.close()
@@ -96,10 +120,61 @@ class OpenAIChatBackend:
             )
 
     def models(self) -> list[str]:
-
         resp = self._http.get("/v1/models", timeout=10.0)
         resp.raise_for_status()
         return [m["id"] for m in resp.json()["data"]]
+
+    def max_model_len(self, model: str | None = None) -> int | None:
+        """The context in tokens (prompt and answer together) of `model`, as the server lists it
+        in /v1/models (vLLM's `max_model_len`); None when it does not say or does not answer.
+
+        A LoRA adapter's entry has no length of its own: it is its parent's. For a model not
+        listed (or None), the smallest length listed."""
+        if model in self._context:
+            return self._context[model]
+        try:
+            resp = self._http.get("/v1/models", timeout=10.0)
+            resp.raise_for_status()
+            cards = [c for c in resp.json()["data"] if isinstance(c, dict)]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        by_id = {c.get("id"): c for c in cards}
+        card, seen = by_id.get(model), set()
+        while card is not None and card.get("max_model_len") is None and card.get("id") not in seen:
+            seen.add(card.get("id"))
+            card = by_id.get(card.get("parent"))
+        if card is not None and isinstance(card.get("max_model_len"), int):
+            length: int | None = card["max_model_len"]
+        else:
+            lengths = [c["max_model_len"] for c in cards if isinstance(c.get("max_model_len"), int)]
+            length = min(lengths) if lengths else None
+        if length is not None:  # fixed while the server runs (a restart keeps its settings)
+            self._context[model] = length
+        return length
+
+    def _request_error(self, model: str, resp: httpx.Response) -> BackendRequestError:
+        try:
+            body = resp.json()
+            error = body.get("error") if isinstance(body, dict) else None
+            detail = str(
+                (error.get("message") if isinstance(error, dict) else error)
+                or body.get("detail")
+                or body.get("message")
+                or resp.text
+            )
+        except (ValueError, AttributeError):
+            detail = resp.text
+        detail = detail.strip()[:500]
+        context = self.max_model_len(model)
+        if LENGTH_WORDS.search(detail):
+            hint = "shorten the prompt or lower max_tokens"
+            if context is not None:
+                hint += f" (the model's context is {context} tokens, prompt and answer together)"
+        else:
+            hint = "check the prompt and the sampling parameters"
+        return BackendRequestError(
+            f"the model server refused the request (HTTP {resp.status_code}): {detail}; {hint}", context
+        )
 
     def chat(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> ChatResult:
         body = {"model": model, "messages": messages, **params.as_request()}
@@ -112,6 +187,8 @@ class OpenAIChatBackend:
         except httpx.HTTPError as exc:
             raise BackendError(f"serving backend at {self.base_url} did not answer: {exc}") from exc
         latency_ms = (time.perf_counter() - started) * 1000.0
+        if resp.status_code in (400, 413, 422):
+            raise self._request_error(model, resp)
         if resp.status_code != 200:
             raise BackendError(
                 f"serving backend at {self.base_url} refused the request "
