@@ -921,8 +921,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kind",
         choices=KINDS,
         default="preference",
-        help="preference (prompt/chosen/rejected/margin), unpaired (prompt/completion/label) "
-        "or sft (messages); default preference",
+        help="preference (prompt/chosen/rejected/margin), unpaired (prompt/completion/label), "
+        "sft (messages), or judgments (one row per judgment as given, for analysis); default preference",
     )
     exp.add_argument(
         "--format",

@@ -10,6 +10,11 @@ Kinds (TRL's dataset formats, conversational with an explicit prompt):
   judgment, and every completion flagged unsafe or hallucination, is False.
 - sft: messages (prompt + assistant answer): edited ideals first, then top
   choices (rank 1 in a judgment that is not "all bad" and not flagged).
+- judgments: one row per judgment as it was given, for analysis rather than training
+  (notebooks/annotator_agreement.ipynb): the completions in the order shown with their
+  ranks (ties and "all bad" kept), strength, flags per completion, task, annotator and time
+  taken. Agreement and position/length bias are computed from these rows exactly as
+  studio.quality computes them from the database.
 
 Formats: a `datasets` save_to_disk folder, Parquet, or JSONL, with a data card
 (card.json + README.md in a folder; PATH.card.json / PATH.card.md beside a file).
@@ -24,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from studio.campaigns import get_campaign
-from studio.quality import campaign_agreement
+from studio.quality import annotator_quality, campaign_agreement
 from studio.store import Store, StoreError
 
-KINDS = ("preference", "unpaired", "sft")
+KINDS = ("preference", "unpaired", "sft", "judgments")
 FORMATS = ("datasets", "parquet", "jsonl")
 # Margin per strength, after Llama 2's reward-model margins (Touvron et al. 2023):
 # a stronger stated preference asks the reward model for a larger score gap.
@@ -95,6 +100,27 @@ def build_rows(store: Store, kind: str, campaign: str | None = None) -> tuple[li
                             **meta,
                         }
                     )
+        elif kind == "judgments":
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "completions": [gens[g]["text"] for g in j["generation_ids"]],
+                    "generation_ids": list(j["generation_ids"]),
+                    "ranks": list(j["ranks"]),
+                    "all_bad": bool(j["all_bad"]),
+                    "strength": j["strength"],
+                    # aligned with `completions`: a dict keyed by generation id would be a
+                    # different struct per row in Arrow
+                    "flags": [list(j["flags"].get(g, [])) for g in j["generation_ids"]],
+                    "rationale": j["rationale"],
+                    "edited_text": j["edited_text"],
+                    "task_id": j["task_id"],
+                    "prompt_id": j["prompt_id"],
+                    "duration_ms": j["duration_ms"],
+                    "submitted_at": j["submitted_at"].isoformat(),
+                    **meta,
+                }
+            )
         elif kind == "unpaired":
             worst = max(r for _, r in shown)
             for g, r in shown:
@@ -145,12 +171,15 @@ def data_card(
         "model_versions": sorted({r["model_version"] for r in rows}),
         "annotators": sorted({r["annotator"] for r in rows}),
         "agreement": campaign_agreement(store, campaign),
+        "annotator_quality": annotator_quality(store, campaign),
         "ties": "tied pairs carry no preference: left out of preference rows, counted in "
         "counts.tied_pairs_left_out; all-bad judgments appear only in unpaired rows (label False)",
         "format_notes": {
             "preference": "TRL preference, conversational, explicit prompt: prompt/chosen/rejected + margin",
             "unpaired": "TRL unpaired preference: prompt/completion/label",
             "sft": "TRL conversational language modeling: messages",
+            "judgments": "one row per judgment, for analysis: completions in the order shown, ranks "
+            "(1 best, equal = tie), all_bad, strength, flags per completion, annotator, task_id",
         }[kind],
     }
 
@@ -169,6 +198,10 @@ def _card_markdown(card: dict[str, Any]) -> str:
     ]
     lines += [f"- {k}: {v}" for k, v in sorted(card["counts"].items())]
     lines += ["", "## Agreement", ""] + [f"- {k}: {v}" for k, v in card["agreement"].items()]
+    lines += ["", "## Annotators", ""] + [
+        f"- {q['annotator']}: " + ", ".join(f"{k} {v}" for k, v in q.items() if k != "annotator")
+        for q in card["annotator_quality"]
+    ]
     lines += ["", "## Ties", "", card["ties"], ""]
     return "\n".join(lines)
 

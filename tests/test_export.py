@@ -73,6 +73,28 @@ def test_unpaired_and_sft_rows(judged: Store) -> None:
     assert edited["messages"][-1] == {"role": "assistant", "content": "The ideal answer."}
 
 
+def test_judgments_rows_keep_order_ties_all_bad_and_flags(judged: Store, tmp_path: Path) -> None:
+    rows, counts = build_rows(judged, "judgments")
+    stored = {j["id"]: j for j in judged.query("SELECT * FROM judgments")}
+    assert counts["rows"] == len(rows) == len(stored) == 3
+    for row in rows:
+        j = stored[row["judgment_id"]]
+        assert row["generation_ids"] == j["generation_ids"] and row["ranks"] == j["ranks"]
+        assert row["all_bad"] == j["all_bad"] and row["task_id"] == j["task_id"]
+        assert len(row["completions"]) == len(row["flags"]) == len(row["ranks"]) == 3
+    by_ann = {r["annotator"]: r for r in rows if not r["all_bad"]}
+    assert by_ann["ann1"]["ranks"] == [1, 2, 2]  # the tie is kept
+    assert by_ann["ann2"]["flags"] == [[], ["hallucination"], []]
+    # JSONL needs plain types (the timestamp is ISO text); the card carries per-annotator quality
+    write_export(judged, tmp_path / "j.jsonl", "judgments")
+    lines = (tmp_path / "j.jsonl").read_text().splitlines()
+    assert [json.loads(x)["judgment_id"] for x in lines] == [r["judgment_id"] for r in rows]
+    card = json.loads((tmp_path / "j.jsonl.card.json").read_text())
+    assert [q["annotator"] for q in card["annotator_quality"]] == ["ann1", "ann2"]
+    write_export(judged, tmp_path / "jd", "judgments")  # nested lists and empty flags fit Arrow too
+    assert load_from_disk(str(tmp_path / "jd"))[0]["flags"] == rows[0]["flags"]
+
+
 @pytest.mark.parametrize("fmt", ["datasets", "parquet", "jsonl"])
 def test_export_formats_load_with_datasets_and_have_a_card(judged: Store, tmp_path: Path, fmt: str) -> None:
     out = tmp_path / {"datasets": "pref", "parquet": "pref.parquet", "jsonl": "pref.jsonl"}[fmt]
