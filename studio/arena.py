@@ -27,9 +27,6 @@ from studio.store import Store, StoreError, new_id
 
 WINNERS = ("a", "b", "tie", "both_bad")
 MIN_VOTES_TO_STOP = 10
-# Battles sample a little cooler than labeling (SamplingParams' 0.8): two answers compared side
-# by side should differ by the model more than by the luck of the draw.
-BATTLE_TEMPERATURE = 0.7
 
 # SmolLM introduces itself by name; other families do the same.
 DEFAULT_LEAK_WORDS = (
@@ -57,7 +54,7 @@ def create_battle_campaign(
     prompt_set: str,
     versions: list[str],
     budget: int = 200,
-    temperature: float = BATTLE_TEMPERATURE,
+    temperature: float = camp.BATTLE_TEMPERATURE,
     top_p: float = SamplingParams.top_p,
     max_tokens: int = SamplingParams.max_tokens,
     both_bad_as_tie: bool = True,

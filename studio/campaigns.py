@@ -10,6 +10,9 @@ from studio.serving.client import SamplingParams
 from studio.store import Store, StoreError
 
 POLICY = "policy"
+# Battles sample a little cooler than labeling (SamplingParams' 0.8): two answers compared side
+# by side should differ by the model more than by the luck of the draw.
+BATTLE_TEMPERATURE = 0.7
 CAMPAIGN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 

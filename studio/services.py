@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
 import yaml
 from pydantic import Field
 
-from studio import arena, jobs, labeling, quality, training, users
 from studio import campaigns as camp
+from studio import labeling, quality, training, users
 from studio.config import Settings
 from studio.export import FORMATS as EXPORT_FORMATS
 from studio.export import KINDS, write_export
@@ -46,6 +46,8 @@ from studio.serving.client import BackendError, SamplingParams
 from studio.store import Store, StoreError
 from studio.users import AuthError, User
 
+# `arena` (and `jobs`, which imports it) are imported by the actions that use them: they bring
+# scipy, about 0.8 s of every CLI command's start on this machine, for the few that rate battles.
 if TYPE_CHECKING:
     from studio.jobs import Runner
     from studio.sampling import Sampler
@@ -195,7 +197,7 @@ class BattleCampaignSpec:
     prompt_set: Annotated[str, doc("an imported prompt set")]
     versions: Annotated[list[str], doc("two or more model versions or aliases")]
     budget: Annotated[int, doc("votes after which the campaign stops")] = 200
-    temperature: float = arena.BATTLE_TEMPERATURE
+    temperature: float = camp.BATTLE_TEMPERATURE
     top_p: float = SamplingParams.top_p
     max_tokens: int = SamplingParams.max_tokens
     both_bad_as_tie: Annotated[bool, doc("'both bad' votes count as ties (else left out)")] = True
@@ -612,6 +614,8 @@ def skip(ctx: Context, user: User, assignment_id: str) -> dict[str, Any]:
 @requires("admin")
 def create_battle_campaign(ctx: Context, user: User, spec: BattleCampaignSpec) -> dict[str, Any]:
     """Create a blind battle campaign; the task sampler starts sampling its battles."""
+    from studio import arena  # scipy: see the imports at the top
+
     fields_ = _fields(spec)
     created = arena.create_battle_campaign(_db(ctx), fields_.pop("name"), created_by=user.name, **fields_)
     _wake_tasks(ctx)
@@ -621,6 +625,8 @@ def create_battle_campaign(ctx: Context, user: User, spec: BattleCampaignSpec) -
 @requires("battle")
 def next_battle(ctx: Context, user: User, campaign: str) -> dict[str, Any]:
     """The expert's battle: an opaque id, the prompt and two answers; nothing names a version."""
+    from studio import arena  # scipy: see the imports at the top
+
     battle = arena.next_battle(_db(ctx), campaign, user.name)
     if battle is None:
         _wake_tasks(ctx, campaign, starved=True)
@@ -630,6 +636,8 @@ def next_battle(ctx: Context, user: User, campaign: str) -> dict[str, Any]:
 @requires("battle")
 def vote(ctx: Context, user: User, spec: VoteSpec) -> dict[str, Any]:
     """Record the vote and reveal the versions (a retry gets the same reveal)."""
+    from studio import arena  # scipy: see the imports at the top
+
     reveal = arena.vote(
         _db(ctx),
         user.name,
@@ -647,6 +655,8 @@ def vote(ctx: Context, user: User, spec: VoteSpec) -> dict[str, Any]:
 @requires("battle")
 def regenerate(ctx: Context, user: User, battle_id: str) -> dict[str, Any]:
     """Drop the battle on screen (both answers together) so that a new one is sampled."""
+    from studio import arena  # scipy: see the imports at the top
+
     store = _db(ctx)
     arena.regenerate(store, user.name, battle_id)
     campaign = store.query("SELECT campaign FROM battles WHERE id = ?", [battle_id])[0]["campaign"]
@@ -657,6 +667,8 @@ def regenerate(ctx: Context, user: User, battle_id: str) -> dict[str, Any]:
 @requires("view")
 def battle_stats(ctx: Context, user: User, name: str) -> dict[str, Any]:
     """A battle campaign with its ratings, matrices, two-version interval and expert quality."""
+    from studio import arena  # scipy: see the imports at the top
+
     store = _db(ctx)
     campaign = arena.battle_campaign(store, name)
     interval = arena.two_version_interval(store, name) if len(campaign["versions"]) == 2 else None
@@ -672,6 +684,8 @@ def battle_stats(ctx: Context, user: User, name: str) -> dict[str, Any]:
 def leaderboard(ctx: Context, user: User, spec: LeaderboardSpec | None = None) -> dict[str, Any]:
     """Ratings over one battle campaign or all of them. `rows` is the leaderboard to show: the
     length-controlled one when `spec.style == 'length'`; the rest is arena.campaign_leaderboard's."""
+    from studio import arena  # scipy: see the imports at the top
+
     spec = spec or LeaderboardSpec()
     if spec.style not in (None, "length"):
         raise StoreError(f"style={spec.style}: the only style control is 'length'")
@@ -704,12 +718,16 @@ def rate_battle_log(
 @requires("view")
 def expert_quality(ctx: Context, user: User, campaign: str | None = None) -> list[dict[str, Any]]:
     """Per expert: agreement with the majority of the others, and position bias."""
+    from studio import arena  # scipy: see the imports at the top
+
     return arena.expert_quality(_db(ctx), campaign)
 
 
 @requires("admin")
 def battle_log(ctx: Context, user: User, campaign: str | None = None) -> list[dict[str, Any]]:
     """Votes in FastChat's battle-log columns (answers and experts included: admins only)."""
+    from studio import arena  # scipy: see the imports at the top
+
     return arena.battle_log(_db(ctx), campaign)
 
 
@@ -744,6 +762,8 @@ def list_runs(ctx: Context, user: User) -> list[dict[str, Any]]:
 @requires("train")
 def get_run(ctx: Context, user: User, run_id: str) -> dict[str, Any]:
     """A run with its progress (stage, step, ETA), curves and the tail of its log."""
+    from studio import jobs  # it imports arena (scipy): see the imports at the top
+
     run = training.get_run(_db(ctx), run_id)
     out = Path(run["output_dir"])
     curves = jobs.read_metrics(out)  # read once: progress and curves both come from it
