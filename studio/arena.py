@@ -29,6 +29,7 @@ from studio import campaigns as camp
 from studio import sequential
 from studio.names import check_name
 from studio.ratings import PROVISIONAL_BATTLES, Battles, fit, leaderboard, style_controlled, win_matrix
+from studio.serving.client import SamplingParams
 from studio.store import Store, StoreError, new_id
 
 WINNERS = ("a", "b", "tie", "both_bad")
@@ -64,9 +65,9 @@ def create_battle_campaign(
     prompt_set: str,
     versions: list[str],
     budget: int = 200,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    max_tokens: int = 128,
+    temperature: float = camp.BATTLE_TEMPERATURE,
+    top_p: float = SamplingParams.top_p,
+    max_tokens: int = SamplingParams.max_tokens,
     both_bad_as_tie: bool = True,
     leak_words: list[str] | None = None,
     criteria: list[str] | None = None,

@@ -18,6 +18,9 @@ MIN_TASK_TIMEOUT_S = 30
 MAX_TASK_TIMEOUT_S = 7 * 24 * 3600
 # Guards the campaign memo's compare-and-set (see get_campaign); held for a dict lookup or two.
 _MEMO_LOCK = threading.Lock()
+# Battles sample a little cooler than labeling (SamplingParams' 0.8): two answers compared side
+# by side should differ by the model more than by the luck of the draw.
+BATTLE_TEMPERATURE = 0.7
 
 
 def set_alias(store: Store, alias: str, version: str) -> None:
@@ -77,9 +80,9 @@ def create_campaign(
     model: str = POLICY,
     n: int = 4,
     overlap: int = 1,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    max_tokens: int = 128,
+    temperature: float = SamplingParams.temperature,
+    top_p: float = SamplingParams.top_p,
+    max_tokens: int = SamplingParams.max_tokens,
     seed: int | None = None,
     task_timeout_s: int = 1800,
     guidelines: str = "",

@@ -1,88 +1,57 @@
-"""The `studio` command. Every sub-command has --help."""
+"""The `studio` command. Every sub-command has --help.
+
+Each command reads its flags, calls one method of a `studio.client.Client` and prints the answer.
+The client is the database itself (in this process) when no studio holds it, else the running
+studio's REST API (see studio/client.py). A flag left out is not sent: the defaults (shown in the
+help) are the service specs' (studio/services.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import json
-import os
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from studio import campaigns, users
+from studio import users
+from studio.client import SERVER_FILE, Client, CLIError, api_token, connect, studio_url
 from studio.config import DEFAULT_PORT, Settings, default_data_dir
 from studio.export import FORMATS as EXPORT_FORMATS
-from studio.export import KINDS, format_for, write_export
+from studio.export import KINDS
 from studio.importer import FORMATS, PromptFileError, read_prompts
-from studio.store import DB_FILE, Store, StoreError, StoreLockedError
-from studio.users import local_token
+from studio.services import (
+    BattleCampaignSpec,
+    CampaignSpec,
+    ExportSpec,
+    LeaderboardSpec,
+    PromoteSpec,
+    RunSpec,
+    SampleSpec,
+    UserSpec,
+    given,
+    parse_overrides,
+    rate_battle_log,
+)
+from studio.serving.client import BackendError
+from studio.store import StoreError, StoreLockedError
+from studio.users import AuthError
 
-SERVER_FILE = "server.json"  # written by a running studio (runtime.Studio): where to reach it
-
-
-class CLIError(Exception):
-    """A message for the user; the command exits with status 1."""
-
-
-def studio_url(args: argparse.Namespace) -> str:
-    if getattr(args, "url", None):
-        return args.url.rstrip("/")
-    info = Path(args.data_dir) / SERVER_FILE
-    if info.is_file():
-        return json.loads(info.read_text())["url"].rstrip("/")
-    return f"http://127.0.0.1:{DEFAULT_PORT}"
-
-
-def api_token(args: argparse.Namespace) -> str | None:
-    """--token, else $STUDIO_TOKEN, else the first admin's token the studio wrote for its owner."""
-    return getattr(args, "token", None) or os.environ.get("STUDIO_TOKEN") or local_token(Path(args.data_dir))
+__all__ = ["SERVER_FILE", "CLIError", "api_token", "build_parser", "main", "studio_url"]
+CREDENTIALS = "Changing credentials needs the studio stopped."
 
 
-def rest(args: argparse.Namespace, method: str, route: str, **kwargs: Any) -> Any:
-    url = studio_url(args)
-    token = api_token(args)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        resp = httpx.request(method, f"{url}/api/v1{route}", timeout=600.0, headers=headers, **kwargs)
-    except httpx.HTTPError:
-        raise CLIError(
-            f"no studio answers at {url}. Start one with `studio serve` in another terminal, "
-            "or pass --url to reach a studio elsewhere."
-        ) from None
-    if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail", resp.text)
-        except ValueError:
-            detail = resp.text
-        raise CLIError(f"the studio at {url} refused it (HTTP {resp.status_code}): {detail}")
-    return resp.json()
-
-
-def with_store_or_rest(
-    args: argparse.Namespace, direct: Callable[[Store], Any], via_rest: Callable[[], Any]
-) -> Any:
-    """Use the database directly when it is free; go through the running studio when it holds it."""
-    if getattr(args, "url", None):
-        return via_rest()
-    try:
-        store = Store(Path(args.data_dir) / DB_FILE)
-    except StoreLockedError as exc:
-        try:
-            return via_rest()
-        except CLIError as rest_error:
-            raise CLIError(f"{exc}\n({rest_error})") from None
-    try:
-        return direct(store)
-    finally:
-        store.close()
+def client_for(args: argparse.Namespace, local_only: str | None = None) -> AbstractContextManager[Client]:
+    """The command's client: --url's studio, else the database when free, else the studio holding it."""
+    return connect(
+        Path(args.data_dir), getattr(args, "url", None), getattr(args, "token", None), local_only=local_only
+    )
 
 
 # commands ---------------------------------------------------------------------
@@ -152,38 +121,17 @@ def cmd_import(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.file, args.format, args.split)
     except PromptFileError as exc:
         raise CLIError(f"{exc}\nNothing was imported.") from None
-    source = str(Path(args.file).resolve())
-
-    def direct(store: Store) -> str:
-        return store.import_prompts(args.set, prompts, source=source).summary()
-
-    def via_rest() -> str:
-        body = {
-            "source": source,
-            "records": [_record(p) for p in prompts],
-            "locations": [p.location for p in prompts],
-        }
-        return rest(args, "POST", f"/prompt-sets/{args.set}/prompts", json=body)["summary"]
-
     try:
-        print(with_store_or_rest(args, direct, via_rest))
+        with client_for(args) as client:
+            print(client.import_prompts(args.set, prompts, str(Path(args.file).resolve()))["summary"])
     except StoreError as exc:
         raise CLIError(f"{exc}\nNothing was imported.") from None
     return 0
 
 
-def _record(p: Any) -> dict[str, Any]:
-    record = {"messages": p.messages, **p.metadata}
-    if p.external_id is not None:
-        record["id"] = p.external_id
-    return record
-
-
 def cmd_models_list(args: argparse.Namespace) -> int:
-    def direct(store: Store) -> list[dict[str, Any]]:
-        return [{k: str(v) if k == "created_at" else v for k, v in m.items()} for m in store.model_versions()]
-
-    models = with_store_or_rest(args, direct, lambda: rest(args, "GET", "/models")["models"])
+    with client_for(args) as client:
+        models = client.list_models()["models"]
     if args.json:
         print(json.dumps(models, indent=2, default=str))
         return 0
@@ -214,21 +162,15 @@ def read_password(args: argparse.Namespace) -> str:
 
 def cmd_users_add(args: argparse.Namespace) -> int:
     password = read_password(args)
-
-    def direct(store: Store) -> str:
-        return users.add_user(store, args.name, args.role, password)
-
-    def via_rest() -> str:
-        body = {"name": args.name, "role": args.role, "password": password}
-        return rest(args, "POST", "/users", json=body)["token"]
-
-    token = with_store_or_rest(args, direct, via_rest)
+    with client_for(args) as client:
+        token = client.add_user(UserSpec(args.name, args.role, password))["token"]
     print(f"user '{args.name}' ({args.role}) added.\nREST token (shown once; keep it secret): {token}")
     return 0
 
 
 def cmd_users_list(args: argparse.Namespace) -> int:
-    listed = with_store_or_rest(args, users.list_users, lambda: rest(args, "GET", "/users")["users"])
+    with client_for(args) as client:
+        listed = client.list_users()
     for u in listed:
         print(f"{u['name']:<24} {u['role']:<10} {'disabled' if u['disabled'] else ''}")
     return 0
@@ -236,59 +178,38 @@ def cmd_users_list(args: argparse.Namespace) -> int:
 
 def cmd_users_passwd(args: argparse.Namespace) -> int:
     password = read_password(args)
-    store = open_store_for_admin(args)
-    try:
-        users.set_password(store, args.name, password)
-    finally:
-        store.close()
+    # credentials are changed on the database itself, never over REST
+    with client_for(args, local_only=CREDENTIALS) as client:
+        client.set_password(args.name, password)
     print(f"password of '{args.name}' changed")
     return 0
 
 
 def cmd_users_token(args: argparse.Namespace) -> int:
-    store = open_store_for_admin(args)
-    try:
-        token = users.new_token(store, args.name)
-    finally:
-        store.close()
+    with client_for(args, local_only=CREDENTIALS) as client:
+        token = client.new_token(args.name)["token"]
     print(f"new REST token for '{args.name}' (the old one no longer works): {token}")
     return 0
 
 
-def open_store_for_admin(args: argparse.Namespace) -> Store:
-    """Credential changes need the database itself: they are not offered over REST."""
-    try:
-        return Store(Path(args.data_dir) / DB_FILE)
-    except StoreLockedError as exc:
-        raise CLIError(f"{exc}\nChanging credentials needs the studio stopped.") from None
-
-
-def create_through(
-    args: argparse.Namespace, create: Callable[..., dict[str, Any]], route: str, fields: dict[str, Any]
-) -> dict[str, Any]:
-    """Create a named campaign in the database, or through the running studio's REST route."""
-    return with_store_or_rest(
-        args,
-        lambda store: create(store, args.name, created_by="cli", **fields),
-        lambda: rest(args, "POST", route, json={"name": args.name, **fields}),
-    )
-
-
 def cmd_campaigns_create(args: argparse.Namespace) -> int:
-    fields = {
-        "prompt_set": args.prompt_set,
-        "model": args.model,
-        "n": args.n,
-        "overlap": args.overlap,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "max_tokens": args.max_tokens,
-        "seed": args.seed,
-        "task_timeout_s": args.task_timeout,
-        "guidelines": args.guidelines.read_text() if args.guidelines else "",
-    }
-
-    created = create_through(args, campaigns.create_campaign, "/campaigns", fields)
+    spec = CampaignSpec(
+        args.name,
+        args.prompt_set,
+        **given(
+            model=args.model,
+            n=args.n,
+            overlap=args.overlap,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            task_timeout_s=args.task_timeout,
+            guidelines=args.guidelines.read_text() if args.guidelines else None,
+        ),
+    )
+    with client_for(args) as client:
+        created = client.create_campaign(spec)
     print(
         f"campaign '{created['name']}' created: set {created['prompt_set']}, model {created['model']}, "
         f"n={created['n']}, overlap={created['overlap']}"
@@ -297,27 +218,14 @@ def cmd_campaigns_create(args: argparse.Namespace) -> int:
 
 
 def cmd_campaigns_list(args: argparse.Namespace) -> int:
-    listed = with_store_or_rest(
-        args, campaigns.list_campaigns, lambda: rest(args, "GET", "/campaigns")["campaigns"]
-    )
+    with client_for(args) as client:
+        listed = client.list_campaigns()
     for c in listed:
         print(
             f"{c['name']:<24} {c['kind']:<6} {c['status']:<8} set={c['prompt_set']} model={c['model']} "
             f"n={c['n']} overlap={c['overlap']}"
         )
     return 0
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--set {pair}: write recipe overrides as KEY=VALUE, e.g. --set train.beta=0.2")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def _print_run(run: dict[str, Any]) -> None:
@@ -332,71 +240,64 @@ def _print_run(run: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from studio import training
-
-    fields = {
-        "stage": args.stage,
-        "parent": args.parent,
-        "campaigns": args.campaign or None,
-        "held_out": args.held_out,
-        "recipe": args.recipe,
-        "steps": args.steps,
-        "overrides": _overrides(args.set),
-        "reward_model": args.reward_model,
-        "annotators": args.annotator or None,
-        "min_strength": args.min_strength,
-    }
-    run = with_store_or_rest(
-        args,
-        lambda store: training.submit_run(store, Path(args.data_dir), created_by="cli", **fields),
-        lambda: rest(args, "POST", "/runs", json=fields),
+    spec = RunSpec(
+        args.stage,
+        **given(
+            parent=args.parent,
+            campaigns=args.campaign or None,
+            held_out=args.held_out,
+            recipe=args.recipe,
+            steps=args.steps,
+            overrides=parse_overrides(args.set, where="--set") or None,
+            reward_model=args.reward_model,
+            annotators=args.annotator or None,
+            min_strength=args.min_strength,
+        ),
     )
-    _print_run(run)
-    if run["status"] == "queued" and not (Path(args.data_dir) / SERVER_FILE).is_file() and not args.url:
-        print("queued: it starts when the studio runs (`studio serve`)")
-    if args.wait:
+    with client_for(args) as client:
+        run = client.start_run(spec)
+        _print_run(run)
+        if run["status"] == "queued" and client.offline:
+            print("queued: it starts when the studio runs (`studio serve`)")
+        if not args.wait:
+            return 0
+        if client.offline:
+            raise CLIError(
+                f"--wait: no studio runs to start it. Start one with `studio serve`; "
+                f"`studio runs show {run['id']}` then shows its progress."
+            )
         while run["status"] in ("queued", "running"):
             time.sleep(2)
-            run = rest(args, "GET", f"/runs/{run['id']}")
+            run = client.get_run(run["id"])
             info = run["progress"]
             if info.get("step"):
                 eta = f", ETA {info['eta_s']:.0f} s" if info.get("eta_s") else ""
                 print(
                     f"  {info['stage']}: step {info['step']}/{info.get('max_steps') or '?'}{eta}", flush=True
                 )
-        _print_run(run)
-        return 0 if run["status"] == "succeeded" else 1
-    return 0
+    _print_run(run)
+    return 0 if run["status"] == "succeeded" else 1
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from studio import training
-
-    if args.runs_command == "list":
-        for run in with_store_or_rest(args, training.list_runs, lambda: rest(args, "GET", "/runs")):
-            _print_run(run)
-    elif args.runs_command == "show":
-        run = with_store_or_rest(
-            args,
-            lambda store: training.get_run(store, args.run_id),
-            lambda: rest(args, "GET", f"/runs/{args.run_id}"),
-        )
-        print(json.dumps({k: v for k, v in run.items() if k not in ("curves", "log")}, indent=2, default=str))
-        if run.get("log"):
-            print("--- log (tail) ---\n" + run["log"])
-    else:  # cancel: only the studio's runner can stop its subprocess
-        _print_run(rest(args, "POST", f"/runs/{args.run_id}/cancel"))
+    with client_for(args) as client:
+        if args.runs_command == "list":
+            for run in client.list_runs():
+                _print_run(run)
+        elif args.runs_command == "show":
+            run = client.get_run(args.run_id)
+            shown = {k: v for k, v in run.items() if k not in ("curves", "log")}
+            print(json.dumps(shown, indent=2, default=str))
+            if run.get("log"):
+                print("--- log (tail) ---\n" + run["log"])
+        else:  # cancel: only a running studio's runner can stop its subprocess
+            _print_run(client.cancel_run(args.run_id))
     return 0
 
 
 def cmd_models_lineage(args: argparse.Namespace) -> int:
-    from studio import training
-
-    chain = with_store_or_rest(
-        args,
-        lambda store: training.lineage(store, args.name),
-        lambda: rest(args, "GET", f"/models/{args.name}/lineage"),
-    )
+    with client_for(args) as client:
+        chain = client.lineage(args.name)
     if args.json:
         print(json.dumps(chain, indent=2, default=str))
         return 0
@@ -412,47 +313,23 @@ def cmd_models_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
-    def direct(store: Store) -> dict[str, Any]:
-        campaigns.set_alias(store, args.alias, args.name)
-        return {"alias": args.alias, "version": args.name}
-
-    done = with_store_or_rest(
-        args, direct, lambda: rest(args, "POST", f"/models/{args.name}/promote", json={"alias": args.alias})
-    )
+    with client_for(args) as client:
+        done = client.promote(args.name, PromoteSpec(**given(alias=args.alias)))
     print(f"'{done['alias']}' now points at {done['version']}")
     return 0
 
 
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        done = client.rollback(args.alias or PromoteSpec.alias)
+    print(f"'{done['alias']}' now points at {done['version']} (rolled back from {done['previous']})")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    fmt = args.format or format_for(args.out)
-
-    def direct(store: Store) -> dict[str, Any]:
-        return write_export(store, args.out, args.kind, fmt, args.campaign)
-
-    def via_rest() -> dict[str, Any]:
-        if fmt == "datasets":
-            raise CLIError(
-                "the studio holds the database and serves exports as parquet or jsonl files; "
-                "pass --format parquet or jsonl, or stop the studio for a datasets folder"
-            )
-        params = {"kind": args.kind, "format": fmt}
-        if args.campaign:
-            params["campaign"] = args.campaign
-        url = studio_url(args)
-        token = api_token(args)
-        resp = httpx.get(
-            f"{url}/api/v1/export",
-            params=params,
-            timeout=600.0,
-            headers={"Authorization": f"Bearer {token}"} if token else {},
-        )
-        if resp.status_code != 200:
-            raise CLIError(f"the studio at {url} refused the export (HTTP {resp.status_code}): {resp.text}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_bytes(resp.content)
-        return {"path": str(args.out), "format": fmt, "kind": args.kind, "counts": {}}
-
-    result = with_store_or_rest(args, direct, via_rest)
+    spec = ExportSpec(**given(kind=args.kind, format=args.format, campaign=args.campaign))
+    with client_for(args) as client:
+        result = client.export(args.out, spec)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(result.get("counts", {}).items()))
     print(
         f"exported {result['kind']} rows as {result['format']} to {result['path']}"
@@ -480,34 +357,23 @@ def read_battle_log(path: Path) -> list[dict[str, Any]]:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from studio.ratings import battles_from_log, leaderboard
-
-    if args.battles is None:
-        # the studio's own battles: from the database, or through the running studio
-        def direct(store: Store) -> list[dict[str, Any]]:
-            from studio.arena import campaign_leaderboard
-
-            board = campaign_leaderboard(
-                store,
-                args.campaign,
-                rounds=args.rounds,
-                min_battles=args.min_battles,
-                style_control=args.style_control,
-            )
-            return board["style_controlled"]["leaderboard"] if args.style_control else board["leaderboard"]
-
-        params = {"campaign": args.campaign} if args.campaign else {}
-        if args.style_control:
-            params["style"] = "length"
-        board = with_store_or_rest(args, direct, lambda: rest(args, "GET", "/leaderboard", params=params))
+    spec = LeaderboardSpec(
+        **given(
+            campaign=args.campaign,
+            style="length" if args.style_control else None,
+            rounds=args.rounds,
+            min_battles=args.min_battles,
+        )
+    )
+    if args.battles is None:  # the studio's own battles
+        with client_for(args) as client:
+            board = client.leaderboard(spec)
     else:
+        rows = read_battle_log(args.battles)
         try:
-            battles = battles_from_log(
-                read_battle_log(args.battles), not args.both_bad_is_loss_for_both, where=str(args.battles)
-            )
+            board = rate_battle_log(rows, str(args.battles), not args.both_bad_is_loss_for_both, spec)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
-        board = leaderboard(battles, rounds=args.rounds, min_battles=args.min_battles)
     if args.json:
         print(json.dumps(board, indent=2))
         return 0
@@ -519,22 +385,26 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [w.strip() for w in text.split(",") if w.strip()]
+
+
 def cmd_arena_create(args: argparse.Namespace) -> int:
-    from studio import arena
-
-    fields = {
-        "prompt_set": args.prompt_set,
-        "versions": [v for v in args.versions.split(",") if v],
-        "budget": args.budget,
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "criteria": [c for c in args.criteria.split(",") if c],
-        "both_bad_as_tie": not args.both_bad_is_no_vote,
-    }
-    if args.leak_words is not None:
-        fields["leak_words"] = [w.strip() for w in args.leak_words.split(",") if w.strip()]
-
-    created = create_through(args, arena.create_battle_campaign, "/arena/campaigns", fields)
+    spec = BattleCampaignSpec(
+        args.name,
+        args.prompt_set,
+        _names(args.versions) or [],
+        **given(
+            budget=args.budget,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            criteria=_names(args.criteria),
+            leak_words=_names(args.leak_words),
+            both_bad_as_tie=False if args.both_bad_is_no_vote else None,
+        ),
+    )
+    with client_for(args) as client:
+        created = client.create_battle_campaign(spec)
     print(
         f"battle campaign '{created['name']}' created: {', '.join(created['versions'])}, "
         f"budget {created['budget']} votes"
@@ -543,13 +413,8 @@ def cmd_arena_create(args: argparse.Namespace) -> int:
 
 
 def cmd_arena_battles(args: argparse.Namespace) -> int:
-    from studio import arena
-
-    def direct(store: Store) -> list[dict[str, Any]]:
-        return arena.battle_log(store, args.campaign)
-
-    params = {"campaign": args.campaign} if args.campaign else {}
-    rows = with_store_or_rest(args, direct, lambda: rest(args, "GET", "/arena/battles/log", params=params))
+    with client_for(args) as client:
+        rows = client.battle_log(args.campaign)
     if not rows:
         raise CLIError("no votes yet" + (f" in campaign '{args.campaign}'" if args.campaign else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -565,17 +430,19 @@ def cmd_arena_battles(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-
-    body = {
-        "prompt": args.prompt,
-        "n": args.n,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "max_tokens": args.max_tokens,
-        "seed": args.seed,
-        "model": args.model,
-    }
-    result = rest(args, "POST", "/sample", json=body)
+    spec = SampleSpec(
+        prompt=args.prompt,
+        **given(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            model=args.model,
+        ),
+    )
+    with client_for(args) as client:
+        result = client.sample(spec)
     if args.json:
         print(json.dumps(result["generations"], indent=2))
         return 0
@@ -623,10 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--host",
-        default="127.0.0.1",
-        help="address to listen on; loopback only until users exist (default 127.0.0.1)",
+        default=Settings.host,
+        help=f"address to listen on; loopback only until users exist (default {Settings.host})",
     )
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="studio port (default 8000)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"studio port (default {DEFAULT_PORT})")
     data_dir_arg(serve)
     serve.add_argument(
         "--model",
@@ -654,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-runs",
         type=int,
-        default=1,
-        help="training runs at once (default 1: each takes all the CPU it can get)",
+        default=Settings.max_runs,
+        help=f"training runs at once (default {Settings.max_runs}: each takes all the CPU it can get)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -697,8 +564,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Point an alias (policy by default) at a version: new labeling samples from it.",
     )
     mprom.add_argument("name", help="model version")
-    mprom.add_argument("--alias", default=campaigns.POLICY, help="alias to move (default: policy)")
-    for p, func in ((mlin, cmd_models_lineage), (mprom, cmd_models_promote)):
+    mprom.add_argument("--alias", help=f"alias to move (default: {PromoteSpec.alias})")
+    mroll = models_sub.add_parser(
+        "rollback",
+        help="point the policy alias back at the parent of its version",
+        description="Point an alias (policy by default) back at the parent of the version it points at.",
+    )
+    mroll.add_argument("--alias", help=f"alias to move back (default: {PromoteSpec.alias})")
+    for p, func in (
+        (mlin, cmd_models_lineage),
+        (mprom, cmd_models_promote),
+        (mroll, cmd_models_rollback),
+    ):
         data_dir_arg(p)
         url_arg(p)
         p.set_defaults(func=func)
@@ -714,9 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--campaign", action="append", default=[], help="labeling campaign (repeat; default: all)"
     )
-    train.add_argument(
-        "--parent", default=campaigns.POLICY, help="version or alias to start from (default: policy)"
-    )
+    train.add_argument("--parent", help=f"version or alias to start from (default: {RunSpec.parent})")
     train.add_argument("--held-out", type=float, help="share of prompts kept out for evaluation")
     train.add_argument(
         "--recipe", help="recipe name in data/recipes or DATA_DIR/recipes (default: the stage's)"
@@ -759,10 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample through the running studio; every completion is stored.",
     )
     sample.add_argument("prompt", help="the user prompt")
-    sample.add_argument("-n", type=int, default=1, help="number of completions (default 1)")
-    sample.add_argument("--temperature", type=float, default=0.8, help="default 0.8")
-    sample.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
-    sample.add_argument("--max-tokens", type=int, default=128, help="default 128")
+    sample.add_argument("-n", type=int, help=f"number of completions (default {SampleSpec.n})")
+    sample.add_argument("--temperature", type=float, help=f"default {SampleSpec.temperature}")
+    sample.add_argument("--top-p", type=float, help=f"default {SampleSpec.top_p}")
+    sample.add_argument("--max-tokens", type=int, help=f"default {SampleSpec.max_tokens}")
     sample.add_argument("--seed", type=int, help="sampling seed, for reproducible completions")
     sample.add_argument("--model", help="model version (default: the served base)")
     sample.add_argument("--json", action="store_true", help="print the stored rows as JSON")
@@ -810,18 +685,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ccreate.add_argument("name")
     ccreate.add_argument("--prompt-set", required=True, help="an imported prompt set")
-    ccreate.add_argument("--model", default=campaigns.POLICY, help="version or alias (default: policy)")
-    ccreate.add_argument("-n", type=int, default=4, help="completions per task, 2-8 (default 4)")
-    ccreate.add_argument("--overlap", type=int, default=1, help="annotators per task (default 1)")
-    ccreate.add_argument("--temperature", type=float, default=0.8, help="default 0.8")
-    ccreate.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
-    ccreate.add_argument("--max-tokens", type=int, default=128, help="default 128")
+    ccreate.add_argument("--model", help=f"version or alias (default: {CampaignSpec.model})")
+    ccreate.add_argument("-n", type=int, help=f"completions per task, 2-8 (default {CampaignSpec.n})")
+    ccreate.add_argument("--overlap", type=int, help=f"annotators per task (default {CampaignSpec.overlap})")
+    ccreate.add_argument("--temperature", type=float, help=f"default {CampaignSpec.temperature}")
+    ccreate.add_argument("--top-p", type=float, help=f"default {CampaignSpec.top_p}")
+    ccreate.add_argument("--max-tokens", type=int, help=f"default {CampaignSpec.max_tokens}")
     ccreate.add_argument("--seed", type=int, help="sampling seed")
     ccreate.add_argument(
         "--task-timeout",
         type=int,
-        default=1800,
-        help="seconds before an unsubmitted task goes back to the pool (default 1800)",
+        help="seconds before an unsubmitted task goes back to the pool "
+        f"(default {CampaignSpec.task_timeout_s})",
     )
     ccreate.add_argument("--guidelines", type=Path, help="a Markdown file with the guidelines")
     clist = camps_sub.add_parser("list", help="list campaigns", description="List campaigns.")
@@ -848,9 +723,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print [{version, rating, lower, upper, battles, rank, provisional}]",
     )
-    lb.add_argument("--rounds", type=int, default=100, help="bootstrap rounds (default 100)")
+    lb.add_argument("--rounds", type=int, help=f"bootstrap rounds (default {LeaderboardSpec.rounds})")
     lb.add_argument(
-        "--min-battles", type=int, default=0, help="versions with fewer battles are marked provisional"
+        "--min-battles",
+        type=int,
+        help=f"versions with fewer battles are marked provisional (default {LeaderboardSpec.min_battles})",
     )
     lb.add_argument(
         "--both-bad-is-loss-for-both",
@@ -884,10 +761,12 @@ def build_parser() -> argparse.ArgumentParser:
     acreate.add_argument(
         "--versions", required=True, help="comma-separated versions or aliases, e.g. base,policy"
     )
-    acreate.add_argument("--budget", type=int, default=200, help="votes before it stops (default 200)")
-    acreate.add_argument("--max-tokens", type=int, default=128, help="default 128")
-    acreate.add_argument("--temperature", type=float, default=0.7, help="default 0.7")
-    acreate.add_argument("--criteria", default="", help="comma-separated criteria scored 1-5 (optional)")
+    acreate.add_argument(
+        "--budget", type=int, help=f"votes before it stops (default {BattleCampaignSpec.budget})"
+    )
+    acreate.add_argument("--max-tokens", type=int, help=f"default {BattleCampaignSpec.max_tokens}")
+    acreate.add_argument("--temperature", type=float, help=f"default {BattleCampaignSpec.temperature}")
+    acreate.add_argument("--criteria", help="comma-separated criteria scored 1-5 (optional)")
     acreate.add_argument(
         "--leak-words",
         help="comma-separated words that reveal an identity (default: a built-in list "
@@ -920,9 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--kind",
         choices=KINDS,
-        default="preference",
         help="preference (prompt/chosen/rejected/margin), unpaired (prompt/completion/label), "
-        "sft (messages), or judgments (one row per judgment as given, for analysis); default preference",
+        "sft (messages), or judgments (one row per judgment as given, for analysis); "
+        f"default {ExportSpec.kind}",
     )
     exp.add_argument(
         "--format",
@@ -941,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, StoreLockedError, StoreError) as exc:
+    except (CLIError, StoreLockedError, AuthError, BackendError, ValueError) as exc:
+        # ValueError: StoreError, PromptFileError and bad values, each with its message
         print(f"studio: {exc}", file=sys.stderr)
         return 1
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
-import yaml
 
 from studio import arena, jobs, labeling, quality, training, users
 from studio import campaigns as camp
 from studio.export import FORMATS, KINDS, write_export
 from studio.importer import PromptFileError, normalize_messages, read_prompts
 from studio.runtime import Studio
+from studio.services import CampaignSpec, parse_overrides
 from studio.serving.client import BackendError, SamplingParams
 from studio.store import StoreError
 from studio.users import AuthError, User
@@ -851,13 +851,7 @@ def _train_tab(studio: Studio, demo: gr.Blocks) -> gr.Timer:
         ) -> list[Any]:
             user = _user(studio, request, "train")
             try:
-                pairs = {}
-                for line in (lines or "").splitlines():
-                    if line.strip():
-                        key, sep, value = line.partition("=")
-                        if not sep:
-                            raise StoreError(f"override {line!r}: write KEY=VALUE, e.g. train.beta=0.2")
-                        pairs[key.strip()] = yaml.safe_load(value)
+                pairs = parse_overrides((lines or "").splitlines(), where="override")
                 run = training.submit_run(
                     studio.store,
                     studio.settings.data_dir,
@@ -918,10 +912,12 @@ def _admin_tab(studio: Studio, demo: gr.Blocks) -> None:
                 c_set = gr.Dropdown(label="Prompt set", choices=[])
                 c_model = gr.Textbox(label="Model version or alias", value=camp.POLICY)
             with gr.Row():
-                c_n = gr.Slider(2, MAX_SLOTS, value=4, step=1, label="Completions per task (n)")
-                c_overlap = gr.Slider(1, 10, value=2, step=1, label="Annotators per task (overlap k)")
-                c_temp = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature")
-                c_max = gr.Slider(16, 512, value=128, step=16, label="Max tokens")
+                c_n = gr.Slider(2, MAX_SLOTS, value=CampaignSpec.n, step=1, label="Completions per task (n)")
+                c_overlap = gr.Slider(
+                    1, 10, value=CampaignSpec.overlap, step=1, label="Annotators per task (overlap k)"
+                )
+                c_temp = gr.Slider(0.0, 2.0, value=CampaignSpec.temperature, step=0.05, label="Temperature")
+                c_max = gr.Slider(16, 512, value=CampaignSpec.max_tokens, step=16, label="Max tokens")
             c_guidelines = gr.Textbox(label="Guidelines (Markdown)", lines=3)
             c_create = gr.Button("Create campaign", variant="primary")
             c_msg = gr.Markdown()

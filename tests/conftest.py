@@ -76,6 +76,52 @@ class LiveStudio:
         self.thread.join(timeout=60)
 
 
+class NoModelStudio:
+    """The real app on a real store, without a model server: REST and the services for every
+    action that does not sample. Its training runner and task sampler are built, not started
+    (a poke only marks them; a queued run is cancelled at once). Served by uvicorn in a thread,
+    with the `server.json` a studio writes, so a CLI process finds it."""
+
+    def __init__(self, data_dir: Path):
+        import uvicorn
+
+        from studio.app import create_app
+        from studio.config import Settings
+        from studio.jobs import Runner
+        from studio.runtime import Studio
+        from studio.store import Store
+        from studio.task_sampler import TaskSampler
+
+        self.port = free_port()
+        self.settings = Settings(data_dir=data_dir, port=self.port, ui=False)
+        studio = self.studio = Studio(self.settings)
+        studio.store = Store(self.settings.db_path)
+        studio.task_sampler = TaskSampler(studio.store, None)  # type: ignore[arg-type]
+        studio.runner = Runner(studio.store, data_dir, register=lambda *a: "")
+        studio.sampler = None
+        self.app = create_app(self.settings, studio)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> NoModelStudio:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the REST-only studio did not start")
+            time.sleep(0.05)
+        self.studio.announce()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.studio.stop()
+
+
 @pytest.fixture(scope="session")
 def live_studio(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStudio]:
     studio = LiveStudio(data_dir_with_model(model_cache, tmp_path_factory.mktemp("studio")))

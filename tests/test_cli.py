@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,30 +11,21 @@ import pytest
 
 from studio.store import Store
 
-COMMANDS = [
-    [],
-    ["serve"],
-    ["import"],
-    ["models"],
-    ["models", "list"],
-    ["sample"],
-    ["users"],
-    ["users", "add"],
-    ["users", "list"],
-    ["users", "passwd"],
-    ["users", "token"],
-    ["campaigns"],
-    ["campaigns", "create"],
-    ["campaigns", "list"],
-    ["export"],
-    ["leaderboard"],
-    ["train"],
-    ["runs"],
-    ["runs", "list"],
-    ["runs", "cancel"],
-    ["models", "lineage"],
-    ["models", "promote"],
-]
+
+def commands(parser: argparse.ArgumentParser | None = None, path: tuple[str, ...] = ()) -> list[list[str]]:
+    """Every command and sub-command of the parser, so a new one is tested without a list to update."""
+    from studio.cli import build_parser
+
+    parser = parser or build_parser()
+    found = [list(path)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += commands(sub, (*path, name))
+    return found
+
+
+COMMANDS = commands()
 
 
 def studio(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess[str]:
@@ -149,3 +142,115 @@ def test_train_queues_a_run_without_a_studio_and_runs_list_shows_it(
     run = store.query("SELECT overrides FROM runs")[0]
     assert json.loads(run["overrides"]) == {"dpo": {"train.beta": 0.2, "train.max_steps": 3}}
     store.close()
+
+
+def seed_studio_data(data_dir: Path) -> str:
+    """A studio's data: base and a LoRA child 'other' with policy -> other, a judged campaign
+    'easy', an admin; returns the admin's token."""
+    from studio.campaigns import ensure_policy_alias, set_alias
+    from studio.users import add_user
+    from tests.helpers import seed_easy_judgments
+
+    store = Store(data_dir / "studio.duckdb")
+    store.register_model_version("base", path="/models/base", content_hash="b" * 64, source="test")
+    store.register_model_version(
+        "other", path="/models/other", content_hash="o" * 64, source="test", kind="lora", parent="base"
+    )
+    ensure_policy_alias(store, "base")
+    set_alias(store, "policy", "other")
+    seed_easy_judgments(store, n=4)
+    token = add_user(store, "boss", "admin", "password123")
+    store.close()
+    return token
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    from studio.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# what both ways must print alike (the client answers the REST API's shapes in-process too)
+LISTINGS = [
+    ["campaigns", "list"],
+    ["models", "list", "--json"],
+    ["models", "lineage", "other", "--json"],
+    ["users", "list"],
+    ["runs", "list"],
+    ["leaderboard", "--json"],
+]
+
+
+def test_commands_in_process_then_over_rest_say_the_same(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import NoModelStudio
+
+    token = seed_studio_data(tmp_path)
+    data = ["--data-dir", str(tmp_path)]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
+
+    # no studio: the CLI opens the database itself
+    assert run_cli(capsys, "import", str(prompts), "--set", "s1", *data)[1].startswith("prompt set 's1': 2")
+    code, out, _ = run_cli(capsys, "campaigns", "create", "c1", "--prompt-set", "s1", "-n", "3", *data)
+    assert code == 0 and "n=3, overlap=1" in out  # the spec's overlap; -n as given
+    code, out, _ = run_cli(
+        capsys, "arena", "create", "duel", "--prompt-set", "s1", "--versions", "base,other", *data
+    )
+    assert code == 0 and "budget 200 votes" in out
+    code, out, _ = run_cli(capsys, "models", "rollback", *data)
+    assert (code, out) == (0, "'policy' now points at base (rolled back from other)\n")
+    assert run_cli(capsys, "models", "promote", "other", *data)[1] == "'policy' now points at other\n"
+    code, out, _ = run_cli(capsys, "train", "dpo", "--campaign", "easy", *data)
+    assert code == 0 and "queued: it starts when the studio runs" in out
+    run_id = out.split()[0]
+    code, out, err = run_cli(capsys, "runs", "cancel", run_id, *data)
+    assert code == 1 and "needs the training runner" in err and "studio serve" in err
+    code, _, err = run_cli(capsys, "sample", "hi", *data)
+    assert code == 1 and "sampling needs the model server" in err and "studio serve" in err
+    export = tmp_path / "out" / "easy.jsonl"
+    code, out, _ = run_cli(capsys, "export", "--out", str(export), "--campaign", "easy", *data)
+    assert code == 0 and "as jsonl" in out and len(export.read_text().splitlines()) == 4
+    code, out, _ = run_cli(capsys, "users", "token", "boss", *data)
+    assert code == 0 and "new REST token for 'boss'" in out
+    token = out.rsplit(" ", 1)[1].strip()
+    offline = {" ".join(c): run_cli(capsys, *c, *data) for c in LISTINGS}
+    assert all(code == 0 for code, _, _ in offline.values()), offline
+
+    with NoModelStudio(tmp_path) as served:
+        # --token=: a token may start with '-'
+        rest = [*data, "--url", served.url, f"--token={token}"]
+        capsys.readouterr()  # the studio's "ready" line
+        for command in LISTINGS:
+            assert run_cli(capsys, *command, *rest) == offline[" ".join(command)], command
+        code, out, _ = run_cli(capsys, "train", "dpo", "--campaign", "easy", "--steps", "2", *rest)
+        assert code == 0 and "queued" in out and "it starts when" not in out  # a studio runs
+        run_id = out.split()[0]
+        code, out, _ = run_cli(capsys, "runs", "cancel", run_id, *rest)
+        assert code == 0 and "cancelled" in out and "reason: cancelled by boss" in out
+        code, out, _ = run_cli(capsys, "runs", "show", run_id, *rest)
+        assert json.loads(out)["overrides"] == {"dpo": {"train.max_steps": 2}}
+        code, out, _ = run_cli(capsys, "models", "rollback", *rest)
+        assert (code, out) == (0, "'policy' now points at base (rolled back from other)\n")
+        code, _, err = run_cli(capsys, "sample", "hi", *rest)
+        assert code == 1 and "(HTTP 503)" in err and "sampling needs the model server" in err
+        export = tmp_path / "out" / "rest.parquet"
+        code, out, _ = run_cli(capsys, "export", "--out", str(export), *rest)
+        assert code == 0 and "as parquet" in out and export.stat().st_size > 0
+        code, _, err = run_cli(capsys, "arena", "battles", "--out", str(tmp_path / "b.jsonl"), *rest)
+        assert code == 1 and "no votes yet" in err
+        code, _, err = run_cli(capsys, "campaigns", "create", "c1", "--prompt-set", "s1", *rest)
+        assert code == 1 and "(HTTP 422): campaign 'c1' already exists" in err
+
+        # a CLI process finds the studio holding the database through its server.json
+        env = {**os.environ, "STUDIO_TOKEN": token}
+        locked = studio("users", "token", "boss", *data, env=env)
+        assert locked.returncode == 1 and "Changing credentials needs the studio stopped." in locked.stderr
+        listed = studio("campaigns", "list", *data, env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout == offline["campaigns list"][1]
+        refused = studio("campaigns", "list", *data, env={**os.environ, "STUDIO_TOKEN": "wrong"})
+        assert refused.returncode == 1 and "(HTTP 401)" in refused.stderr

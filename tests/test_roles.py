@@ -33,6 +33,7 @@ def annotator(live_studio: LiveStudio) -> str:
         ("GET", "/runs", None),
         ("POST", "/runs/run-x/cancel", None),
         ("POST", "/models/base/promote", {"alias": "policy"}),
+        ("POST", "/models/policy/rollback", None),
         ("GET", "/train/advice", None),
     ],
 )

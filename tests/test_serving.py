@@ -91,7 +91,7 @@ def test_same_seed_gives_the_same_completions(api: httpx.Client) -> None:
     [
         ({"n": 2}, "exactly one of 'prompt'"),
         ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one of 'prompt'"),
-        ({"prompt": "x", "n": 0}, "greater than or equal to 1"),
+        ({"prompt": "x", "n": 0}, "n=0: the number of completions must be between 1 and 64"),
         ({"prompt": "x", "model": "nope"}, "model version 'nope' is not registered"),
         ({"messages": [{"role": "bot", "content": "y"}]}, "role 'bot' is not one of"),
     ],

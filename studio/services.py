@@ -1,0 +1,821 @@
+"""One function per user action: the studio's service layer.
+
+REST (`studio/api.py`), the Gradio UI and the CLI (`studio/client.py`) are doors over these
+functions. Each action takes the context it runs in and the acting `User`, and in this order:
+
+1. checks the user's capability (`@requires`, before anything else happens);
+2. applies the one set of defaults (the request specs below: REST bodies are these dataclasses,
+   CLI flags and UI controls take their defaults from them);
+3. validates (mostly in the domain modules it calls) and does the work;
+4. wakes the background workers that the change concerns (task sampler, training runner).
+
+A door authenticates (bearer token, Gradio session, or the CLI's local user) and translates
+errors; it never checks a role and never restates a default. The errors a door translates:
+`AuthError` (refused: REST 403), `StoreError`/`PromptFileError`/`ValueError` (bad input, nothing
+stored: REST 422) and `BackendError`, `NeedsStudio` among them (a part that is not running:
+REST 503).
+
+The context is either the running `Studio` (runtime.py) or an `OfflineContext`: the database and
+the data directory of a studio that is not running, which the CLI uses when it can open the file.
+There waking is a no-op, and actions that need the model server or the runner say to start
+`studio serve`.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
+
+import yaml
+from pydantic import Field
+
+from studio import campaigns as camp
+from studio import labeling, quality, training, users
+from studio.config import Settings
+from studio.export import FORMATS as EXPORT_FORMATS
+from studio.export import KINDS, write_export
+from studio.importer import ImportedPrompt, normalize_messages, read_prompts, to_prompt
+from studio.labeling import Submission
+from studio.serving.client import BackendError, SamplingParams
+from studio.store import Store, StoreError
+from studio.users import AuthError, User
+
+# `arena` (and `jobs`, which imports it) are imported by the actions that use them: they bring
+# scipy, about 0.8 s of every CLI command's start on this machine, for the few that rate battles.
+if TYPE_CHECKING:
+    from studio.jobs import Runner
+    from studio.sampling import Sampler
+    from studio.task_sampler import TaskSampler
+
+BASE_VERSION = "base"  # the served base's version name when the studio has not said otherwise
+# Whoever can open the DuckDB file owns the data (it holds every password hash and can be
+# copied), so the CLI working on the file directly acts as an admin.
+CLI_USER = User("cli", "admin")
+# A download is one file: a `datasets` folder is written by `studio export` on the machine.
+DOWNLOAD_FORMATS = ("parquet", "jsonl")
+
+
+class NeedsStudio(BackendError):
+    """The action needs a part only a running studio has (the model server, the runner)."""
+
+
+# -- context ------------------------------------------------------------------------------
+class Context(Protocol):
+    """What an action runs in: the running `Studio`, or an `OfflineContext`."""
+
+    settings: Settings
+    store: Store | None
+    sampler: Sampler | None
+    task_sampler: TaskSampler | None
+    runner: Runner | None
+    base_version: str
+
+    def add_adapter(
+        self,
+        name: str,
+        path: Path,
+        source: str,
+        meta: dict[str, Any] | None = None,
+        parent: str | None = None,
+    ) -> dict: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+class OfflineContext:
+    """A studio's database and data directory while no studio runs (for the CLI).
+
+    Opening it takes the database file: it raises `StoreLockedError` while a studio holds it.
+    """
+
+    sampler = None
+    task_sampler = None
+    runner = None
+
+    def __init__(self, data_dir: Path | str):
+        self.settings = Settings(data_dir=Path(data_dir))
+        self.store: Store | None = Store(self.settings.db_path)
+        self.base_version = BASE_VERSION
+
+    def add_adapter(
+        self,
+        name: str,
+        path: Path,
+        source: str,
+        meta: dict[str, Any] | None = None,
+        parent: str | None = None,
+    ) -> dict:
+        raise _needs_studio("adding an adapter hot-loads it, which needs the model server")
+
+    def health(self) -> dict[str, Any]:
+        return {"studio": "offline", "store": {"path": str(self.settings.db_path), "ok": True}}
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def __enter__(self) -> OfflineContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _needs_studio(what: str) -> NeedsStudio:
+    return NeedsStudio(
+        f"{what}, and only a running studio has one: start one with `studio serve` in another "
+        "terminal (or pass --url to reach a studio elsewhere)"
+    )
+
+
+def _db(ctx: Context) -> Store:
+    if ctx.store is None:
+        raise NeedsStudio("the studio has not started yet (its database is not open); try again shortly")
+    return ctx.store
+
+
+# -- the capability check ---------------------------------------------------------------------
+F = TypeVar("F", bound=Callable[..., Any])
+ACTIONS: dict[str, Callable[..., Any]] = {}  # every action by name, for doors and tests that list them
+
+
+def requires(capability: str) -> Callable[[F], F]:
+    """Check `users.CAN[capability]` for the acting user before the action does anything."""
+    if capability not in users.CAN:
+        raise ValueError(f"unknown capability {capability!r}; see users.CAN")
+
+    def wrap(action: F) -> F:
+        @functools.wraps(action)
+        def checked(ctx: Context, user: User | None, *args: Any, **kwargs: Any) -> Any:
+            if user is None:
+                raise AuthError("not logged in")
+            user.require(capability)
+            return action(ctx, user, *args, **kwargs)
+
+        checked.capability = capability  # type: ignore[attr-defined]
+        ACTIONS[action.__name__] = checked
+        return checked  # type: ignore[return-value]
+
+    return wrap
+
+
+# -- request specs: the one place of each default ------------------------------------------------
+def doc(text: str) -> Any:
+    """Help text of a spec field (shown in the REST API's schema)."""
+    return Field(description=text)
+
+
+@dataclass
+class CampaignSpec:
+    """A labeling campaign (`POST /campaigns`, `studio campaigns create`, the Admin tab)."""
+
+    name: str
+    prompt_set: Annotated[str, doc("an imported prompt set")]
+    model: Annotated[str, doc("a model version or alias")] = camp.POLICY
+    n: Annotated[int, doc("completions per task (2-8)")] = 4
+    overlap: Annotated[int, doc("different annotators per task (1-50)")] = 1
+    temperature: float = SamplingParams.temperature
+    top_p: float = SamplingParams.top_p
+    max_tokens: int = SamplingParams.max_tokens
+    seed: Annotated[int | None, doc("sampling seed, for reproducible completions")] = None
+    task_timeout_s: Annotated[int, doc("an unsubmitted task goes back to the pool after this")] = 1800
+    guidelines: Annotated[str, doc("Markdown shown to annotators")] = ""
+
+
+@dataclass
+class BattleCampaignSpec:
+    """A blind battle campaign between versions (`POST /arena/campaigns`, `studio arena create`)."""
+
+    name: str
+    prompt_set: Annotated[str, doc("an imported prompt set")]
+    versions: Annotated[list[str], doc("two or more model versions or aliases")]
+    budget: Annotated[int, doc("votes after which the campaign stops")] = 200
+    temperature: float = camp.BATTLE_TEMPERATURE
+    top_p: float = SamplingParams.top_p
+    max_tokens: int = SamplingParams.max_tokens
+    both_bad_as_tie: Annotated[bool, doc("'both bad' votes count as ties (else left out)")] = True
+    leak_words: Annotated[
+        list[str] | None, doc("identity-revealing words (a built-in list plus the version names if unset)")
+    ] = None
+    criteria: Annotated[list[str] | None, doc("optional per-criterion scores, 1-5")] = None
+
+
+@dataclass
+class JudgmentSpec(Submission):
+    """One judgment (`POST /judgments`, the Label tab): a `labeling.Submission` plus how to answer."""
+
+    shown_at: Annotated[float | None, doc("unix time the task was shown, for timings")] = None
+    next: Annotated[bool, doc("also return the next task, taken in the same step")] = True
+
+
+@dataclass
+class VoteSpec:
+    """A vote on a blind battle (`POST /arena/votes`, the Side by side tab)."""
+
+    battle_id: str
+    winner: Annotated[str, doc("a, b, tie or both_bad")]
+    scores: Annotated[dict[str, dict[str, int]] | None, doc("criterion -> {'a': 1-5, 'b': 1-5}")] = None
+    rationale: str | None = None
+    idempotency_key: Annotated[str | None, doc("retries with the same key store one vote")] = None
+    duration_ms: Annotated[float | None, doc("time from showing the battle to the vote")] = None
+
+
+@dataclass
+class SampleSpec:
+    """Completions from the served model, stored (`POST /sample`, `studio sample`, Playground).
+
+    Defaults and bounds of the sampling fields are `SamplingParams`'s.
+    """
+
+    prompt: Annotated[str | None, doc("a user prompt (or give 'messages')")] = None
+    messages: Annotated[list[dict[str, str]] | None, doc("chat messages to answer")] = None
+    n: Annotated[int, doc("number of completions")] = SamplingParams.n
+    temperature: float = SamplingParams.temperature
+    top_p: float = SamplingParams.top_p
+    max_tokens: int = SamplingParams.max_tokens
+    seed: Annotated[int | None, doc("sampling seed, for reproducible completions")] = None
+    model: Annotated[str | None, doc("model version or alias; the served base by default")] = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (a string) or 'messages' (a list)")
+
+
+@dataclass
+class RunSpec:
+    """A training run (`POST /runs`, `studio train`, the Train tab). Unset: the recipe's value."""
+
+    stage: Annotated[str, doc("reward, dpo, ppo, sft, or the pipeline ppo_then_dpo")]
+    parent: Annotated[str, doc("model version or alias to start from")] = camp.POLICY
+    campaigns: Annotated[list[str] | None, doc("labeling campaigns to train on (all if unset)")] = None
+    held_out: Annotated[float | None, doc("share of prompts kept out for evaluation")] = None
+    recipe: Annotated[str | None, doc("recipe name (data/recipes); the stage's own by default")] = None
+    steps: Annotated[int | None, doc("override the recipe's steps (ppo: iterations)")] = None
+    overrides: Annotated[dict[str, Any] | None, doc("recipe keys, e.g. {'train.beta': 0.2}")] = None
+    reward_model: Annotated[str | None, doc("ppo: a reward version (the newest by default)")] = None
+    annotators: Annotated[list[str] | None, doc("only these annotators' judgments (all if unset)")] = None
+    min_strength: Annotated[int | None, doc("only judgments stated at least this strong (1-3)")] = None
+
+
+@dataclass
+class ImportSpec:
+    """Prompt records sent over REST (`POST /prompt-sets/{name}/prompts`)."""
+
+    records: Annotated[
+        list[dict[str, Any]], doc("prompt records as in a JSONL file: 'prompt' or 'messages', optional 'id'")
+    ]
+    source: Annotated[str, doc("where the prompts came from, kept with the set")] = "rest"
+    locations: Annotated[list[str] | None, doc("a name per record for error messages (file and line)")] = None
+
+
+@dataclass
+class UserSpec:
+    """A new account (`POST /users`, `studio users add`, the Admin tab)."""
+
+    name: str
+    role: Annotated[str, doc("annotator, expert, engineer or admin")]
+    password: Annotated[str, doc(f"at least {users.MIN_PASSWORD} characters")]
+
+
+@dataclass
+class PromoteSpec:
+    alias: Annotated[str, doc("the alias to point at this version")] = camp.POLICY
+
+
+@dataclass
+class GuidelinesSpec:
+    text: str
+
+
+@dataclass
+class AdapterSpec:
+    name: str
+    path: Annotated[str, doc("a PEFT LoRA adapter folder on the studio's machine")]
+
+
+@dataclass
+class ExportSpec:
+    """Which rows to export, and how."""
+
+    kind: Annotated[str, doc("preference, unpaired or sft")] = "preference"
+    format: Annotated[
+        str | None, doc("datasets, parquet or jsonl (default: from the file name; a download: parquet)")
+    ] = None
+    campaign: Annotated[str | None, doc("only this campaign (all if unset)")] = None
+
+
+@dataclass
+class LeaderboardSpec:
+    """Which ratings to fit (`GET /leaderboard`, `studio leaderboard`, the Leaderboard tab)."""
+
+    campaign: Annotated[str | None, doc("one battle campaign (all if unset)")] = None
+    style: Annotated[str | None, doc("'length' rates with answer length held fixed")] = None
+    rounds: Annotated[int, doc("bootstrap rounds")] = 100
+    min_battles: Annotated[int, doc("versions with fewer battles are marked provisional")] = 0
+
+
+def spec_defaults(spec: type) -> dict[str, Any]:
+    """Field name -> default of a spec (fields without a plain default left out), for doors' controls."""
+    return {f.name: f.default for f in fields(spec) if f.default is not MISSING}
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The values a user actually gave (None: not given), so a spec's defaults apply to the rest."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def parse_overrides(lines: Iterable[str], where: str = "--set") -> dict[str, Any]:
+    """Recipe overrides written KEY=VALUE (values in YAML: 0.2, true, [1, 2]); blank lines skipped."""
+    out: dict[str, Any] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise StoreError(f"{where} {line}: write recipe overrides as KEY=VALUE, e.g. train.beta=0.2")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def public(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as JSON carries it: times as ISO 8601 text."""
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+
+
+def _fields(spec: Any) -> dict[str, Any]:
+    return {f.name: getattr(spec, f.name) for f in fields(spec)}
+
+
+def _wake_tasks(ctx: Context, campaign: str | None = None, starved: bool = False) -> None:
+    if ctx.task_sampler is not None:
+        ctx.task_sampler.poke(campaign, starved=starved)
+
+
+# -- the studio ----------------------------------------------------------------------------------
+def health(ctx: Context) -> dict[str, Any]:
+    """Store and model server state; public (no login), as a load balancer asks for it."""
+    return ctx.health()
+
+
+@requires("view")
+def me(ctx: Context, user: User) -> dict[str, Any]:
+    return {"name": user.name, "role": user.role}
+
+
+# -- prompts -------------------------------------------------------------------------------------
+@requires("import")
+def import_prompts(
+    ctx: Context, user: User, set_name: str, prompts: list[ImportedPrompt], source: str
+) -> dict[str, Any]:
+    """Add validated prompts to a set in one transaction (a bad set name stores nothing)."""
+    result = _db(ctx).import_prompts(set_name, prompts, source=source)
+    return {
+        "set": result.set_name,
+        "added": result.added,
+        "duplicates": result.duplicates,
+        "summary": result.summary(),
+    }
+
+
+@requires("import")
+def import_records(ctx: Context, user: User, set_name: str, spec: ImportSpec) -> dict[str, Any]:
+    """`import_prompts` for records sent as JSON: every record is checked before any is stored."""
+    locations = spec.locations or [f"record {i}" for i in range(1, len(spec.records) + 1)]
+    if len(locations) != len(spec.records):
+        raise StoreError("'locations' must have one entry per record")
+    prompts = [to_prompt(r, where) for r, where in zip(spec.records, locations, strict=True)]
+    return import_prompts(ctx, user, set_name, prompts, spec.source)
+
+
+@requires("import")
+def import_file(
+    ctx: Context,
+    user: User,
+    set_name: str,
+    path: Path | str,
+    fmt: str | None = None,
+    split: str | None = None,
+) -> dict[str, Any]:
+    """`import_prompts` from a JSONL, CSV or Parquet file or a datasets folder on the studio's machine."""
+    path = Path(path)
+    return import_prompts(ctx, user, set_name, read_prompts(path, fmt, split), path.name)
+
+
+@requires("view")
+def list_prompt_sets(ctx: Context, user: User) -> list[dict[str, Any]]:
+    return [public(s) for s in _db(ctx).prompt_sets()]
+
+
+# -- models --------------------------------------------------------------------------------------
+@requires("view")
+def list_models(ctx: Context, user: User) -> dict[str, Any]:
+    """Every registered version, and where each alias points."""
+    store = _db(ctx)
+    return {"models": [public(v) for v in store.model_versions()], "aliases": camp.aliases(store)}
+
+
+@requires("sample")
+def sample(ctx: Context, user: User, spec: SampleSpec) -> dict[str, Any]:
+    """Sample `n` completions from a version (the served base by default); every one is stored."""
+    store = _db(ctx)
+    messages = (
+        normalize_messages(spec.prompt, "request", "prompt")
+        if spec.prompt is not None
+        else normalize_messages(spec.messages, "request", "messages")
+    )
+    params = SamplingParams(
+        n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens, seed=spec.seed
+    )
+    version = camp.resolve_policy(store, spec.model or ctx.base_version)
+    if ctx.sampler is None:
+        raise _needs_studio("sampling needs the model server")
+    rows = ctx.sampler.sample(messages, params, version=version)
+    return {"generations": [public(r) for r in rows]}
+
+
+@requires("train")
+def add_adapter(ctx: Context, user: User, spec: AdapterSpec) -> dict[str, Any]:
+    """Register a LoRA adapter folder as a version over the base and hot-load it."""
+    return public(ctx.add_adapter(spec.name, Path(spec.path), source=f"upload:{user.name}"))
+
+
+@requires("train")
+def lineage(ctx: Context, user: User, version: str) -> list[dict[str, Any]]:
+    """Version <- run <- snapshot <- judgments, back to the base."""
+    return [public(step) for step in training.lineage(_db(ctx), version)]
+
+
+@requires("train")
+def promote(ctx: Context, user: User, version: str, spec: PromoteSpec | None = None) -> dict[str, Any]:
+    """Point an alias (policy by default) at a version: new labeling samples from it."""
+    alias = (spec or PromoteSpec()).alias
+    camp.set_alias(_db(ctx), alias, version)
+    return {"alias": alias, "version": version}
+
+
+@requires("train")
+def rollback(ctx: Context, user: User, alias: str = camp.POLICY) -> dict[str, Any]:
+    """Point an alias back at the parent of the version it points at now."""
+    store = _db(ctx)
+    known = camp.aliases(store)
+    if alias not in known:
+        raise StoreError(f"alias '{alias}' does not exist (known: {', '.join(known) or 'none'})")
+    current = store.model_version(known[alias])
+    if not current["parent"]:
+        raise StoreError(f"{alias} is at '{current['name']}', which has no parent to roll back to")
+    camp.set_alias(store, alias, current["parent"])
+    return {"alias": alias, "version": current["parent"], "previous": current["name"]}
+
+
+# -- users ---------------------------------------------------------------------------------------
+@requires("admin")
+def add_user(ctx: Context, user: User, spec: UserSpec) -> dict[str, Any]:
+    """Create an account; the answer carries its REST token, shown this once."""
+    token = users.add_user(_db(ctx), spec.name, spec.role, spec.password)
+    return {"name": spec.name, "role": spec.role, "token": token}
+
+
+@requires("admin")
+def list_users(ctx: Context, user: User) -> list[dict[str, Any]]:
+    return [public(u) for u in users.list_users(_db(ctx))]
+
+
+@requires("admin")
+def set_password(ctx: Context, user: User, name: str, password: str) -> dict[str, Any]:
+    users.set_password(_db(ctx), name, password)
+    return {"name": name}
+
+
+@requires("admin")
+def new_token(ctx: Context, user: User, name: str) -> dict[str, Any]:
+    """Replace a user's REST token; the old one stops working at once."""
+    return {"name": name, "token": users.new_token(_db(ctx), name)}
+
+
+# -- labeling campaigns ----------------------------------------------------------------------------
+@requires("admin")
+def create_campaign(ctx: Context, user: User, spec: CampaignSpec) -> dict[str, Any]:
+    """Create a labeling campaign; the task sampler starts filling its buffer."""
+    fields_ = _fields(spec)
+    created = camp.create_campaign(_db(ctx), fields_.pop("name"), created_by=user.name, **fields_)
+    _wake_tasks(ctx)
+    return public(created)
+
+
+@requires("view")
+def list_campaigns(
+    ctx: Context, user: User, kind: str | None = None, with_progress: bool = False
+) -> list[dict[str, Any]]:
+    """Campaigns (of one kind: label or battle), oldest first, with their counts if asked."""
+    store = _db(ctx)
+    rows = [public(c) for c in camp.list_campaigns(store, kind=kind)]
+    if with_progress:
+        for row in rows:
+            row["progress"] = labeling.progress(store, row["name"])
+    return rows
+
+
+@requires("view")
+def get_campaign(ctx: Context, user: User, name: str) -> dict[str, Any]:
+    """A campaign and where it stands, for the whole campaign and for this user."""
+    store = _db(ctx)
+    out = public(camp.get_campaign(store, name))
+    out["progress"] = labeling.progress(store, name, user.name)
+    return out
+
+
+@requires("admin")
+def set_guidelines(ctx: Context, user: User, name: str, text: str) -> dict[str, Any]:
+    camp.set_guidelines(_db(ctx), name, text)
+    return {"campaign": name, "guidelines": text}
+
+
+@requires("admin")
+def campaign_quality(ctx: Context, user: User, name: str) -> dict[str, Any]:
+    """Agreement (pairwise, Krippendorff's alpha) and per-annotator quality of a campaign."""
+    store = _db(ctx)
+    camp.get_campaign(store, name)
+    return {
+        "campaign": name,
+        "agreement": quality.campaign_agreement(store, name),
+        "annotators": quality.annotator_quality(store, name),
+        "progress": labeling.progress(store, name),
+    }
+
+
+# -- labeling ------------------------------------------------------------------------------------
+def _with_progress(ctx: Context, campaign: str, user: User, task: dict[str, Any] | None) -> dict[str, Any]:
+    status = labeling.progress(_db(ctx), campaign, user.name)
+    if task is None and status["remaining"]:
+        _wake_tasks(ctx, campaign, starved=True)  # the buffer ran dry for this annotator
+    return {"task": task, "progress": status}
+
+
+@requires("label")
+def next_task(ctx: Context, user: User, campaign: str) -> dict[str, Any]:
+    """The user's open task in the campaign, or a new one (None when none is ready), and progress."""
+    return _with_progress(ctx, campaign, user, labeling.next_task(_db(ctx), campaign, user.name))
+
+
+def _judged(
+    ctx: Context, user: User, spec: JudgmentSpec, judgment: dict[str, Any], task: dict[str, Any] | None
+) -> dict[str, Any]:
+    _wake_tasks(ctx)  # a place was used up: top the buffer back up
+    out: dict[str, Any] = {"judgment": judgment}
+    if spec.next:
+        out["next"] = _with_progress(ctx, judgment["campaign"], user, task)
+    return out
+
+
+@requires("label")
+def begin_judgment(
+    ctx: Context, user: User, spec: JudgmentSpec
+) -> tuple[Future[None], Callable[[], dict[str, Any]]]:
+    """`submit_judgment` in two steps, for a caller on an event loop (the REST route): await the
+    future (the group commit, written on the loop), then call the second part for the answer; it
+    raises what the commit raised, after taking the change back. With `spec.next` the next task
+    is taken in the same step. The capability check reads the in-memory user: no query."""
+    committed, finish = labeling.begin_submit(
+        _db(ctx), user.name, spec, shown_at=spec.shown_at, then_next=spec.next
+    )
+
+    def answer() -> dict[str, Any]:
+        judgment, task = finish()
+        return _judged(ctx, user, spec, judgment, task)
+
+    return committed, answer
+
+
+@requires("label")
+def submit_judgment(ctx: Context, user: User, spec: JudgmentSpec) -> dict[str, Any]:
+    """Store one judgment and answer once it is committed (retries with the same idempotency key
+    store it once); with `spec.next` the answer also carries the user's next task."""
+    store = _db(ctx)
+    judgment = labeling.submit(store, user.name, spec, shown_at=spec.shown_at)
+    task = labeling.next_task(store, judgment["campaign"], user.name) if spec.next else None
+    return _judged(ctx, user, spec, judgment, task)
+
+
+@requires("label")
+def skip(ctx: Context, user: User, assignment_id: str) -> dict[str, Any]:
+    """Give a task back; the user is never offered it again."""
+    labeling.skip(_db(ctx), user.name, assignment_id)
+    return {"skipped": assignment_id}
+
+
+# -- battles -------------------------------------------------------------------------------------
+@requires("admin")
+def create_battle_campaign(ctx: Context, user: User, spec: BattleCampaignSpec) -> dict[str, Any]:
+    """Create a blind battle campaign; the task sampler starts sampling its battles."""
+    from studio import arena  # scipy: see the imports at the top
+
+    fields_ = _fields(spec)
+    created = arena.create_battle_campaign(_db(ctx), fields_.pop("name"), created_by=user.name, **fields_)
+    _wake_tasks(ctx)
+    return public(created)
+
+
+@requires("battle")
+def next_battle(ctx: Context, user: User, campaign: str) -> dict[str, Any]:
+    """The expert's battle: an opaque id, the prompt and two answers; nothing names a version."""
+    from studio import arena  # scipy: see the imports at the top
+
+    battle = arena.next_battle(_db(ctx), campaign, user.name)
+    if battle is None:
+        _wake_tasks(ctx, campaign, starved=True)
+    return {"battle": battle}
+
+
+@requires("battle")
+def vote(ctx: Context, user: User, spec: VoteSpec) -> dict[str, Any]:
+    """Record the vote and reveal the versions (a retry gets the same reveal)."""
+    from studio import arena  # scipy: see the imports at the top
+
+    reveal = arena.vote(
+        _db(ctx),
+        user.name,
+        spec.battle_id,
+        spec.winner,
+        scores=spec.scores,
+        rationale=spec.rationale,
+        idempotency_key=spec.idempotency_key,
+        duration_ms=spec.duration_ms,
+    )
+    _wake_tasks(ctx)
+    return {"reveal": reveal}
+
+
+@requires("battle")
+def regenerate(ctx: Context, user: User, battle_id: str) -> dict[str, Any]:
+    """Drop the battle on screen (both answers together) so that a new one is sampled."""
+    from studio import arena  # scipy: see the imports at the top
+
+    store = _db(ctx)
+    arena.regenerate(store, user.name, battle_id)
+    campaign = store.query("SELECT campaign FROM battles WHERE id = ?", [battle_id])[0]["campaign"]
+    _wake_tasks(ctx, campaign, starved=True)
+    return {"discarded": battle_id}
+
+
+@requires("view")
+def battle_stats(ctx: Context, user: User, name: str) -> dict[str, Any]:
+    """A battle campaign with its ratings, matrices, two-version interval and expert quality."""
+    from studio import arena  # scipy: see the imports at the top
+
+    store = _db(ctx)
+    campaign = arena.battle_campaign(store, name)
+    interval = arena.two_version_interval(store, name) if len(campaign["versions"]) == 2 else None
+    return {
+        "campaign": public(campaign),
+        **arena.campaign_leaderboard(store, name),
+        "two_version_interval": interval,
+        "experts": arena.expert_quality(store, name),
+    }
+
+
+@requires("view")
+def leaderboard(ctx: Context, user: User, spec: LeaderboardSpec | None = None) -> dict[str, Any]:
+    """Ratings over one battle campaign or all of them. `rows` is the leaderboard to show: the
+    length-controlled one when `spec.style == 'length'`; the rest is arena.campaign_leaderboard's."""
+    from studio import arena  # scipy: see the imports at the top
+
+    spec = spec or LeaderboardSpec()
+    if spec.style not in (None, "length"):
+        raise StoreError(f"style={spec.style}: the only style control is 'length'")
+    store = _db(ctx)
+    board = arena.campaign_leaderboard(
+        store,
+        spec.campaign,
+        rounds=spec.rounds,
+        min_battles=spec.min_battles,
+        style_control=spec.style == "length",
+    )
+    styled = board.get("style_controlled")  # absent while there are no votes
+    board["rows"] = styled["leaderboard"] if spec.style and styled else board["leaderboard"]
+    board["verdict"] = arena.battle_campaign(store, spec.campaign).get("verdict") if spec.campaign else None
+    return board
+
+
+def rate_battle_log(
+    rows: list[dict[str, Any]], where: str, both_bad_as_tie: bool = True, spec: LeaderboardSpec | None = None
+) -> list[dict[str, Any]]:
+    """The leaderboard of a FastChat-style battle log (no studio, no database, no user needed)."""
+    from studio.ratings import battles_from_log
+    from studio.ratings import leaderboard as rate
+
+    spec = spec or LeaderboardSpec()
+    battles = battles_from_log(rows, both_bad_as_tie, where=where)
+    return rate(battles, rounds=spec.rounds, min_battles=spec.min_battles)
+
+
+@requires("view")
+def expert_quality(ctx: Context, user: User, campaign: str | None = None) -> list[dict[str, Any]]:
+    """Per expert: agreement with the majority of the others, and position bias."""
+    from studio import arena  # scipy: see the imports at the top
+
+    return arena.expert_quality(_db(ctx), campaign)
+
+
+@requires("admin")
+def battle_log(ctx: Context, user: User, campaign: str | None = None) -> list[dict[str, Any]]:
+    """Votes in FastChat's battle-log columns (answers and experts included: admins only)."""
+    from studio import arena  # scipy: see the imports at the top
+
+    return arena.battle_log(_db(ctx), campaign)
+
+
+# -- training ------------------------------------------------------------------------------------
+@requires("train")
+def recipes(ctx: Context, user: User) -> dict[str, str]:
+    """Recipe name -> file: the shipped ones and the studio's own (DATA_DIR/recipes)."""
+    return {k: str(v) for k, v in training.recipes(ctx.settings.data_dir / "recipes").items()}
+
+
+@requires("train")
+def advice(ctx: Context, user: User) -> dict[str, Any]:
+    """Which stage to run next, why, and the signals it read."""
+    return training.advise(_db(ctx))
+
+
+@requires("train")
+def start_run(ctx: Context, user: User, spec: RunSpec) -> dict[str, Any]:
+    """Validate, snapshot the data, queue the run and wake the runner (nothing stored on a bad input)."""
+    run = training.submit_run(_db(ctx), ctx.settings.data_dir, created_by=user.name, **_fields(spec))
+    if ctx.runner is not None:
+        ctx.runner.poke()
+    return public(run)
+
+
+@requires("train")
+def list_runs(ctx: Context, user: User) -> list[dict[str, Any]]:
+    """Runs, newest first."""
+    return [public(r) for r in training.list_runs(_db(ctx))]
+
+
+@requires("train")
+def get_run(ctx: Context, user: User, run_id: str) -> dict[str, Any]:
+    """A run with its progress (stage, step, ETA), curves and the tail of its log."""
+    from studio import jobs  # it imports arena (scipy): see the imports at the top
+
+    run = training.get_run(_db(ctx), run_id)
+    out = Path(run["output_dir"])
+    curves = jobs.read_metrics(out)  # read once: progress and curves both come from it
+    return {
+        **public(run),
+        "progress": jobs.progress(run, curves),
+        "curves": curves,
+        "log": jobs.tail(out / "run.log"),
+    }
+
+
+@requires("train")
+def cancel_run(ctx: Context, user: User, run_id: str) -> dict[str, Any]:
+    """Stop a queued or running run (its process group); the run is marked cancelled by the user."""
+    if ctx.runner is None:
+        raise _needs_studio("cancelling a run stops its process, which needs the training runner")
+    return public(ctx.runner.cancel(run_id, f"cancelled by {user.name}"))
+
+
+# -- export --------------------------------------------------------------------------------------
+def _check_export(spec: ExportSpec) -> None:
+    if spec.kind not in KINDS:
+        raise StoreError(f"kind={spec.kind}: use one of {', '.join(KINDS)}")
+    if spec.format is not None and spec.format not in EXPORT_FORMATS:
+        raise StoreError(f"format={spec.format}: use one of {', '.join(EXPORT_FORMATS)}")
+
+
+@requires("admin")
+def export(ctx: Context, user: User, out: Path | str, spec: ExportSpec | None = None) -> dict[str, Any]:
+    """Write TRL-ready rows and their data card to `out` (format from its suffix unless given)."""
+    spec = spec or ExportSpec()
+    _check_export(spec)
+    return write_export(_db(ctx), Path(out), spec.kind, spec.format, spec.campaign)
+
+
+@requires("admin")
+def export_download(ctx: Context, user: User, spec: ExportSpec | None = None) -> dict[str, Any]:
+    """`export` into a new temporary folder, as one file to download (parquet unless jsonl is asked).
+    The caller removes the folder (the parent of the returned `path`) once it is served."""
+    spec = spec or ExportSpec()
+    fmt = spec.format or DOWNLOAD_FORMATS[0]
+    if fmt not in DOWNLOAD_FORMATS:
+        raise StoreError(
+            f"format={fmt}: a download is a parquet or jsonl file "
+            "(a datasets folder comes from `studio export`)"
+        )
+    _check_export(spec)
+    folder = Path(tempfile.mkdtemp(prefix="studio-export-"))
+    try:
+        return write_export(
+            _db(ctx), folder / f"{spec.campaign or 'all'}-{spec.kind}.{fmt}", spec.kind, fmt, spec.campaign
+        )
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
