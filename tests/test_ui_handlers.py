@@ -212,4 +212,5 @@ def test_plots_escape_names_and_draw_every_series() -> None:
     assert charts.count("<svg") == 2 and "dpo loss" in charts and "dpo kl" in charts
     assert common.run_curves([]) == "<p>No curves yet.</p>"
     assert list(common.frame([], ["a", "b"]).columns) == ["a", "b"]
+    assert list(common.frame([{"b": 1, "c": 2}], ["a", "b"], others=True).columns) == ["a", "b", "c"]
     assert isinstance(common.matrix({}), pd.DataFrame) and list(common.matrix({}).columns) == ["version"]

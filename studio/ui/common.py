@@ -111,9 +111,14 @@ def table(label: str | None, columns: Sequence[str], **kwargs: Any) -> gr.Datafr
     return gr.Dataframe(interactive=False, label=label, headers=list(columns), **kwargs)
 
 
-def frame(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
-    """Rows as a table with exactly these columns (an empty one keeps its headers)."""
-    return pd.DataFrame([{c: r.get(c) for c in columns} for r in rows], columns=list(columns))
+def frame(rows: Iterable[dict[str, Any]], columns: Sequence[str], others: bool = False) -> pd.DataFrame:
+    """Rows as a table with these columns (an empty one keeps its headers); with `others`, keys the
+    rows have beyond them follow, so a field added to an answer shows without a UI change."""
+    rows = list(rows)
+    names = list(columns)
+    for row in rows if others else ():
+        names += [k for k in row if k not in names]
+    return pd.DataFrame([{c: r.get(c) for c in names} for r in rows], columns=names)
 
 
 def matrix(

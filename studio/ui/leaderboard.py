@@ -70,11 +70,11 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
             gr.update(choices=choices),
             note,
             forest_plot(board["rows"]),
-            frame(board["rows"], RATING_COLUMNS),
+            frame(board["rows"], RATING_COLUMNS, others=True),
             matrix(board["win_rate"]),
             matrix(board["battle_count"]),
             matrix(board["criteria"], by="columns"),  # criterion -> version -> mean score
-            frame(people, EXPERT_COLUMNS),
+            frame(people, EXPERT_COLUMNS, others=True),
         ]
 
     def opened(user: User, name: str | None, style_on: bool) -> list[Any]:

@@ -110,7 +110,7 @@ def build(studio: Studio, demo: gr.Blocks) -> gr.Tab:
         svc.regenerate(studio, user, current.get("battle_id") or "")
         return show(user, current["campaign"], "Both answers were dropped. ")
 
-    tab.select(on(load_campaigns), None, campaign, api_name="sxs_campaigns", api_visibility="private")
+    demo.load(on(load_campaigns), None, campaign, api_name="sxs_campaigns", api_visibility="private")
     next_btn.click(on(next_battle), [campaign], outputs, api_name="sxs_next")
     campaign.change(on(on_pick), [campaign], outputs, api_name="sxs_pick", api_visibility="private")
     regen.click(on(regenerate), [state], outputs, api_name="sxs_regenerate")
