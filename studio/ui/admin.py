@@ -184,6 +184,7 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
     ]
 
     def overview(user: User) -> list[Any]:
+        accounts = svc.list_users(studio, user)  # the admin-only part first: refused before any work
         labeled = svc.list_campaigns(studio, user, kind="label", with_progress=True)
         rows = [
             {
@@ -218,7 +219,7 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
             gr.update(choices=names),
             gr.update(choices=names),
             gr.update(choices=["", *names]),
-            frame(svc.list_users(studio, user), USER_COLUMNS),
+            frame(accounts, USER_COLUMNS),
             gr.update(choices=sets),
             frame(battles, BATTLE_COLUMNS),
         ]
