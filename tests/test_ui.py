@@ -166,8 +166,8 @@ def test_a_failing_sampler_is_shown_on_label_and_admin(live_studio: LiveStudio, 
 
         page = login(browser, live_studio.url, "stuck-admin")
         page.get_by_role("tab", name="Admin").click()
-        # the table's row of the campaign (Gradio also keeps a hidden copy of the table for sizing)
-        row = page.locator("#admin-campaigns tr:visible", has_text="ui-stuck")
+        # the campaign's row (Gradio also keeps a hidden table of the widest cells, for sizing)
+        row = page.locator("#admin-campaigns").get_by_role("row").filter(has_text="ui-stuck")
         row.wait_for(timeout=30_000)
         assert "failing: " in row.inner_text()
         page.close()
