@@ -93,7 +93,7 @@ def create_app(settings: Settings, studio: Studio | None = None) -> FastAPI:
         from studio.ui import SHORTCUTS, build_ui, gradio_auth
 
         # Login is required for every page and Gradio event; roles are then
-        # checked inside each event handler (studio/ui.py `_user`).
+        # checked by the service function each event handler calls (studio/ui/).
         app = gr.mount_gradio_app(
             app,
             build_ui(studio),

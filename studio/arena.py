@@ -249,17 +249,21 @@ def ready_battles(store: Store, campaign_name: str) -> int:
 # -- experts -------------------------------------------------------------------------------
 def _payload(store: Store, battle_id: str) -> dict[str, Any]:
     row = store.query(
-        "SELECT b.id, p.messages, ga.text AS text_a, gb.text AS text_b FROM battles b"
+        "SELECT b.id, p.messages, ga.text AS text_a, gb.text AS text_b,"
+        " ga.finish_reason AS finish_a, gb.finish_reason AS finish_b FROM battles b"
         " JOIN prompts p ON p.id = b.prompt_id JOIN generations ga ON ga.id = b.generation_a"
         " JOIN generations gb ON gb.id = b.generation_b WHERE b.id = ?",
         [battle_id],
     )[0]
-    # Blind: the battle id is random and nothing here names a version.
+    # Blind: the battle id is random and nothing here names a version. The finish reasons
+    # ("length": cut off at max_tokens) are the campaign's one setting for both sides, not an identity.
     return {
         "battle_id": row["id"],
         "prompt": json.loads(row["messages"]),
         "a": row["text_a"],
         "b": row["text_b"],
+        "a_finish_reason": row["finish_a"],
+        "b_finish_reason": row["finish_b"],
     }
 
 

@@ -170,7 +170,7 @@ class _Task:
         self.open: set[_Assignment] = set()
         self.done = 0
         self.ready = False  # had a free place when last counted (see _Campaign.account)
-        self.content: tuple[Any, dict[str, str]] | None = None  # prompt messages, texts by id
+        self.content: tuple[Any, dict[str, dict[str, Any]]] | None = None  # prompt, completions by id
 
     def taken(self, now: float) -> int:
         """Places used: judgments plus assignments still within their timeout."""
@@ -530,16 +530,18 @@ class LabelingPool:
                 [[t.id for t in tasks]],
             ).fetchall()
         )
-        texts = dict(
-            cur.execute(
-                "SELECT id, text FROM generations WHERE list_contains(?, id)",
+        # the finish reason travels with the text: "length" means cut off at max_tokens
+        texts = {
+            g: {"text": text, "finish_reason": reason}
+            for g, text, reason in cur.execute(
+                "SELECT id, text, finish_reason FROM generations WHERE list_contains(?, id)",
                 [[g for t in tasks for g in t.generation_ids]],
             ).fetchall()
-        )
+        }
         for t in tasks:
             t.content = (json.loads(messages[t.id]), {g: texts[g] for g in t.generation_ids})
 
-    def _content(self, task: _Task) -> tuple[Any, dict[str, str]]:
+    def _content(self, task: _Task) -> tuple[Any, dict[str, dict[str, Any]]]:
         if task.content is None:
             self._load_content([task])
         return task.content
@@ -616,7 +618,7 @@ class LabelingPool:
             "campaign": campaign["name"],
             "prompt": messages,
             # only what the annotator needs, in the shuffled order they will see
-            "completions": [{"position": i, "text": texts[g]} for i, g in enumerate(a.order)],
+            "completions": [{"position": i, **texts[g]} for i, g in enumerate(a.order)],
             "guidelines": campaign["guidelines"],
             "expires_at": _iso(a.expires),
         }

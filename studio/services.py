@@ -358,6 +358,11 @@ def _wake_tasks(ctx: Context, campaign: str | None = None, starved: bool = False
         ctx.task_sampler.poke(campaign, starved=starved)
 
 
+def _sampler_error(ctx: Context, campaign: str) -> str | None:
+    """Why the task sampler last failed to sample for the campaign (None while it samples, or offline)."""
+    return ctx.task_sampler.last_error(campaign) if ctx.task_sampler is not None else None
+
+
 # -- the studio ----------------------------------------------------------------------------------
 def health(ctx: Context) -> dict[str, Any]:
     """Store and model server state; public (no login), as a load balancer asks for it."""
@@ -516,6 +521,8 @@ def list_campaigns(
     """Campaigns (of one kind: label or battle), oldest first, with their counts if asked."""
     store = _db(ctx)
     rows = [public(c) for c in camp.list_campaigns(store, kind=kind)]
+    for row in rows:
+        row["sampler_error"] = _sampler_error(ctx, row["name"])
     if with_progress:
         for row in rows:
             row["progress"] = labeling.progress(store, row["name"])
@@ -528,6 +535,7 @@ def get_campaign(ctx: Context, user: User, name: str) -> dict[str, Any]:
     store = _db(ctx)
     out = public(camp.get_campaign(store, name))
     out["progress"] = labeling.progress(store, name, user.name)
+    out["sampler_error"] = _sampler_error(ctx, name)
     return out
 
 
@@ -555,6 +563,7 @@ def _with_progress(ctx: Context, campaign: str, user: User, task: dict[str, Any]
     status = labeling.progress(_db(ctx), campaign, user.name)
     if task is None and status["remaining"]:
         _wake_tasks(ctx, campaign, starved=True)  # the buffer ran dry for this annotator
+    status["sampler_error"] = _sampler_error(ctx, campaign)  # why no task is ready, if sampling fails
     return {"task": task, "progress": status}
 
 

@@ -8,6 +8,7 @@ have a free place. It samples a few prompts at once so that vLLM batches them.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,16 +55,30 @@ class TaskSampler:
             self._starved.add(campaign)
         self._wake.set()
 
+    def last_error(self, campaign: str) -> str | None:
+        """Why sampling for the campaign failed last time (None once it samples again)."""
+        return self.status.get(campaign, {}).get("error")
+
+    def _failed(self, campaign: str, error: str | None) -> None:
+        """Record a campaign's sampling outcome; a new failure also goes to the studio's log."""
+        state = self.status.setdefault(campaign, {"error": None})
+        if error and error != state.get("error"):
+            print(f"[studio] sampling for campaign '{campaign}' failed: {error}", file=sys.stderr, flush=True)
+        state["error"] = error
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 for campaign in list_campaigns(self.store):
                     if campaign["status"] != "active":
                         continue
-                    if campaign["kind"] == "battle":
-                        self._fill_battles(campaign)
-                    else:
-                        self._fill(campaign)
+                    try:
+                        if campaign["kind"] == "battle":
+                            self._fill_battles(campaign)
+                        else:
+                            self._fill(campaign)
+                    except Exception as exc:  # e.g. its model was removed: this campaign's failure
+                        self._failed(campaign["name"], str(exc) or type(exc).__name__)
             except Exception as exc:  # keep the worker alive; the status shows the error
                 self.status.setdefault("_worker", {})["error"] = str(exc)
             self._wake.wait(self.interval)
@@ -90,7 +105,7 @@ class TaskSampler:
         results = [f.result() if f.exception() is None else f.exception() for f in futures]
         failures = [r for r in results if isinstance(r, BaseException)]
         state["leaks"] = state.get("leaks", 0) + sum(1 for r in results if isinstance(r, dict) and r["leak"])
-        state["error"] = str(failures[0]) if failures else None
+        self._failed(name, str(failures[0]) if failures else None)
         state["ready"] = arena.ready_battles(self.store, name)
         if failures:
             self._stop.wait(5.0)
@@ -123,7 +138,7 @@ class TaskSampler:
         errors = [f.exception() for f in futures]
         failures = [e for e in errors if e is not None]
         state["sampling"] = 0
-        state["error"] = str(failures[0]) if failures else None
+        self._failed(name, str(failures[0]) if failures else None)
         state["last_batch_s"] = round(time.monotonic() - started, 2)
         state["ready"] = ready_tasks(self.store, name)
         if failures:

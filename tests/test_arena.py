@@ -29,7 +29,9 @@ def test_payload_is_blind_until_the_vote_then_revealed(store: Store) -> None:
     battle = arena.next_battle(store, "b1", "exp1")
     text = json.dumps(battle)
     assert "base" not in text and "other" not in text
-    assert set(battle) == {"battle_id", "prompt", "a", "b"}
+    # the finish reasons say whether an answer was cut at max_tokens, which names no version
+    assert set(battle) == {"battle_id", "prompt", "a", "b", "a_finish_reason", "b_finish_reason"}
+    assert battle["a_finish_reason"] == battle["b_finish_reason"] == "stop"
     assert len(battle["battle_id"]) == 32  # random hex
     reveal = arena.vote(
         store, "exp1", battle["battle_id"], "a", scores={"helpful": {"a": 5, "b": 2}}, rationale=" clearer "

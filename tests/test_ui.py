@@ -1,4 +1,4 @@
-"""The labeling tab in a real Chromium (Debian's package, driven by playwright)."""
+"""The studio's tabs in a real Chromium (Debian's package, driven by playwright)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import time
 import pytest
 
 from studio import campaigns, labeling, users
-from studio.importer import read_prompts
+from studio.importer import messages_hash, read_prompts
+from studio.store import ImportedPrompt
 from tests.conftest import LiveStudio
 from tests.helpers import PASSWORD, login, seed_campaign
 
@@ -81,3 +82,94 @@ def test_completions_render_markdown_with_html_and_scripts_inert(
     assert page.locator("#label-completion-0 strong, #label-completion-1 strong").count() >= 1
     assert page.locator("#label-completion-0 script, #label-completion-1 script").count() == 0
     page.close()
+
+
+ALL_TABS = ["Label", "Side by side", "Leaderboard", "Playground", "Models", "Train", "Admin"]
+
+
+def visible_tabs(page: object) -> list[str]:
+    page.wait_for_selector("#whoami:has-text('Logged in')", timeout=30_000)
+    page.wait_for_timeout(500)  # the page load's tab updates arrive with the same event
+    return [t.strip() for t in page.get_by_role("tab").all_inner_texts()]
+
+
+def test_each_role_sees_only_its_tabs_in_chromium(live_studio: LiveStudio, browser: object) -> None:
+    store = live_studio.studio.store
+    users.add_user(store, "tabs-annotator", "annotator", PASSWORD)
+    users.add_user(store, "tabs-admin", "admin", PASSWORD)
+    page = login(browser, live_studio.url, "tabs-annotator")
+    assert visible_tabs(page) == ["Label"]
+    page.close()
+
+    page = login(browser, live_studio.url, "tabs-admin")
+    assert visible_tabs(page) == ALL_TABS
+    # tables show their real column names, and so does an empty one (the runs), not "1 2 3"
+    page.get_by_role("tab", name="Admin").click()
+    page.wait_for_selector("#admin-campaigns th:has-text('sampler')", timeout=30_000)
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_selector("#runs-table th:has-text('stages')", timeout=30_000)
+    page.close()
+
+
+def test_an_error_toast_shows_markup_as_text(live_studio: LiveStudio, browser: object) -> None:
+    users.add_user(live_studio.studio.store, "toast-admin", "admin", PASSWORD)
+    page = login(browser, live_studio.url, "toast-admin")
+    page.get_by_role("tab", name="Admin").click()
+    page.get_by_label("New campaign name").fill("toast-campaign")
+    page.get_by_label("Model version or alias").fill('<img src=x onerror="window.__pwned=1"><b>bold</b>')
+    page.get_by_role("button", name="Create campaign").click()
+    toast = page.locator(".toast-body").first
+    toast.wait_for(timeout=30_000)
+    assert '<img src=x onerror="window.__pwned=1"><b>bold</b>' in toast.inner_text()
+    assert page.locator(".toast-body img, .toast-body b").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    page.close()
+
+
+def test_a_cut_answer_is_marked_in_chromium(live_studio: LiveStudio, browser: object) -> None:
+    store = live_studio.studio.store
+    users.add_user(store, "cut-annotator", "annotator", PASSWORD)
+    seed_campaign(store, name="ui-cut", prompts=1, n=2, overlap=1, texts=["stopped in the midd", "whole."])
+    store.write("UPDATE generations SET finish_reason = 'length' WHERE text = 'stopped in the midd'")
+    page = login(browser, live_studio.url, "cut-annotator")
+    choose_campaign(page, "ui-cut")
+    page.wait_for_selector("#label-completion-1", state="visible", timeout=60_000)
+    shown = page.locator("#label-completion-0, #label-completion-1").all_inner_texts()
+    assert [("cut off" in text, "stopped in the midd" in text) for text in shown].count((True, True)) == 1
+    assert not any("cut off" in text and "whole." in text for text in shown)
+    page.close()
+
+
+def test_a_failing_sampler_is_shown_on_label_and_admin(live_studio: LiveStudio, browser: object) -> None:
+    store = live_studio.studio.store
+    users.add_user(store, "stuck-annotator", "annotator", PASSWORD)
+    users.add_user(store, "stuck-admin", "admin", PASSWORD)
+    # a prompt longer than the model's 2048-token context: the real vLLM refuses every attempt
+    too_long = [{"role": "user", "content": "Summarise this. " + "lorem ipsum dolor sit amet " * 900}]
+    store.import_prompts(
+        "stuck-set", [ImportedPrompt("row 1", too_long, messages_hash(too_long))], source="test"
+    )
+    campaigns.create_campaign(store, "ui-stuck", prompt_set="stuck-set", n=2, overlap=1)
+    sampler = live_studio.studio.task_sampler
+    sampler.poke("ui-stuck", starved=True)
+    try:
+        deadline = time.monotonic() + 180
+        while sampler.last_error("ui-stuck") is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert sampler.last_error("ui-stuck"), sampler.status.get("ui-stuck")
+
+        page = login(browser, live_studio.url, "stuck-annotator")
+        choose_campaign(page, "ui-stuck")
+        page.wait_for_selector("#label-status:has-text('is failing')", timeout=60_000)
+        assert sampler.last_error("ui-stuck")[:40] in page.locator("#label-status").inner_text()
+        page.close()
+
+        page = login(browser, live_studio.url, "stuck-admin")
+        page.get_by_role("tab", name="Admin").click()
+        # the campaign's row (Gradio also keeps a hidden table of the widest cells, for sizing)
+        row = page.locator("#admin-campaigns").get_by_role("row").filter(has_text="ui-stuck")
+        row.wait_for(timeout=30_000)
+        assert "failing: " in row.inner_text()
+        page.close()
+    finally:
+        campaigns.set_status(store, "ui-stuck", "paused")  # stop the retries
