@@ -371,10 +371,10 @@ def execute(
     """Run a planned evaluation recorded as `eval_id`; store and return its result."""
     say = progress or (lambda _msg: None)
     _running_here.add(eval_id)
+    judge: Judge | None = None
     try:
         _record(store, eval_id, status="running")
         store.write("UPDATE evals SET started_at = coalesce(started_at, now()) WHERE id = ?", [eval_id])
-        judge = None
         if plan.judge is not None:
             try:
                 judge = Judge.connect(plan.judge, backend)
@@ -432,6 +432,8 @@ def execute(
         raise
     finally:
         _running_here.discard(eval_id)
+        if judge is not None:
+            judge.close()
 
 
 def evaluate(

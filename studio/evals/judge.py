@@ -54,9 +54,15 @@ class JudgeSpec:
 class Judge:
     """A judge bound to a backend. Greedy (temperature 0), so its verdicts repeat."""
 
-    def __init__(self, spec: JudgeSpec, backend: OpenAIChatBackend):
+    def __init__(self, spec: JudgeSpec, backend: OpenAIChatBackend, owns_backend: bool = False):
         self.spec = spec
         self.backend = backend
+        self._owns_backend = owns_backend
+
+    def close(self) -> None:
+        """Close the judge's own connection (never the studio's backend)."""
+        if self._owns_backend:
+            self.backend.close()
 
     @classmethod
     def connect(cls, spec: JudgeSpec, default_backend: OpenAIChatBackend) -> Judge:
@@ -74,16 +80,20 @@ class Judge:
         try:
             served = backend.models()
         except Exception as exc:
+            if backend is not default_backend:
+                backend.close()
             raise JudgeError(
                 f"judge url {spec.url or backend.base_url}: no OpenAI-compatible server answered "
                 f"/v1/models ({exc}); check the URL and that the server runs"
             ) from None
         if spec.model not in served:
+            if backend is not default_backend:
+                backend.close()
             raise JudgeError(
                 f"judge model {spec.model!r}: the server at {spec.url or backend.base_url} serves "
                 f"{', '.join(served) or 'nothing'}; pick one of those"
             )
-        return cls(spec, backend)
+        return cls(spec, backend, owns_backend=backend is not default_backend)
 
     def _ask(self, system: str | None, user: str, seed: int) -> str:
         messages = ([{"role": "system", "content": system}] if system else []) + [
