@@ -173,6 +173,7 @@ def suite_settings(plan: Plan, suite: Suite) -> dict[str, Any]:
         settings["temperature"] = plan.temperature
     if suite.scorer == "multiple_choice":
         settings["normalise"] = suite.header.get("normalise", "per_token")
+        settings["context"] = suite.header.get("context", "chat")
     if suite.scorer == "refusal" and plan.refusal_judge and plan.judge:
         settings |= {"refusal_judge": True, "judge": plan.judge.as_dict()}
     if suite.scorer == "pairwise_judge" and plan.judge:

