@@ -19,7 +19,13 @@ from studio.evals import scorers
 from studio.evals.engine import EvalError, plan_eval
 from studio.evals.gate import GATE_FILE, GateConfig, gate_decision, load_gate_config, rebattle_verdict
 from studio.evals.judge import Judge, JudgeError, JudgeSpec, judge_human_agreement
-from studio.evals.runners import item_seed, limited
+from studio.evals.runners import (
+    SEEDED_PREFILL_BUDGET,
+    item_seed,
+    limited,
+    mc_context_text,
+    sampled_concurrency,
+)
 from studio.evals.stats import compare, paired_bootstrap
 from studio.evals.suites import SuiteError, available_suites, load_suite, pick_suites
 from studio.serving.client import OpenAIChatBackend
@@ -193,6 +199,9 @@ def test_instructions_that_need_downloads_are_refused() -> None:
         ("Answer A is better.", "A"),
         ("Tie.", "C"),
         ("Both answers are about the weather.", "C"),
+        ("The answer that is better is [C", "C"),  # the 135M judge, cut at 8 tokens
+        ("The better answer is B.", "B"),
+        ("[Question]\nHow can I stay", None),
         ("I think the second one.", None),
     ],
 )
@@ -389,6 +398,21 @@ def test_a_dropped_file_is_a_new_suite_and_unknown_names_are_listed(tmp_path: Pa
     assert suites[0].metrics == ["capital_accuracy"] and len(suites[0].items) == 3
     with pytest.raises(SuiteError, match=r"unknown suite.*nope; available: capitals"):
         pick_suites(["nope"], tmp_path)
+
+
+def test_seeded_sampling_stays_under_the_engine_step_budget() -> None:
+    suite = available_suites()["consistency"]
+    k = suite.generation["k"]
+    c = sampled_concurrency(suite, suite.items, k, 32)
+    longest = max(sum(len(m["content"]) for m in suite.messages(i)) // 3 + 40 for i in suite.items)
+    assert 1 <= c < 32 and c * k * longest <= SEEDED_PREFILL_BUDGET < 2048
+    assert sampled_concurrency(suite, suite.items, k, 2) == min(2, c)
+
+
+def test_multiple_choice_context_is_raw_text() -> None:
+    suite = available_suites()["capability"]
+    item = suite.items[0]
+    assert mc_context_text(suite, item) == f"Question: {item['prompt']}\nAnswer:"
 
 
 def test_limit_keeps_both_kinds_of_refusal_items_and_seeds_are_per_item() -> None:

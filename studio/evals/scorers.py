@@ -262,17 +262,24 @@ def follows_instructions(
 
 # ------------------------------------------------------------------ judge verdicts
 
-_VERDICT_BRACKETS = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+_VERDICT_BRACKETS = re.compile(r"\[\[?\s*([ABC])\s*(?:\]|$|[^A-Za-z])")
+_VERDICT_BETTER = re.compile(
+    r"\bbetter (?:answer |one |response )?is:?\s*\[*\s*(?:answer |assistant |response )?([ABC])\b"
+)
 _VERDICT_WORD = re.compile(r"^\W*(?:answer|assistant|response)?\s*([ABC])\b", re.IGNORECASE)
 _VERDICT_TIE = re.compile(r"^\W*(?:tie|equal|both)\b", re.IGNORECASE)
 
 
 def parse_verdict(text: str) -> str | None:
-    """'A', 'B' or 'C' (a tie) from a judge's reply: "[[A]]" anywhere, else a leading letter
-    ("A", "Answer B", "B."), else a leading "tie"; None when the reply says none of these."""
-    found = _VERDICT_BRACKETS.search(text)
-    if found:
-        return found.group(1)
+    """'A', 'B' or 'C' (a tie) from a judge's reply, or None when it says none of these.
+
+    Read in this order: "[[A]]" (or a reply cut short after "[A" / "[[B"), "... better is B",
+    a leading letter ("A", "Answer B", "B."), a leading "tie"/"equal"/"both".
+    """
+    for pattern in (_VERDICT_BRACKETS, _VERDICT_BETTER):
+        found = pattern.search(text)
+        if found:
+            return found.group(1)
     found = _VERDICT_WORD.search(text.strip())
     if found:
         return found.group(1).upper()
