@@ -149,6 +149,11 @@ def plan_eval(
                     f"{role} '{v}' is not served by the backend (serving: {', '.join(served)}); "
                     "load it first (a LoRA version is hot-loaded when its run finishes)"
                 )
+    if backend is not None and needs_judge and judge is not None:
+        try:  # a bad judge URL or model is an input error, said before anything is stored
+            Judge.connect(judge, backend).close()
+        except JudgeError as exc:
+            raise EvalError(str(exc)) from None
     return Plan(
         name,
         other,
