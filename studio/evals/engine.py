@@ -24,7 +24,7 @@ import pandas as pd
 
 from studio import campaigns as camp
 from studio.evals import gate as gating
-from studio.evals.judge import Judge, JudgeError, JudgeSpec
+from studio.evals.judge import Judge, JudgeError, JudgeSpec, judge_human_agreement
 from studio.evals.runners import RUNNERS, Context, EvalCancelled, ItemResult, limited
 from studio.evals.stats import compare
 from studio.evals.suites import Suite, pick_suites
@@ -417,6 +417,11 @@ def execute(
             info["seconds"] = round(time.perf_counter() - started, 2)
             details["suites"][suite.name] = info
             say(f"{suite.name}: done in {info['seconds']:.0f} s")
+        if judge is not None and any(s.scorer == "pairwise_judge" for s in plan.suites):
+            # where experts voted on battles of these two versions, how often the judge agrees
+            details["judge_agreement"] = judge_human_agreement(
+                store, judge, plan.version, plan.against, limit=50, seed=plan.seed
+            )
         verdict = gating.rebattle_verdict(store, plan.version, plan.against)
         decision = gating.gate_decision(metrics, verdict, plan.gate, waived=plan.waived)
         details["rebattle_verdict"] = verdict
