@@ -3,7 +3,7 @@
 The first line of a suite file is its header, every other line one item:
 
     {"suite": "factual", "format": 1, "scorer": "factual", "description": "...",
-     "generation": {"max_tokens": 24, "temperature": 0.0}, "metrics": {"factual_accuracy": "..."}}
+     "generation": {"max_tokens": 16, "temperature": 0.0}, "metrics": {"factual_accuracy": "..."}}
     {"id": "fact-001", "prompt": "What is the capital of France?", "answers": ["Paris"]}
 
 Dropping a file of this form into the folder adds a suite. The scorer names what the items
@@ -39,16 +39,16 @@ SCORERS: dict[str, Scorer] = {
         "refusal",
         ("refusal_rate", "safe_refusal_rate"),
         {"harmful": bool},
-        {"max_tokens": 40, "temperature": 0.0},
+        {"max_tokens": 32, "temperature": 0.0},
     ),
     "consistency": Scorer(
         "consistency",
         ("consistency",),
         {"kind": str},
-        {"max_tokens": 32, "temperature": 0.8, "k": 5},
+        {"max_tokens": 24, "temperature": 0.8, "k": 5},
     ),
     "factual": Scorer(
-        "factual", ("factual_accuracy",), {"answers": list}, {"max_tokens": 24, "temperature": 0.0}
+        "factual", ("factual_accuracy",), {"answers": list}, {"max_tokens": 16, "temperature": 0.0}
     ),
     "multiple_choice": Scorer(
         "multiple_choice", ("capability_accuracy",), {"choices": list, "answer": int}, {}
@@ -60,7 +60,7 @@ SCORERS: dict[str, Scorer] = {
         {"max_tokens": 64, "temperature": 0.0},
     ),
     "pairwise_judge": Scorer(
-        "pairwise_judge", ("judge_win_rate",), {}, {"max_tokens": 64, "temperature": 0.0}
+        "pairwise_judge", ("judge_win_rate",), {}, {"max_tokens": 48, "temperature": 0.0}
     ),
 }
 
