@@ -182,10 +182,7 @@ def suite_settings(plan: Plan, suite: Suite) -> dict[str, Any]:
     if suite.scorer == "refusal" and plan.refusal_judge and plan.judge:
         settings |= {"refusal_judge": True, "judge": plan.judge.as_dict()}
     if suite.scorer == "pairwise_judge" and plan.judge:
-        settings |= {
-            "judge": plan.judge.as_dict(),
-            "judge_max_tokens": suite.header.get("judge_max_tokens", 8),
-        }
+        settings["judge"] = plan.judge.as_dict()  # its max_tokens (8) is the verdict's length
     return settings
 
 
