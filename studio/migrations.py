@@ -254,6 +254,59 @@ MIGRATIONS: list[tuple[str, str]] = [
             user_name    VARCHAR NOT NULL,   -- as typed, cut to 128 characters
             address      VARCHAR,            -- the client's address as the server saw it
             reason       VARCHAR NOT NULL    -- wrong password | unknown or disabled user | rate limited: ...
+        """,
+    ),
+    (
+        "007_evaluation",
+        """
+        -- One evaluation: a version measured against another on some suites (studio/evals).
+        CREATE TABLE evals (
+            id           VARCHAR PRIMARY KEY,
+            version      VARCHAR NOT NULL,
+            against      VARCHAR NOT NULL,
+            suites       VARCHAR[] NOT NULL,
+            seed         BIGINT NOT NULL,
+            settings     JSON NOT NULL,        -- temperature, limit, judge, waived, gate config
+            status       VARCHAR NOT NULL,     -- queued | running | succeeded | failed
+            created_by   VARCHAR,
+            created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+            started_at   TIMESTAMPTZ,
+            finished_at  TIMESTAMPTZ,
+            result       JSON,                 -- {version, against, metrics, gate}: `studio eval --json`
+            details      JSON,                 -- per suite: the eval_runs used, cache hits, timings
+            error        VARCHAR
+        );
+        CREATE INDEX evals_version ON evals(version);
+        -- One suite run on one version: the unit that is cached. The same version (same weights),
+        -- suite file, seed and settings give the same run, reused by later evaluations.
+        CREATE TABLE eval_runs (
+            id            VARCHAR PRIMARY KEY,
+            version       VARCHAR NOT NULL,
+            version_hash  VARCHAR NOT NULL,    -- model_versions.content_hash when it ran
+            suite         VARCHAR NOT NULL,
+            suite_hash    VARCHAR NOT NULL,    -- sha256 of the suite file
+            seed          BIGINT NOT NULL,
+            settings_hash VARCHAR NOT NULL,
+            settings      JSON NOT NULL,       -- generation, limit, judge, the other version (pairwise)
+            metrics       JSON NOT NULL,       -- metric -> mean item score of this run
+            items         INTEGER NOT NULL,
+            duration_s    DOUBLE NOT NULL,     -- the whole run: requests, scoring, storing
+            generate_s    DOUBLE NOT NULL,     -- wall time spent waiting on the model server
+            created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+            UNIQUE (version, version_hash, suite, suite_hash, seed, settings_hash)
+        );
+        -- Every item of a run with what the model said, so any number traces to its answers.
+        CREATE TABLE eval_items (
+            run_id    VARCHAR NOT NULL REFERENCES eval_runs(id),
+            item_id   VARCHAR NOT NULL,
+            metric    VARCHAR NOT NULL,        -- the metric this item counts toward
+            score     DOUBLE NOT NULL,         -- the item's score in that metric (1/0, or agreement)
+            prompt    JSON NOT NULL,           -- the chat messages sent
+            outputs   VARCHAR[] NOT NULL,      -- the answers (k samples; for pairwise: version, other)
+            parsed    JSON,                    -- what the scorer read: alias matched, refusal phrase, choice
+            logprobs  JSON,                    -- multiple choice: per choice token ids and log-probabilities
+            detail    JSON,                    -- checker results, judge replies, similarities
+            PRIMARY KEY (run_id, item_id)
         );
         """,
     ),

