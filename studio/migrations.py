@@ -254,6 +254,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             user_name    VARCHAR NOT NULL,   -- as typed, cut to 128 characters
             address      VARCHAR,            -- the client's address as the server saw it
             reason       VARCHAR NOT NULL    -- wrong password | unknown or disabled user | rate limited: ...
+        );
         """,
     ),
     (
