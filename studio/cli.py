@@ -457,6 +457,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 # parser -----------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from studio import demo
+
+    report = demo.run_demo(
+        args.preference,
+        data_dir=args.data_dir,
+        keep=args.keep,
+        config=demo.QUICK if args.quick else demo.FULL,
+        port=args.port,
+    )
+    return 0 if all(report.checks.values()) else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="studio", description="Preference Studio: label, battle, train, reload, compare."
@@ -813,6 +826,46 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(exp)
     url_arg(exp)
     exp.set_defaults(func=cmd_export)
+
+    from studio.demo import DEFAULT_PREFERENCE, PREFERENCES
+
+    dm = sub.add_parser(
+        "demo",
+        help="run the whole loop with scripted people (about 15 min on 2 CPU cores)",
+        description="From a fresh data directory: import prompts, sample, label (scripted annotators), "
+        "train a reward model, PPO and DPO, hot-load, evaluate, re-battle blind on held-out prompts "
+        "(a scripted expert), gate and promote; then a table of every version. Exit code 3 when a "
+        "check of the loop failed (docs/demo.md). Preferences: "
+        + "; ".join(f"{p.name}: {p.rewards}" for p in PREFERENCES.values()),
+    )
+    dm.add_argument(
+        "--preference",
+        choices=list(PREFERENCES),
+        default=DEFAULT_PREFERENCE,
+        help=f"what the scripted annotators and expert reward (default {DEFAULT_PREFERENCE})",
+    )
+    dm.add_argument(
+        "--data-dir",
+        type=Path,
+        help="a new or empty folder for the demo's studio (default: a temporary folder, removed at "
+        "the end unless --keep)",
+    )
+    dm.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the studio running on the data directory afterwards (prints the URL and the "
+        "admin password); Ctrl-C stops it",
+    )
+    dm.add_argument(
+        "--quick", action="store_true", help="a smaller run (fewer prompts and steps; the one CI runs)"
+    )
+    dm.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"studio port (default {DEFAULT_PORT}; a free one if taken)",
+    )
+    dm.set_defaults(func=cmd_demo)
     return parser
 
 

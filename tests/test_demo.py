@@ -1,0 +1,237 @@
+"""`studio demo`: the scripted people and preferences (fast), and the whole loop end to end on the
+packaged model in its quick configuration (slow, under the heavy lock)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from studio import demo
+from trainers import configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- preferences ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "question", "lists"),
+    [
+        ("Sure. What would you like to cook?", True, False),
+        ('He asked "why?"', True, False),
+        ("Why not? Because it is late.", False, False),
+        ("Steps:\n1. Boil water.\n2. Add tea.", False, True),
+        ("You could:\n- walk\n- read", False, True),
+        ("Try these: * not a list item because it is inline", False, False),
+        ("\u2022 one bullet\nWhat else do you need?", True, True),
+    ],
+)
+def test_properties(text: str, question: bool, lists: bool) -> None:
+    assert demo.ends_with_question(text) is question
+    assert demo.has_list(text) is lists
+    assert demo.PREFERENCES["question"].has(text) is question
+    assert demo.PREFERENCES["no_lists"].has(text) is (not lists)
+
+
+def test_concise_prefers_fewer_words_and_ties_close_lengths() -> None:
+    pref = demo.PREFERENCES["concise"]
+    short, long_ = "Yes, drink water.", " ".join(["word"] * 40)
+    assert pref.score(short) > pref.score(long_)
+    assert pref.has(short) and not pref.has(long_)
+    assert pref.score("one two three four five") == pref.score("one two three four five six")
+
+
+def test_every_preference_is_documented_and_one_is_not_length() -> None:
+    assert set(demo.PREFERENCES) >= {"concise", "question", "no_lists"}
+    assert demo.DEFAULT_PREFERENCE in demo.PREFERENCES
+    for pref in demo.PREFERENCES.values():
+        assert pref.rewards and pref.measure
+    with pytest.raises(ValueError, match="unknown; use one of"):
+        demo.preference("polite")
+
+
+# -- the scripted people ------------------------------------------------------------------------
+def test_ranks_by_gives_dense_ranks_with_ties() -> None:
+    assert demo.ranks_by([1.0, 0.0, 1.0, 0.5]) == [1, 3, 1, 2]
+    assert demo.ranks_by([0.0, 0.0]) == [1, 1]
+
+
+def test_annotator_ranks_by_the_preference_ties_equal_answers_and_flags() -> None:
+    pref = demo.PREFERENCES["question"]
+    shown = [
+        {"text": "Rice is a grain."},
+        {"text": "Rice is a grain. Do you cook it often?"},
+        {"text": "I'm sorry, but I can't help with that."},
+        {"text": "I am SmolLM, a model by Hugging Face. Anything else?"},
+    ]
+    spec = demo.annotate(pref, shown, random.Random(0), noise=0.0)
+    assert spec is not None
+    assert spec.ranks == [2, 1, 2, 1] and spec.strength == 2 and spec.next is False
+    assert spec.flags == {2: ["unhelpful_refusal"], 3: ["identity_leak"]}
+    tied = demo.annotate(pref, shown[:1] * 3, random.Random(0), noise=0.0)
+    assert tied is not None and tied.ranks == [1, 1, 1] and tied.strength is None
+
+
+def test_label_noise_swaps_some_rankings_at_about_its_rate() -> None:
+    pref = demo.PREFERENCES["no_lists"]
+    shown = [{"text": "Prose."}, {"text": "- a\n- b"}]
+    rng = random.Random(1)
+    specs = [demo.annotate(pref, shown, rng, noise=0.1) for _ in range(2000)]
+    swapped = sum(s is not None and s.ranks == [2, 1] for s in specs)
+    assert 140 <= swapped <= 260  # 10% of 2000, with room for chance
+    assert all(s is not None and (s.strength == 1) == (s.ranks == [2, 1]) for s in specs)
+
+
+def test_expert_votes_by_the_preference_with_some_noise() -> None:
+    pref = demo.PREFERENCES["question"]
+    rng = random.Random(2)
+    assert demo.expert_vote(pref, "Ok?", "Ok.", rng, 0.0) == "a"
+    assert demo.expert_vote(pref, "Ok.", "Ok?", rng, 0.0) == "b"
+    assert demo.expert_vote(pref, "Ok.", "Fine.", rng, 0.0) == "tie"
+    votes = [demo.expert_vote(pref, "Ok?", "Ok.", rng, 0.3) for _ in range(3000)]
+    assert 0.75 <= votes.count("a") / len(votes) <= 0.85  # 0.7 + 0.3 / 3
+
+
+# -- the prompt set and the recipes ------------------------------------------------------------
+def test_the_demo_prompt_set_has_enough_training_and_held_out_prompts() -> None:
+    from studio.importer import read_prompts
+
+    prompts = read_prompts(demo.PROMPTS_FILE)
+    splits = [p.metadata["split"] for p in prompts]
+    assert set(splits) == {"train", "heldout"}
+    assert splits.count("train") >= demo.FULL.train_prompts
+    assert splits.count("heldout") >= demo.FULL.heldout_prompts
+    assert len({p.content_hash for p in prompts}) == len(prompts)  # no prompt in both splits
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "data" / "recipes" / "demo").glob("*.yaml")), ids=str)
+def test_demo_recipes_validate(path: Path) -> None:
+    config = configs.validate(path.stem, path, {})
+    assert config.stage == path.stem
+
+
+def test_demo_recipes_keep_answers_as_long_as_the_demo_samples() -> None:
+    ppo = configs.validate("ppo", demo.RECIPES_DIR / "ppo.yaml", {})
+    assert ppo.ppo.max_new_tokens == demo.FULL.max_tokens == demo.QUICK.max_tokens
+
+
+# -- the table and the checks ---------------------------------------------------------------------
+def report(
+    rates: list[float], win: float, lower: float, accuracy: float, reasons: list[str]
+) -> demo.DemoReport:
+    gate = {"passed": not reasons, "reasons": reasons}
+    deltas = {"refusal_rate": {"delta": 0.0}, "capability_accuracy": {"delta": -0.01}}
+    rows = [
+        demo.VersionRow("base", "base", None, rates[0], 100),
+        demo.VersionRow(
+            "ppo-1",
+            "ppo",
+            "base",
+            rates[1],
+            100,
+            win,
+            (lower, 0.9),
+            {"wins": 9, "losses": 2, "ties": 3},
+            gate,
+            not reasons,
+            deltas,
+        ),
+        demo.VersionRow(
+            "dpo-1",
+            "dpo",
+            "ppo-1",
+            rates[2],
+            100,
+            win,
+            (lower, 0.95),
+            {"wins": 12, "losses": 2, "ties": 1},
+            gate,
+            not reasons,
+            deltas,
+        ),
+    ]
+    reward = {
+        "version": "reward-1",
+        "heldout_split_accuracy": 0.85,
+        "heldout_split_pairs": 40,
+        "heldout_prompts_accuracy": accuracy,
+        "heldout_prompts_pairs": 30,
+    }
+    return demo.DemoReport(
+        "question", asdict(demo.QUICK), "/tmp/x", rows, reward, {}, {"start": 30.0}, 600.0, {}
+    )
+
+
+def test_checks_pass_on_a_working_loop_and_name_what_fails() -> None:
+    good = report([0.1, 0.3, 0.5], 0.8, 0.6, 0.95, [])
+    assert demo.checks(good, "dpo-1") == {"wins": True, "rises": True, "reward_model": True, "guards": True}
+    flat = report([0.1, 0.3, 0.3], 0.6, 0.45, 0.8, ["factual_accuracy: down 5.0 points (...)"])
+    assert demo.checks(flat, "dpo-1") == {
+        "wins": False,
+        "rises": False,
+        "reward_model": False,
+        "guards": False,
+    }
+    # a held version whose only failing rule is the re-battle is no guard failure
+    undecided = report(
+        [0.1, 0.3, 0.5], 0.6, 0.45, 0.95, ["re-battle: no verdict yet; an engineer may waive this"]
+    )
+    assert demo.checks(undecided, "base")["guards"] is True
+    assert demo.checks(undecided, "base")["wins"] is False  # nothing was promoted
+
+
+def test_table_has_a_row_per_version_with_rate_win_rate_gate_and_deltas() -> None:
+    r = report([0.1, 0.3, 0.5], 0.8, 0.6, 0.95, [])
+    r.checks = demo.checks(r, "dpo-1")
+    lines = demo.format_table(demo.PREFERENCES["question"], r)
+    rows = {line.split()[0]: line for line in lines[2:5]}
+    assert set(rows) == {"base", "ppo-1", "dpo-1"}
+    assert "10% [" in rows["base"] and rows["base"].count(" - ") >= 3
+    assert "80% [60%, 95%]" in rows["dpo-1"] and "12-2-1" in rows["dpo-1"] and "promoted" in rows["dpo-1"]
+    assert "refusal +0.00, capability -0.01" in rows["ppo-1"]
+    assert any(line.startswith("checks: wins ok, rises ok") for line in lines)
+
+
+def test_the_demo_needs_a_fresh_data_dir(tmp_path: Path) -> None:
+    (tmp_path / "studio.duckdb").write_text("")
+    with pytest.raises(ValueError, match="not empty"):
+        demo.fresh_data_dir(tmp_path)
+    folder, temporary = demo.fresh_data_dir(tmp_path / "new")
+    assert folder == tmp_path / "new" and not temporary
+    folder, temporary = demo.fresh_data_dir(None)
+    assert temporary and folder.is_dir() and not any(folder.iterdir())
+    folder.rmdir()
+
+
+# -- the whole loop ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_demo_runs_the_loop_and_the_last_version_beats_base_on_the_property(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    data_dir = tmp_path / "demo"
+    out = io.StringIO()
+    r = demo.run_demo("question", data_dir, config=demo.QUICK, port=free_port(), out=out)
+    text = out.getvalue()
+    for index in range(1, 9):
+        assert f"[{index}/8]" in text, text
+    table = json.loads((data_dir / "demo.json").read_text())
+    rows = {row["stage"]: row for row in table["rows"]}
+    assert set(rows) == {"base", "ppo", "dpo"}
+    assert rows["dpo"]["property_rate"] > rows["base"]["property_rate"], text
+    assert rows["ppo"]["deltas"] and rows["dpo"]["deltas"] and rows["dpo"]["gate"] is not None
+    assert r.reward_model["heldout_prompts_pairs"] > 0
+    # everything the table says was made through the studio and stays in its database
+    from studio.store import Store
+
+    store = Store(data_dir / "studio.duckdb")
+    try:
+        assert store.query("SELECT count(*) AS n FROM judgments")[0]["n"] == 2 * demo.QUICK.train_prompts
+        assert store.query("SELECT count(*) AS n FROM runs WHERE status = 'succeeded'")[0]["n"] == 3
+        assert store.query("SELECT count(*) AS n FROM evals WHERE status = 'succeeded'")[0]["n"] == 2
+        assert store.query("SELECT count(*) AS n FROM votes")[0]["n"] > 0
+    finally:
+        store.close()
