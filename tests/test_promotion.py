@@ -519,3 +519,42 @@ def test_cli_promote_refuses_then_forces_and_the_card_shows_it(
     assert "version: model version 'ghost'" in capsys.readouterr().err
     assert main(["eval", "kid", "--suite", "factual", *data]) == 1
     assert "evaluating runs the suites on the model server" in capsys.readouterr().err
+
+
+def test_the_models_tab_shows_the_card_and_promotes_only_when_confirmed(tmp_path: Path) -> None:
+    import gradio as gr
+
+    from studio.ui import build_ui
+
+    with svc.OfflineContext(tmp_path) as ctx:
+        store = ctx.store
+        store.register_model_version("base", path="/m/base", content_hash="b" * 64, source="test")
+        camp.ensure_policy_alias(store, "base")
+        child(store, "kid")
+        make_users(store, ("eng", "engineer"), ("ann", "annotator"))
+        record_eval(store, "kid", "base", GOOD | {"refusal_rate": (0.05, 0.30)})
+        demo = build_ui(ctx)
+
+        def call(api_name: str, user: str, *inputs: Any) -> Any:
+            fn = next(f for f in demo.fns.values() if f.api_name == api_name)
+            return fn.fn(*inputs, gr.Request(username=user))
+
+        page, lineage = call("model_card", "eng", "kid")
+        assert "refusal_rate" in page and "+0.250" in page and page.count("<svg") == 1
+        assert "Gate: does not pass" in page and "refusal_rate: up 25.0 points" in page
+        assert "**kid**" in lineage
+        with pytest.raises(gr.Error, match=r"refusal_rate: up 25\.0 points"):
+            call("promote", "eng", "kid", False)
+        assert camp.aliases(store)["policy"] == "base"
+        call("promote", "eng", "kid", True)  # the confirmation box ticked
+        assert camp.aliases(store)["policy"] == "kid"
+        assert promotion.history(store, "kid")[0]["forced"] is True
+        with pytest.raises(gr.Error, match="evaluating runs the suites on the model server"):
+            call("model_evaluate", "eng", "kid")
+        for event, inputs in (
+            ("model_card", ["kid"]),
+            ("promote", ["kid", True]),
+            ("model_evaluate", ["kid"]),
+        ):
+            with pytest.raises(gr.Error, match=r"user 'ann' \(annotator\) may not train"):
+                call(event, "ann", *inputs)
