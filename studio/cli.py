@@ -76,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ui=not args.no_ui,
             lora=not args.no_lora,
             max_runs=args.max_runs,
+            auto_eval=not args.no_auto_eval,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
@@ -633,6 +634,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=Settings.max_runs,
         help=f"training runs at once (default {Settings.max_runs}: each takes all the CPU it can get)",
+    )
+    serve.add_argument(
+        "--no-auto-eval",
+        action="store_true",
+        help="do not evaluate each new version against its parent when its run finishes (the gate then "
+        "holds it until someone runs `studio eval`)",
     )
     serve.set_defaults(func=cmd_serve)
 

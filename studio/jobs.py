@@ -339,5 +339,6 @@ def register_stage(studio: Any, run: dict[str, Any], stage: str, folder: Path, m
         if studio.task_sampler is not None:
             studio.task_sampler.poke(rebattle)
     # measured against its parent; the gate decides when this and the re-battle's verdict are in
-    promotion.evaluate_new_version(studio, name, parent, created_by=f"auto:{run['id']}")
+    if getattr(getattr(studio, "settings", None), "auto_eval", True):
+        promotion.evaluate_new_version(studio, name, parent, created_by=f"auto:{run['id']}")
     return name
