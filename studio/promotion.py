@@ -104,7 +104,11 @@ def gate_state(store: Store, version: str, config: gating.GateConfig | None = No
     reasons = list(decision["reasons"])
     if evaluation is None:
         pending = latest_evaluation(store, v["name"], parent, complete=False)
-        status = f" (the newest, {pending['id']}, is {pending['status']})" if pending else ""
+        status = ""
+        if pending is not None:
+            limit = (pending["settings"] or {}).get("limit")
+            done = f"ran only {limit} items per suite" if limit and pending["status"] == "succeeded" else None
+            status = f" (the newest, {pending['id']}, {done or pending['status']})"
         # without an evaluation every guard reads "not measured": say the one thing to do
         reasons = [r for r in reasons if r.startswith("re-battle:")]
         reasons.insert(

@@ -293,9 +293,7 @@ class UserSpec:
 @dataclass
 class PromoteSpec:
     alias: Annotated[str, doc("the alias to point at this version")] = camp.POLICY
-    force: Annotated[bool, doc("promote although the gate did not pass (recorded with who forced it)")] = (
-        False
-    )
+    force: Annotated[bool, doc("promote although the gate did not pass (who forced it is recorded)")] = False
 
 
 @dataclass
