@@ -74,7 +74,7 @@ def test_every_gradio_event_serves_an_annotator_by_design_or_refuses(live_studio
         ).json()[0]
         # inputs whose empty value the handler answers without asking a service
         realistic: dict[str, dict[int, Any]] = {
-            "model_lineage": {0: "base"},
+            "model_card": {0: "base"},
             "sxs_pick": {0: "walk-battles"},
             "admin_import": {0: {"path": uploaded, "meta": {"_type": "gradio.FileData"}}, 1: "walk-set"},
         }
