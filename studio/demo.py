@@ -13,17 +13,19 @@ API, the UI and the CLI call (studio/services.py):
 4. train: an engineer trains a reward model, then the `ppo_then_dpo` pipeline (PPO against that
    reward model, DPO on the same judgments over the PPO version);
 5. hot-load: the runner serves each new version from the running vLLM; the demo asks each one;
-6. evaluate each version against its parent (the gate's four guard suites, cut to
-   `DemoConfig.eval_limit` items each);
-7. blind re-battle on the held-out prompts: a scripted expert votes by the same preference (with
-   a little noise) until the always-valid stopping rule decides; each version also meets base;
-8. gate, then promotion: data/gate.yaml's rules on the evaluation and the re-battle's verdict;
-   a version that passes becomes `policy`.
+6. evaluate each version against its parent (`services.start_eval` on the gate's four guard
+   suites, the door behind `studio eval`; complete suites in the full run, so the gate reads
+   them, `DemoConfig.eval_limit` items each in the quick one);
+7. blind re-battle on the held-out prompts: each run fixes its re-battle when it is submitted
+   (`eval_prompt_set`: the held-out set) and opens it against the parent as the version lands;
+   a scripted expert votes by the same preference (with a little noise) until the
+   always-valid stopping rule decides. The DPO version also meets base, in a campaign the demo
+   opens, for the table's win rate against base;
+8. gate, then promotion: studio/promotion.py decides by itself once a version's evaluation and
+   re-battle verdict are in (data/gate.yaml); a version that passes becomes `policy`. The demo
+   only reads the version cards (`services.model_card`).
 
-The table at the end has one row for base and one per version. Three steps are being built in
-another branch (issue 11's evaluation doors): `evaluate_against_parent`, `heldout_rebattle` and
-`gate_then_promote` are this module's stand-ins, each one function, so that switching to the
-studio's own (auto-evaluation after a run, the run's held-out re-battle, `decide`) is one call.
+The table at the end has one row for base and one per version.
 
 The preferences (`PREFERENCES`) are programmatic, so the whole run is reproducible and its
 result can be checked: each says what it rewards and how its property is measured.
@@ -210,9 +212,10 @@ class DemoConfig:
     label_noise: float = 0.1
     expert_noise: float = 0.1
     samples_per_prompt: int = 2  # answers per held-out prompt and version for the property rate
-    eval_limit: int | None = 40  # items per suite (None: the whole suites)
-    eval_concurrency: int = 16
-    battle_budget: int = 100
+    # items per guard suite; None: the whole suites, the only evaluation the gate reads (a cut
+    # one is a quick look: the gate then holds the version and says so)
+    eval_limit: int | None = None
+    battle_budget: int = 100  # the DPO version's duel against base (the runs' re-battles: 100)
     # recipe overrides per run (the demo recipes in data/recipes/demo/ are the full run's)
     reward_overrides: dict[str, Any] = field(default_factory=dict)
     ppo_overrides: dict[str, Any] = field(default_factory=dict)
@@ -314,6 +317,7 @@ class VersionRow:
     promoted: bool = False
     deltas: dict[str, dict[str, Any]] | None = None
     rebattle_verdict: str | None = None
+    guard_reasons: list[str] | None = None  # the gate's guards on the evaluation alone
 
 
 @dataclass
@@ -386,7 +390,9 @@ class Demo:
         from studio.config import Settings
         from studio.runtime import Studio
 
-        settings = Settings(data_dir=self.data_dir, port=free_port(self.port))
+        # the demo starts each evaluation itself, on the gate's four suites only: the automatic
+        # one runs every suite, twice as long on the CPU (docs/demo.md)
+        settings = Settings(data_dir=self.data_dir, port=free_port(self.port), auto_eval=False)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
         self.studio = Studio(settings)
@@ -541,9 +547,17 @@ class Demo:
             parent="base",
             reward_model=rm,
             overrides=c.ppo_overrides or None,
+            eval_prompt_set=HELDOUT_SET,
         )
         ppo = ppo_run["versions"][0]
-        dpo_run = run("dpo", stage="dpo", recipe="demo-dpo", parent=ppo, overrides=c.dpo_overrides or None)
+        dpo_run = run(
+            "dpo",
+            stage="dpo",
+            recipe="demo-dpo",
+            parent=ppo,
+            overrides=c.dpo_overrides or None,
+            eval_prompt_set=HELDOUT_SET,
+        )
         metrics = rm_run["metrics"]["reward"]
         stage.summary = (
             f"reward model {rm} ({metrics.get('train_pairs')} pairs, "
@@ -595,6 +609,85 @@ class Demo:
         scores = score(model, tokenizer, convs)
         right = sum(scores[2 * k] > scores[2 * k + 1] for k in range(len(pairs)))
         return {"pairs": len(pairs), "accuracy": right / len(pairs)}
+
+    # -------------------------------------------------------------- 6 evaluate, 7 re-battle, 8 gate
+    def evaluate(self, stage: Stage, version: str, parent: str, index: int = 0) -> dict[str, Any]:
+        """`version` against `parent` on the gate's four suites through the door `studio eval`
+        uses; when it is complete and the re-battle has decided, the gate decides on its own.
+        Returns the comparison ({version, against, metrics, gate})."""
+        c = self.config
+        spec = svc.EvalSpec(
+            version=version, against=parent, suites=GATE_SUITES, seed=c.seed, limit=c.eval_limit
+        )
+        eval_id = svc.start_eval(self.studio, self.engineer, spec)["id"]
+        state: dict[str, Any] = {}
+
+        def poll() -> tuple[float, float, str, bool]:
+            e = svc.get_eval(self.studio, self.engineer, eval_id)
+            state["eval"] = e
+            return index, 2, f"{version} vs {parent}: {e['status']}", e["status"] in ("succeeded", "failed")
+
+        _wait(stage, poll, 3600, f"evaluation {eval_id}")
+        e = state["eval"]
+        if e["status"] != "succeeded":
+            raise DemoError(f"evaluation {eval_id} of {version} against {parent} failed: {e.get('error')}")
+        return e["result"]
+
+    def rebattle_of(self, run: dict[str, Any]) -> str:
+        """The blind re-battle the run opened against its parent on the held-out prompts."""
+        fresh = svc.get_run(self.studio, self.engineer, run["id"])
+        if not fresh.get("rebattle"):
+            raise DemoError(f"run {run['id']} opened no re-battle: {'; '.join(fresh['notes']) or 'no notes'}")
+        return fresh["rebattle"]
+
+    def open_duel(self, name: str, version: str, against: str) -> str:
+        """A blind two-version campaign on the held-out prompts, sampled as the runs' re-battles are."""
+        svc.create_battle_campaign(
+            self.studio,
+            self.admin,
+            svc.BattleCampaignSpec(
+                name=name,
+                prompt_set=HELDOUT_SET,
+                versions=[version, against],
+                budget=self.config.battle_budget,
+            ),
+        )
+        return name
+
+    def gate(self, stage: Stage, version: str, timeout: float = 120) -> dict[str, Any]:
+        """What the gate made of `version` (studio/promotion.py decides on its own once the
+        evaluation and the verdict are in; this waits for that record). Where the gate passed but
+        held the version only because `policy` had not yet reached its parent (the parent's
+        verdict came later), the engineer promotes it by hand, as the gate's reason says to."""
+        deadline = time.monotonic() + timeout
+        while True:
+            card = svc.model_card(self.studio, self.engineer, version)
+            gate = card["gate"]
+            mine = [p for p in card["promotions"] if p["version"] == version]
+            decided = [p for p in mine if p["decided_by"] == "gate"]
+            if decided or not gate["ready"] or time.monotonic() > deadline:
+                break
+            stage.bar(0, 1, f"waiting for the gate on {version}")
+            time.sleep(0.5)
+        policy = svc.list_models(self.studio, self.engineer)["aliases"].get("policy")
+        promoted_by = next((p["decided_by"] for p in mine if p["action"] == "promote"), None)
+        if promoted_by is None and decided and decided[0]["passed"] and policy == gate["parent"]:
+            svc.promote(self.studio, self.engineer, version)
+            promoted_by = self.engineer.name
+        if promoted_by == "gate":
+            decision = "passed, promoted by the gate"
+        elif promoted_by:
+            decision = f"passed, promoted by {promoted_by}"
+        elif gate["passed"]:
+            decision = "passed, held: " + "; ".join(decided[0]["reasons"] if decided else ["no decision"])
+        else:
+            decision = "held: " + "; ".join(gate["reasons"])
+        return {
+            "gate": {"passed": gate["passed"], "reasons": gate["reasons"]},
+            "promoted": promoted_by is not None,
+            "verdict": gate["verdict"],
+            "decision": decision,
+        }
 
     # -------------------------------------------------------------- 7 the expert
     def vote_until_closed(self, campaigns: list[str], stop: threading.Event) -> None:
@@ -710,31 +803,15 @@ class Demo:
                 )
             # 6 and 7 share the model server: the evaluations, the battles and the held-out samples
             # of the new versions are sampled side by side (vLLM batches them together)
-            duels = {
-                ppo: heldout_rebattle(self.studio, self.admin, f"heldout-{ppo}", ppo, "base", c),
-                dpo: heldout_rebattle(self.studio, self.admin, f"heldout-{dpo}", dpo, ppo, c),
-            }
-            vs_base = {
-                ppo: duels[ppo],
-                dpo: heldout_rebattle(self.studio, self.admin, f"vsbase-{dpo}", dpo, "base", c),
-            }
+            duels = {ppo: self.rebattle_of(ppo_run), dpo: self.rebattle_of(dpo_run)}
+            vs_base = {ppo: duels[ppo], dpo: self.open_duel(f"vsbase-{dpo}", dpo, "base")}
             battles = list(dict.fromkeys([*duels.values(), *vs_base.values()]))
             voting = workers.submit(self.vote_until_closed, battles, stop)
             rates = [workers.submit(self.sample_rates, v) for v in (ppo, dpo)]
             evaluations: dict[str, dict[str, Any]] = {}
             with con.stage(6, "evaluate") as st:
-                steps = {"done": 0}
-                total = 2 * len(GATE_SUITES) * 2
-
-                def tick(message: str) -> None:
-                    if ": done" not in message:
-                        steps["done"] += 1
-                        st.bar(steps["done"], total, message)
-
-                for version, parent in ((ppo, "base"), (dpo, ppo)):
-                    evaluations[version] = evaluate_against_parent(
-                        self.studio, self.engineer, version, parent, c, tick
-                    )
+                for index, (version, parent) in enumerate(((ppo, "base"), (dpo, ppo))):
+                    evaluations[version] = self.evaluate(st, version, parent, index)
                 st.summary = "; ".join(
                     f"{v} vs {e['against']}: " + format_deltas(e["metrics"]) for v, e in evaluations.items()
                 )
@@ -754,15 +831,11 @@ class Demo:
                 st.summary = "; ".join(self._verdict_line(b) for b in battles)
             results: dict[str, dict[str, Any]] = {}
             with con.stage(8, "gate") as st:
-                for version, parent in ((ppo, "base"), (dpo, ppo)):
-                    results[version] = gate_then_promote(
-                        self.studio, self.engineer, version, parent, evaluations[version]
-                    )
+                for version in (ppo, dpo):
+                    results[version] = self.gate(st, version)
                 policy = svc.list_models(self.studio, self.engineer)["aliases"].get("policy")
                 st.summary = (
-                    "; ".join(
-                        f"{v}: {'passed, promoted' if r['promoted'] else 'held'}" for v, r in results.items()
-                    )
+                    "; ".join(f"{v}: {r['decision'].split(':')[0]}" for v, r in results.items())
                     + f"; policy -> {policy}"
                 )
             accuracy = rm_check.result()
@@ -786,6 +859,7 @@ class Demo:
                 r = results[row.version]
                 row.gate, row.promoted, row.rebattle_verdict = r["gate"], r["promoted"], r["verdict"]
                 row.deltas = evaluations[row.version]["metrics"]
+                row.guard_reasons = guard_reasons(row.deltas)
         reward = {
             "version": rm,
             "heldout_split_accuracy": rm_run["metrics"]["reward"].get("heldout_accuracy"),
@@ -855,78 +929,12 @@ def svc_terminal() -> tuple[str, ...]:
     return TERMINAL
 
 
-# ------------------------------------------------------------------ stand-ins (issue 11's doors)
-#
-# Each is the one call the demo makes for a step that branch `evalwire` is building into the
-# studio. When it lands, switch the body (or the call) as each docstring says.
+def guard_reasons(metrics: dict[str, dict[str, Any]] | None) -> list[str]:
+    """The gate's guard rules (data/gate.yaml) applied to an evaluation's metrics alone: each
+    guard that regressed past its tolerance (or was not measured), with its numbers."""
+    from studio.evals import gate_decision, load_gate_config
 
-
-def evaluate_against_parent(
-    ctx: Any, engineer: User, version: str, parent: str, config: DemoConfig, progress: Callable[[str], None]
-) -> dict[str, Any]:
-    """Evaluate `version` against `parent` on the gate's four suites, cut to `config.eval_limit`
-    items each, and return the comparison ({version, against, metrics, gate}).
-
-    Stand-in for the evaluation service (a role-checked `services` action over
-    `studio.evals.start_eval`) and the auto-evaluation after a run: switch to that service with
-    the same suites and limit, or wait for the run's own evaluation when it takes those."""
-    from studio.evals import evaluate
-
-    engineer.require("train")
-    return evaluate(
-        ctx.store,
-        ctx.backend,
-        version,
-        parent,
-        suites=GATE_SUITES,
-        limit=config.eval_limit,
-        seed=config.seed,
-        created_by=engineer.name,
-        concurrency=config.eval_concurrency,
-        progress=progress,
-    )
-
-
-def heldout_rebattle(ctx: Any, admin: User, name: str, version: str, against: str, config: DemoConfig) -> str:
-    """Open the blind battle campaign `name` of `version` against `against` on the held-out prompt
-    set, with the demo's sampling settings; returns its name.
-
-    Stand-in for the run's own re-battle on held-out prompts (jobs.register_stage opens
-    `rebattle-<version>` against the parent; today on the training prompts, `_prompt_set_for`):
-    once that campaign is on held-out prompts, use the run's `rebattle` campaign for the
-    version-against-parent duel instead of opening one here. The duel against base (the table's
-    win rate) stays a campaign the demo opens."""
-    svc.create_battle_campaign(
-        ctx,
-        admin,
-        svc.BattleCampaignSpec(
-            name=name,
-            prompt_set=HELDOUT_SET,
-            versions=[version, against],
-            budget=config.battle_budget,
-            temperature=config.temperature,
-            max_tokens=config.max_tokens,
-        ),
-    )
-    return name
-
-
-def gate_then_promote(
-    ctx: Any, engineer: User, version: str, parent: str, evaluation: dict[str, Any]
-) -> dict[str, Any]:
-    """Apply data/gate.yaml to the evaluation and the re-battle's verdict; promote to `policy`
-    when it passes (and the gate's auto_promote is on). Returns {verdict, gate, promoted}.
-
-    Stand-in for evalwire's `decide` (gate-driven promotion, recorded): switch to it."""
-    from studio.evals import gate_decision, load_gate_config, rebattle_verdict
-
-    config = load_gate_config()
-    verdict = rebattle_verdict(ctx.store, version, parent)
-    decision = gate_decision(evaluation["metrics"], verdict, config)
-    promoted = bool(decision["passed"] and config.auto_promote)
-    if promoted:
-        svc.promote(ctx, engineer, version)
-    return {"verdict": verdict, "gate": decision, "promoted": promoted}
+    return gate_decision(metrics or {}, "better", load_gate_config())["reasons"]
 
 
 # ------------------------------------------------------------------ the table and the checks
@@ -1031,10 +1039,9 @@ def checks(report: DemoReport, policy: str | None) -> dict[str, bool]:
     by_name = {r.version: r for r in report.rows}
     last = by_name.get(policy or "base")
     rates = [r.property_rate for r in report.rows]
-    guards_ok = all(
-        not [reason for reason in (r.gate or {}).get("reasons", []) if not reason.startswith("re-battle")]
-        for r in report.rows
-    )
+    # the guards judged on each evaluation itself: a quick-look evaluation (the gate waits for a
+    # complete one) or an undecided re-battle is no regression
+    guards_ok = all(not r.guard_reasons for r in report.rows if r.deltas is not None)
     acc = report.reward_model["heldout_prompts_accuracy"]
     return {
         "wins": bool(

@@ -124,6 +124,7 @@ def report(
     rates: list[float], win: float, lower: float, accuracy: float, reasons: list[str]
 ) -> demo.DemoReport:
     gate = {"passed": not reasons, "reasons": reasons}
+    guards = [r for r in reasons if not r.startswith("re-battle")]  # what demo.guard_reasons finds
     deltas = {"refusal_rate": {"delta": 0.0}, "capability_accuracy": {"delta": -0.01}}
     rows = [
         demo.VersionRow("base", "base", None, rates[0], 100),
@@ -139,6 +140,7 @@ def report(
             gate,
             not reasons,
             deltas,
+            guard_reasons=guards,
         ),
         demo.VersionRow(
             "dpo-1",
@@ -152,6 +154,7 @@ def report(
             gate,
             not reasons,
             deltas,
+            guard_reasons=guards,
         ),
     ]
     reward = {
