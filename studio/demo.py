@@ -153,7 +153,8 @@ def annotate(
     """One scripted judgment of a task's completions (in the order shown), or None to leave the
     assignment id to the caller. With probability `noise` two answers of different rank swap
     places (a slip). Flags: an unhelpful refusal or an identity leak where the text shows one.
-    Strength: 2 (clear) for a ranking that separates the answers, 1 for a slip; none for a full tie.
+    Strength: 2 (clear) for a ranking that separates the answers, 1 for a slip. A full tie is sent
+    as 'all bad'.
     """
     from studio.arena import DEFAULT_LEAK_WORDS, find_leak
     from studio.evals.scorers import is_refusal
@@ -179,7 +180,10 @@ def annotate(
     decisive = len(set(ranks)) > 1
     return svc.JudgmentSpec(
         assignment_id="",
-        ranks=ranks,
+        # the studio takes no ranking that ties every answer: none has what the person wants, so
+        # they press 'all bad' (stored as a tie among all, which no training pair comes from)
+        ranks=ranks if decisive else None,
+        all_bad=not decisive,
         strength=(1 if slipped else 2) if decisive else None,
         flags=flags,
         next=False,

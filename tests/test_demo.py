@@ -73,7 +73,7 @@ def test_annotator_ranks_by_the_preference_ties_equal_answers_and_flags() -> Non
     assert spec.ranks == [2, 1, 2, 1] and spec.strength == 2 and spec.next is False
     assert spec.flags == {2: ["unhelpful_refusal"], 3: ["identity_leak"]}
     tied = demo.annotate(pref, shown[:1] * 3, random.Random(0), noise=0.0)
-    assert tied is not None and tied.ranks == [1, 1, 1] and tied.strength is None
+    assert tied is not None and tied.all_bad and tied.ranks is None and tied.strength is None
 
 
 def test_label_noise_swaps_some_rankings_at_about_its_rate() -> None:
@@ -185,6 +185,25 @@ def test_checks_pass_on_a_working_loop_and_name_what_fails() -> None:
     )
     assert demo.checks(undecided, "base")["guards"] is True
     assert demo.checks(undecided, "base")["wins"] is False  # nothing was promoted
+
+
+def test_guard_reasons_read_data_gate_yaml_on_the_evaluation_alone() -> None:
+    def m(version: float, against: float) -> dict[str, object]:
+        return {"version": version, "against": against, "delta": version - against, "ci": None}
+
+    fine = {
+        "refusal_rate": m(0.05, 0.04),
+        "capability_accuracy": m(0.30, 0.31),
+        "factual_accuracy": m(0.20, 0.21),
+        "consistency": m(0.50, 0.52),
+    }
+    assert demo.guard_reasons(fine) == []  # no re-battle reason: only the guards are read
+    worse = fine | {"factual_accuracy": m(0.10, 0.20)}
+    (reason,) = demo.guard_reasons(worse)
+    assert reason.startswith("factual_accuracy: down 10.0 points")
+    assert demo.guard_reasons({k: v for k, v in fine.items() if k != "consistency"}) == [
+        "consistency: not measured; run the 'consistency' suite"
+    ]
 
 
 def test_table_has_a_row_per_version_with_rate_win_rate_gate_and_deltas() -> None:
