@@ -31,8 +31,9 @@ from typing import Any
 
 import duckdb
 
+from studio.batch_writer import BatchWriter
 from studio.campaigns import get_campaign
-from studio.store import BatchWriter, Store, StoreError, new_id
+from studio.store import Store, StoreError, new_id
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ import duckdb
 import pytest
 
 from studio import migrations as migrations_module
+from studio.batch_writer import BatchWriter
 from studio.importer import messages_hash
-from studio.store import BatchWriter, ImportedPrompt, Store, StoreError
+from studio.store import ImportedPrompt, Store, StoreError
 
 
 def prompt(text: str, where: str = "test") -> ImportedPrompt:
