@@ -1,6 +1,5 @@
-"""Group commit: the writes of many callers in one go (`BatchWriter`).
-
-The labeling pool hands its judgments and assignment rows to one; see the class.
+"""Group commit (`BatchWriter`): many callers' rows in one write, each caller answered
+once its rows are committed. The labeling pool (labeling_store.py) writes through one.
 """
 
 from __future__ import annotations
