@@ -138,6 +138,12 @@ def get_campaign(store: Store, name: str) -> dict[str, Any]:
     return dict(row)
 
 
+def cached_campaign(store: Store, name: str) -> dict[str, Any] | None:
+    """The campaign if `get_campaign` would answer it from memory, else None (never a query)."""
+    cached = store.memo.get(("campaign", name))
+    return None if cached is None else dict(cached)
+
+
 def list_campaigns(store: Store, kind: str | None = None) -> list[dict[str, Any]]:
     rows = store.query(
         "SELECT * FROM campaigns WHERE ? IS NULL OR kind = ? ORDER BY created_at", [kind, kind]
