@@ -15,14 +15,13 @@ from studio.config import Settings
 from studio.labeling import Submission
 from studio.runtime import Studio
 from studio.store import Store, StoreError
-from tests.helpers import make_users, seed_campaign
+from tests.helpers import StoreFile, make_users, seed_campaign
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "s.duckdb")
-    make_users(s, ("ann1", "annotator"), ("ann2", "annotator"), ("ann3", "annotator"))
-    return s
+def store(store: Store) -> Store:
+    make_users(store, ("ann1", "annotator"), ("ann2", "annotator"), ("ann3", "annotator"))
+    return store
 
 
 def test_each_task_goes_to_k_different_annotators_never_twice(store: Store) -> None:
@@ -178,18 +177,14 @@ def test_agreement_and_annotator_quality(store: Store) -> None:
     assert per["ann1"]["judgments"] == 4
 
 
-def test_pool_state_survives_a_restart(tmp_path: Path) -> None:
+def test_pool_state_survives_a_restart(store: Store, store_file: StoreFile) -> None:
     """The pool lives in memory; reopening the file must give back the same picture."""
-    path = tmp_path / "s.duckdb"
-    store = Store(path)
-    make_users(store, ("ann1", "annotator"), ("ann2", "annotator"))
     seed_campaign(store, prompts=3, overlap=1)
     done = labeling.next_task(store, "c1", "ann1")
     labeling.submit(store, "ann1", Submission(done["assignment_id"], ranks=[1, 2, 3]))
     held = labeling.next_task(store, "c1", "ann1")
-    store.close()
 
-    store = Store(path)
+    store = store_file.reopen()
     assert labeling.next_task(store, "c1", "ann1")["assignment_id"] == held["assignment_id"]  # resumed
     assert labeling.progress(store, "c1", "ann1") | {"done": 1, "remaining": 1} == labeling.progress(
         store, "c1", "ann1"
@@ -197,41 +192,34 @@ def test_pool_state_survives_a_restart(tmp_path: Path) -> None:
     other = labeling.next_task(store, "c1", "ann2")  # the last free task, not the judged or held one
     assert other["assignment_id"] not in (done["assignment_id"], held["assignment_id"])
     assert labeling.next_task(store, "c1", "ann2")["assignment_id"] == other["assignment_id"]
-    store.close()
 
 
-def test_a_judgment_whose_assignment_row_was_never_written_rebuilds_it(tmp_path: Path) -> None:
+def test_a_judgment_whose_assignment_row_was_never_written_rebuilds_it(
+    store: Store, store_file: StoreFile
+) -> None:
     # Under load the assignment rows are written up to a second after the judgment (see
     # LabelingPool._flush); a crash in between leaves a judgment without its row.
-    path = tmp_path / "s.duckdb"
-    store = Store(path)
-    make_users(store, ("ann1", "annotator"))
     seed_campaign(store, prompts=2, overlap=1)
     task = labeling.next_task(store, "c1", "ann1")
     judgment = labeling.submit(store, "ann1", Submission(task["assignment_id"], ranks=[2, 1, 3]))
-    store.close()
-    store = Store(path)
+    store = store_file.reopen()
     with store.transaction() as cur:
         cur.execute("DELETE FROM assignments")  # the crash: no assignment row was written
-    store.close()
 
-    store = Store(path)
+    store = store_file.reopen()
     assert labeling.progress(store, "c1", "ann1")["done"] == 1
     following = labeling.next_task(store, "c1", "ann1")
     assert following is not None and following["assignment_id"] != task["assignment_id"]
     assert labeling.next_task(store, "c1", "ann1")["assignment_id"] == following["assignment_id"]
-    store.close()  # writes what the load rebuilt
-    store = Store(path)
+    store = store_file.reopen()  # the close writes what the load rebuilt
     row = store.query("SELECT * FROM assignments WHERE id = ?", [task["assignment_id"]])[0]
     assert row["status"] == "done" and list(row["display_order"]) == judgment["generation_ids"]
-    store.close()
 
 
-def test_concurrent_annotators_each_task_k_times_nothing_lost(tmp_path: Path) -> None:
+def test_concurrent_annotators_each_task_k_times_nothing_lost(store_file: StoreFile) -> None:
     """Twelve threads label at once through the group commit: the pool's rules hold and every
     acknowledged judgment is in the file after it is closed."""
-    path = tmp_path / "s.duckdb"
-    store = Store(path)
+    store = store_file.store
     names = [f"ann{i}" for i in range(12)]
     make_users(store, *[(n, "annotator") for n in names])
     seed_campaign(store, prompts=30, overlap=3)
@@ -246,9 +234,8 @@ def test_concurrent_annotators_each_task_k_times_nothing_lost(tmp_path: Path) ->
 
     with ThreadPoolExecutor(len(names)) as pool:
         list(pool.map(work, names))
-    store.close()
 
-    store = Store(path)
+    store = store_file.reopen()
     stored = store.query("SELECT id, task_id, annotator FROM judgments")
     assert {r["id"] for r in stored} == {j for ids in acked.values() for j in ids}
     assert len(stored) == 90  # 30 tasks x overlap 3, all judged
@@ -257,23 +244,20 @@ def test_concurrent_annotators_each_task_k_times_nothing_lost(tmp_path: Path) ->
         per_task.setdefault(r["task_id"], []).append(r["annotator"])
     assert all(len(who) == 3 == len(set(who)) for who in per_task.values())
     assert store.query("SELECT count(*) AS n FROM assignments WHERE status = 'done'")[0]["n"] == 90
-    store.close()
 
 
-def test_a_reused_key_from_another_campaign_returns_that_judgment(tmp_path: Path) -> None:
+def test_a_reused_key_from_another_campaign_returns_that_judgment(
+    store: Store, store_file: StoreFile
+) -> None:
     # The key is unknown to the pool (its campaign is not loaded), so the database's unique
     # constraint catches it: the caller gets the stored judgment, the pool takes its change back.
-    path = tmp_path / "s.duckdb"
-    store = Store(path)
-    make_users(store, ("ann1", "annotator"))
     seed_campaign(store, name="c1", prompts=1, overlap=1)
     seed_campaign(store, name="c2", prompts=1, overlap=1)
     first = labeling.next_task(store, "c1", "ann1")
     stored = labeling.submit(
         store, "ann1", Submission(first["assignment_id"], ranks=[1, 2, 3], idempotency_key="k")
     )
-    store.close()
-    store = Store(path)
+    store = store_file.reopen()
     other = labeling.next_task(store, "c2", "ann1")
     again = labeling.submit(
         store, "ann1", Submission(other["assignment_id"], ranks=[3, 2, 1], idempotency_key="k")
@@ -281,7 +265,6 @@ def test_a_reused_key_from_another_campaign_returns_that_judgment(tmp_path: Path
     assert again["id"] == stored["id"] and again["campaign"] == "c1"
     assert labeling.progress(store, "c2", "ann1")["done"] == 0
     assert labeling.next_task(store, "c2", "ann1")["assignment_id"] == other["assignment_id"]  # still open
-    store.close()
 
 
 def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path: Path) -> None:
