@@ -3,19 +3,22 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from studio import campaigns, labeling, quality
+from studio import campaigns, labeling, labeling_store, quality
 from studio.app import create_app
 from studio.config import Settings
+from studio.importer import messages_hash
 from studio.labeling import Submission
 from studio.runtime import Studio
-from studio.store import Store, StoreError
-from tests.helpers import StoreFile, make_users, seed_campaign
+from studio.store import ImportedPrompt, Store, StoreError
+from tests.helpers import StoreFile, add_sampled_task, make_users, seed_campaign
 
 
 @pytest.fixture()
@@ -265,6 +268,138 @@ def test_a_reused_key_from_another_campaign_returns_that_judgment(
     assert again["id"] == stored["id"] and again["campaign"] == "c1"
     assert labeling.progress(store, "c2", "ann1")["done"] == 0
     assert labeling.next_task(store, "c2", "ann1")["assignment_id"] == other["assignment_id"]  # still open
+
+
+def test_a_judged_assignment_left_open_by_a_crash_is_marked_done_on_load(
+    store: Store, store_file: StoreFile
+) -> None:
+    # Under load an assignment's "done" follows its judgment by up to a second (see
+    # LabelingPool._flush); a crash in between leaves the judgment with its row still open.
+    seed_campaign(store, prompts=2, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")
+    labeling.submit(store, "ann1", Submission(task["assignment_id"], ranks=[2, 1, 3]))
+    store = store_file.reopen()
+    with store.transaction() as cur:  # the crash: the judged row was never updated
+        cur.execute("UPDATE assignments SET status = 'open' WHERE id = ?", [task["assignment_id"]])
+
+    store = store_file.reopen()
+    assert labeling.progress(store, "c1", "ann1")["done"] == 1  # loads the campaign
+    store = store_file.reopen()  # the close writes what the load repaired
+    row = store.query("SELECT status FROM assignments WHERE id = ?", [task["assignment_id"]])[0]
+    assert row["status"] == "done"
+    assert not store.query("SELECT 1 FROM assignments WHERE status = 'open'")
+
+
+# POST /judgments runs on the event loop and takes the pool's lock: no query may hold it up.
+class Gate:
+    """Wraps a database read of the pool: its first call is held until released, and the
+    order of what happened meanwhile is recorded."""
+
+    def __init__(self, real: Callable[..., Any], events: list[str]):
+        self.real, self.events = real, events
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.armed = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            self.armed = False
+            self.events.append("query held")
+            self.entered.set()
+            self.release.wait(10)  # if the loop waits on this query, it waits until here
+            self.events.append("query done")
+        return self.real(*args, **kwargs)
+
+
+def judge_on_a_loop(store: Store, annotator: str, assignment_id: str) -> dict:
+    """A judgment the way POST /judgments makes it: begin_submit on an event loop, the commit
+    awaited. (The loop runs in a thread of its own, as in the REST test below.)"""
+
+    async def scenario() -> dict:
+        sub = Submission(assignment_id, ranks=[1, 2, 3])
+        committed, finish = labeling.begin_submit(store, annotator, sub, then_next=True)
+        await asyncio.wrap_future(committed)
+        return finish()[0]
+
+    with ThreadPoolExecutor(1) as runner:
+        return runner.submit(asyncio.run, scenario()).result()
+
+
+def extra_prompt(store: Store, set_name: str) -> dict:
+    msgs = [{"role": "user", "content": "one more question?"}]
+    store.import_prompts(set_name, [ImportedPrompt("extra", msgs, messages_hash(msgs))], source="test")
+    return store.prompts(set_name)[-1]
+
+
+def test_a_task_added_with_a_slow_query_does_not_hold_up_judgments_on_the_loop(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_campaign(store, name="c1", prompts=2, overlap=1)
+    seed_campaign(store, name="c2", prompts=1, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")
+    assert labeling.progress(store, "c2")["tasks_sampled"] == 1  # both loaded
+    prompt = extra_prompt(store, "c2-set")
+    events: list[str] = []
+    gate = Gate(labeling_store.read_content, events)
+    monkeypatch.setattr(labeling_store, "read_content", gate)
+    adder = threading.Thread(target=add_sampled_task, args=(store, "c2", prompt, ["x", "y", "z"]))
+    adder.start()
+    assert gate.entered.wait(10)  # task_added is reading the new task's texts
+    judgment = judge_on_a_loop(store, "ann1", task["assignment_id"])
+    events.append("judged")
+    gate.release.set()
+    adder.join()
+    assert events == ["query held", "judged", "query done"]
+    assert judgment["campaign"] == "c1"
+    assert labeling.progress(store, "c2")["tasks_sampled"] == 2  # the new task still arrived
+    assert labeling.next_task(store, "c2", "ann2")["completions"]  # with its texts
+
+
+def test_a_campaign_loading_in_another_thread_does_not_hold_up_judgments_on_the_loop(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_campaign(store, name="c1", prompts=2, overlap=1)
+    seed_campaign(store, name="c2", prompts=1, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")  # c1 is loaded, c2 not yet
+    events: list[str] = []
+    gate = Gate(labeling_store.read_campaign, events)
+    monkeypatch.setattr(labeling_store, "read_campaign", gate)
+    loader = threading.Thread(target=labeling.progress, args=(store, "c2"))
+    loader.start()
+    assert gate.entered.wait(10)  # c2's first use is reading its rows
+    judgment = judge_on_a_loop(store, "ann1", task["assignment_id"])
+    events.append("judged")
+    gate.release.set()
+    loader.join()
+    assert events == ["query held", "judged", "query done"]
+    assert judgment["campaign"] == "c1"
+    assert labeling.progress(store, "c2")["tasks_sampled"] == 1
+
+
+def test_a_judgment_on_the_loop_for_a_campaign_not_loaded_loads_it_in_a_worker(
+    store: Store, store_file: StoreFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_campaign(store, prompts=2, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")
+    store = store_file.reopen()  # a restart: the pool knows no assignment yet
+    events: list[str] = []
+    gate = Gate(labeling_store.read_campaign, events)
+    monkeypatch.setattr(labeling_store, "read_campaign", gate)
+
+    async def scenario() -> tuple[dict, dict | None]:
+        sub = Submission(task["assignment_id"], ranks=[1, 2, 3])
+        committed, finish = labeling.begin_submit(store, "ann1", sub, then_next=True)
+        events.append("begin_submit returned")  # while the load is held, if it is off the loop
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        gate.release.set()
+        await asyncio.wrap_future(committed)
+        return finish()
+
+    with ThreadPoolExecutor(1) as runner:
+        judgment, following = runner.submit(asyncio.run, scenario()).result()
+    assert events.index("begin_submit returned") < events.index("query done")
+    assert judgment["assignment_id"] == task["assignment_id"]
+    assert following is not None and following["assignment_id"] != task["assignment_id"]
+    assert labeling.progress(store, "c1", "ann1")["done"] == 1
 
 
 def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path: Path) -> None:
