@@ -481,12 +481,12 @@ class LabelingPool:
 
     def _needs_database(self, key: str, assignment_id: str) -> bool:
         """Whether a judgment needs a query before it can be applied (a guess: no lock taken)."""
-        entry = self.state.keys.get(key)
-        if entry is not None:
-            return entry.row is None  # the judgment is read back
         a = self.state.assignments.get(assignment_id)
         if a is None:
             return True  # a restart, or a bogus id: its campaign is looked up
+        entry = self.state.keys.get(key)
+        if entry is not None:
+            return entry.row is None  # the judgment is read back
         if a.status == "done" and a.judgment is not None and a.judgment.row is None:
             return True
         return cached_campaign(self.store, a.task.campaign.name) is None
