@@ -5,6 +5,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +325,21 @@ def judge_on_a_loop(store: Store, annotator: str, assignment_id: str) -> dict:
         return runner.submit(asyncio.run, scenario()).result()
 
 
+def judge_while_held(
+    gate: Gate, work: Callable[[], object], store: Store, annotator: str, assignment_id: str
+) -> dict:
+    """Run `work` in a thread until `gate` holds its query, judge on a loop meanwhile, then
+    let the query go. The gate's events say whether the judgment had to wait for it."""
+    thread = threading.Thread(target=work)
+    thread.start()
+    assert gate.entered.wait(10)
+    judgment = judge_on_a_loop(store, annotator, assignment_id)
+    gate.events.append("judged")
+    gate.release.set()
+    thread.join()
+    return judgment
+
+
 def extra_prompt(store: Store, set_name: str) -> dict:
     msgs = [{"role": "user", "content": "one more question?"}]
     store.import_prompts(set_name, [ImportedPrompt("extra", msgs, messages_hash(msgs))], source="test")
@@ -341,13 +357,8 @@ def test_a_task_added_with_a_slow_query_does_not_hold_up_judgments_on_the_loop(
     events: list[str] = []
     gate = Gate(labeling_store.read_content, events)
     monkeypatch.setattr(labeling_store, "read_content", gate)
-    adder = threading.Thread(target=add_sampled_task, args=(store, "c2", prompt, ["x", "y", "z"]))
-    adder.start()
-    assert gate.entered.wait(10)  # task_added is reading the new task's texts
-    judgment = judge_on_a_loop(store, "ann1", task["assignment_id"])
-    events.append("judged")
-    gate.release.set()
-    adder.join()
+    add = partial(add_sampled_task, store, "c2", prompt, ["x", "y", "z"])  # held in task_added
+    judgment = judge_while_held(gate, add, store, "ann1", task["assignment_id"])
     assert events == ["query held", "judged", "query done"]
     assert judgment["campaign"] == "c1"
     assert labeling.progress(store, "c2")["tasks_sampled"] == 2  # the new task still arrived
@@ -363,13 +374,8 @@ def test_a_campaign_loading_in_another_thread_does_not_hold_up_judgments_on_the_
     events: list[str] = []
     gate = Gate(labeling_store.read_campaign, events)
     monkeypatch.setattr(labeling_store, "read_campaign", gate)
-    loader = threading.Thread(target=labeling.progress, args=(store, "c2"))
-    loader.start()
-    assert gate.entered.wait(10)  # c2's first use is reading its rows
-    judgment = judge_on_a_loop(store, "ann1", task["assignment_id"])
-    events.append("judged")
-    gate.release.set()
-    loader.join()
+    load = partial(labeling.progress, store, "c2")  # c2's first use: held while it loads
+    judgment = judge_while_held(gate, load, store, "ann1", task["assignment_id"])
     assert events == ["query held", "judged", "query done"]
     assert judgment["campaign"] == "c1"
     assert labeling.progress(store, "c2")["tasks_sampled"] == 1
