@@ -186,6 +186,12 @@ def _changed(store: Store, name: str) -> None:
         store.memo.pop(("campaign", name), None)
 
 
+def cached_campaign(store: Store, name: str) -> dict[str, Any] | None:
+    """The campaign if `get_campaign` would answer it from memory, else None (never a query)."""
+    cached = store.memo.get(("campaign", name))
+    return None if cached is None else dict(cached)
+
+
 def list_campaigns(store: Store, kind: str | None = None) -> list[dict[str, Any]]:
     rows = store.query(
         "SELECT * FROM campaigns WHERE ? IS NULL OR kind = ? ORDER BY created_at", [kind, kind]

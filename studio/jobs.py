@@ -25,7 +25,7 @@ from studio import arena
 from studio import training as tr
 from studio.model_prep import folder_hash
 from studio.serving.vllm_server import die_with_parent
-from studio.store import Store, StoreError, _decode
+from studio.store import Store, StoreError, decode_json_columns
 from trainers.common import META_FILE, METRICS_FILE
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -136,6 +136,12 @@ class Runner:
         if proc is not None:
             _terminate(proc)
         return tr.get_run(self.store, run_id)
+
+    def process_group(self, run_id: str) -> int | None:
+        """The process group of a running run's trainer (it leads its own session), else None."""
+        with self._lock:
+            proc = self._procs.get(run_id)
+        return None if proc is None else proc.pid
 
     # -------------------------------------------------------------- the loop
     def _run(self) -> None:
@@ -341,7 +347,7 @@ def register_stage(studio: Any, run: dict[str, Any], stage: str, folder: Path, m
 
 def _prompt_set_for(store: Store, run: dict[str, Any]) -> str | None:
     """The prompt set of the run's data (its first labeling campaign), else the first one imported."""
-    snap = _decode(
+    snap = decode_json_columns(
         store.query("SELECT filter FROM snapshots WHERE id = ?", [run["snapshot_id"]])[0], "filter"
     )
     names = snap["filter"].get("campaigns")

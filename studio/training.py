@@ -15,7 +15,7 @@ from typing import Any
 from studio import campaigns as camp
 from studio.export import build_rows
 from studio.quality import campaign_agreement
-from studio.store import Store, StoreError, _decode, new_id
+from studio.store import Store, StoreError, decode_json_columns, new_id
 from trainers import configs
 from trainers.common import STAGES, rows_hash
 
@@ -96,7 +96,7 @@ def take_snapshot(
     snap_id = f"snap-{digest[:16]}"
     existing = store.query("SELECT * FROM snapshots WHERE id = ?", [snap_id])
     if existing and Path(existing[0]["path"]).is_file():
-        return _decode(existing[0], "filter")
+        return decode_json_columns(existing[0], "filter")
     folder = data_dir / "snapshots" / snap_id
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{kind}.parquet"
@@ -128,7 +128,7 @@ def take_snapshot(
             cur.executemany(
                 "INSERT INTO snapshot_judgments VALUES (?, ?)", [[snap_id, j] for j in judgment_ids]
             )
-    return _decode(store.query("SELECT * FROM snapshots WHERE id = ?", [snap_id])[0], "filter")
+    return decode_json_columns(store.query("SELECT * FROM snapshots WHERE id = ?", [snap_id])[0], "filter")
 
 
 # ---------------------------------------------------------------- runs
@@ -224,12 +224,12 @@ def get_run(store: Store, run_id: str) -> dict[str, Any]:
     rows = store.query("SELECT * FROM runs WHERE id = ?", [run_id])
     if not rows:
         raise StoreError(f"run '{run_id}' does not exist; `studio runs list` shows the runs")
-    return _decode(rows[0], "recipes", "overrides", "metrics")
+    return decode_json_columns(rows[0], "recipes", "overrides", "metrics")
 
 
 def list_runs(store: Store, limit: int = 50) -> list[dict[str, Any]]:
     rows = store.query("SELECT * FROM runs ORDER BY created_at DESC, id LIMIT ?", [limit])
-    return [_decode(r, "recipes", "overrides", "metrics") for r in rows]
+    return [decode_json_columns(r, "recipes", "overrides", "metrics") for r in rows]
 
 
 def reward_models(store: Store) -> list[dict[str, Any]]:
@@ -256,7 +256,7 @@ def lineage(store: Store, version: str) -> list[dict[str, Any]]:
         run_id = (v.get("meta") or {}).get("run_id")
         if run_id:
             run = get_run(store, run_id)
-            snap = _decode(
+            snap = decode_json_columns(
                 store.query("SELECT * FROM snapshots WHERE id = ?", [run["snapshot_id"]])[0], "filter"
             )
             judged = store.query(

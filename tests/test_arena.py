@@ -5,7 +5,6 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,10 +17,9 @@ from tests.helpers import make_users, seed_battles
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "s.duckdb")
-    make_users(s, ("exp1", "expert"), ("exp2", "expert"))
-    return s
+def store(store: Store) -> Store:
+    make_users(store, ("exp1", "expert"), ("exp2", "expert"))
+    return store
 
 
 def test_payload_is_blind_until_the_vote_then_revealed(store: Store) -> None:
