@@ -22,12 +22,20 @@ from starlette.concurrency import run_in_threadpool
 from studio import services as svc
 from studio import users
 from studio.runtime import Studio
-from studio.serving.client import BackendError
+from studio.serving.client import BackendError, BackendRequestError
 from studio.users import AuthError, User
 
 
 def studio_of(request: Request) -> Studio:
     return request.app.state.studio
+
+
+async def maybe_authenticated(request: Request) -> User | None:
+    """Dependency for public routes: None without an Authorization header, else `authenticated`
+    (so a wrong token is a 401 there too, never taken for an anonymous call)."""
+    if not request.headers.get("authorization"):
+        return None
+    return await authenticated(request)
 
 
 async def authenticated(request: Request) -> User:
@@ -55,7 +63,11 @@ async def authenticated(request: Request) -> User:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Refused -> 403; bad input (nothing stored) -> 422 with the message; a part down -> 503."""
+    """Refused -> 403; bad input (nothing stored) -> 422 with the message; a part down -> 503.
+
+    A request the model server refused (a prompt or max_tokens beyond its context) is bad input,
+    not a part down: 422 with what to shorten. Starlette picks the handler of the nearest class
+    in the exception's MRO, so BackendRequestError's wins over BackendError's."""
 
     def answer(status: int) -> Any:
         async def handler(request: Request, exc: Exception) -> JSONResponse:
@@ -66,6 +78,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AuthError, answer(403))
     # StoreError and PromptFileError are ValueErrors
     app.add_exception_handler(ValueError, answer(422))
+    app.add_exception_handler(BackendRequestError, answer(422))
     app.add_exception_handler(BackendError, answer(503))
 
 
@@ -76,8 +89,8 @@ def build_router() -> APIRouter:
     router = APIRouter(prefix="/api/v1")
 
     @router.get("/health")
-    def health(request: Request) -> JSONResponse:
-        report = svc.health(studio_of(request))
+    def health(request: Request, user: User | None = Depends(maybe_authenticated)) -> JSONResponse:
+        report = svc.health(studio_of(request), user)
         return JSONResponse(report, status_code=200 if report["studio"] == "ok" else 503)
 
     @router.get("/me")
