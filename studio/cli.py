@@ -12,7 +12,6 @@ import argparse
 import getpass
 import json
 import signal
-import socket
 import sys
 import threading
 import time
@@ -60,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from studio.app import create_app
     from studio.model_prep import ModelError
+    from studio.ports import PortError, listen_sockets
     from studio.runtime import Studio
     from studio.serving.vllm_server import ServingError
 
@@ -78,14 +78,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    with socket.socket() as probe:  # fail now, not after a minute of loading the model
-        try:
-            probe.bind((settings.host, settings.port))
-        except OSError:
-            raise CLIError(
-                f"--port {settings.port}: already in use on {settings.host}; "
-                "stop what uses it or pick another port"
-            ) from None
+    # Bind now, not after a minute of loading the model: a busy port is told at once (naming
+    # who holds it), and nothing can take it meanwhile. uvicorn listens on these sockets.
+    try:
+        sockets = listen_sockets(settings.host, settings.port)
+    except PortError as exc:
+        raise CLIError(str(exc)) from None
     studio = Studio(settings)
 
     def interrupt(signum: int, frame: object) -> None:
@@ -98,6 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         studio.start()
     except (ModelError, ServingError, StoreError) as exc:
         raise CLIError(str(exc)) from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     config = uvicorn.Config(
@@ -112,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             studio.announce()
 
     threading.Thread(target=announce_when_listening, daemon=True).start()
-    server.run()
+    server.run(sockets=sockets)
     return 0
 
 

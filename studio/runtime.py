@@ -100,7 +100,8 @@ class Studio:
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.host}:{self.settings.port}"
+        host = self.settings.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.settings.port}"  # IPv6 in brackets
 
     @property
     def _server_file(self) -> Path:

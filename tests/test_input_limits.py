@@ -355,9 +355,11 @@ def test_a_judgment_with_a_lone_surrogate_is_refused_and_the_task_stays_open(tmp
             with pytest.raises(StoreError, match=message):  # the REST route's two-step form
                 svc.begin_judgment(ctx, ann, spec)
         with pytest.raises(StoreError, match="rationale: 10,001 characters"):
-            svc.submit_judgment(ctx, ann, svc.JudgmentSpec(task["assignment_id"], ranks=[1, 2], rationale="r" * 10_001))
+            too_long = svc.JudgmentSpec(task["assignment_id"], ranks=[1, 2], rationale="r" * 10_001)
+            svc.submit_judgment(ctx, ann, too_long)
         assert ctx.store.count("judgments") == 0
-        done = svc.submit_judgment(ctx, ann, svc.JudgmentSpec(task["assignment_id"], ranks=[1, 2], rationale="ok"))
+        fine = svc.JudgmentSpec(task["assignment_id"], ranks=[1, 2], rationale="ok")
+        done = svc.submit_judgment(ctx, ann, fine)
         assert done["judgment"]["rationale"] == "ok" and ctx.store.count("judgments") == 1
 
 
