@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import duckdb
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
@@ -21,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from studio import services as svc
 from studio import users
+from studio.errors import StorageFullError, storage_full
 from studio.runtime import Studio
 from studio.serving.client import BackendError, BackendRequestError
 from studio.users import AuthError, User
@@ -63,7 +65,8 @@ async def authenticated(request: Request) -> User:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Refused -> 403; bad input (nothing stored) -> 422 with the message; a part down -> 503.
+    """Refused -> 403; bad input (nothing stored) -> 422 with the message; a part down -> 503;
+    the data directory's disk full (nothing stored) -> 507.
 
     A request the model server refused (a prompt or max_tokens beyond its context) is bad input,
     not a part down: 422 with what to shorten. Starlette picks the handler of the nearest class
@@ -75,7 +78,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
         return handler
 
+    async def disk_full(request: Request, exc: Exception) -> JSONResponse:
+        full = storage_full(exc)
+        if full is None:
+            raise exc  # a fault: Starlette logs it and answers 500
+        return JSONResponse({"detail": str(full)}, status_code=507)
+
     app.add_exception_handler(AuthError, answer(403))
+    # the disk under the data directory is full: a DuckDB commit or a file write refused
+    for error in (StorageFullError, duckdb.Error, OSError):
+        app.add_exception_handler(error, disk_full)
     # StoreError and PromptFileError are ValueErrors
     app.add_exception_handler(ValueError, answer(422))
     app.add_exception_handler(BackendRequestError, answer(422))

@@ -489,6 +489,8 @@ def sample(ctx: Context, user: User, spec: SampleSpec) -> dict[str, Any]:
 @requires("train")
 def add_adapter(ctx: Context, user: User, spec: AdapterSpec) -> dict[str, Any]:
     """Register a LoRA adapter folder as a version over the base and hot-load it."""
+    if ctx.backend is None:  # offline, or a studio still starting (or serving without a model)
+        raise _needs_studio("adding an adapter hot-loads it, which needs the model server")
     return public(ctx.add_adapter(spec.name, Path(spec.path), source=f"upload:{user.name}"))
 
 

@@ -1,5 +1,6 @@
-"""REST routes over the services, without a model server: who may call what, and how the
-services' errors become responses (403 refused, 422 bad input, 503 a part not running)."""
+"""REST routes over the services, without a model server: how the services' errors become
+responses (403 refused, 422 bad input, 503 a part not running, 507 a full disk), and what some
+roles may read. Which role may call which route: test_access_matrix.py, generated from the app."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from studio import users
 from tests.conftest import NoModelStudio
 from tests.helpers import make_users, seed_battles, seed_campaign
 
@@ -30,33 +30,6 @@ def call(
 ) -> httpx.Response:
     headers = {"Authorization": f"Bearer {tokens[who]}"} if who else {}
     return httpx.request(method, f"{served.url}/api/v1{route}", headers=headers, timeout=60, **kw)
-
-
-ADMIN_AND_TRAIN_ROUTES = [
-    ("POST", "/campaigns", {"name": "evil", "prompt_set": "c1-set"}),
-    ("PUT", "/campaigns/c1/guidelines", {"text": "evil"}),
-    ("POST", "/users", {"name": "mallory", "role": "admin", "password": "password123"}),
-    ("POST", "/runs", {"stage": "dpo"}),
-    ("POST", "/models/base/promote", {}),
-    ("POST", "/models/policy/rollback", None),
-    ("POST", "/arena/campaigns", {"name": "evil-duel", "prompt_set": "c1-set", "versions": ["a", "b"]}),
-    ("GET", "/export", None),
-]
-
-
-@pytest.mark.parametrize(("method", "route", "body"), ADMIN_AND_TRAIN_ROUTES)
-def test_an_annotator_is_refused_and_nothing_changes(
-    served: tuple[NoModelStudio, dict], method: str, route: str, body: dict | None
-) -> None:
-    studio, tokens = served
-    store = studio.studio.store
-    before = [store.count(t) for t in ("campaigns", "users", "runs")], store.query("SELECT * FROM aliases")
-    resp = call(studio, "ann", method, route, tokens, json=body)
-    assert resp.status_code == 403, resp.text
-    assert resp.json()["detail"].startswith("user 'ann' (annotator) may not")
-    assert call(studio, None, method, route, tokens, json=body).status_code == 401
-    after = [store.count(t) for t in ("campaigns", "users", "runs")], store.query("SELECT * FROM aliases")
-    assert after == before and users.get_user(store, "mallory") is None
 
 
 def test_errors_become_422_and_503_with_the_message(served: tuple[NoModelStudio, dict]) -> None:
@@ -88,7 +61,8 @@ def test_campaign_defaults_come_from_the_spec(served: tuple[NoModelStudio, dict]
     assert body["created_by"] == "adm"
 
 
-def test_a_request_the_model_server_refused_is_a_422_and_a_server_down_a_503() -> None:
+def test_a_refused_backend_request_is_422_a_server_down_503_and_a_full_disk_507() -> None:
+    import duckdb
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
@@ -106,7 +80,20 @@ def test_a_request_the_model_server_refused_is_a_422_and_a_server_down_a_503() -
     def down() -> None:
         raise BackendError("serving backend did not answer")
 
-    with TestClient(app) as client:
+    @app.get("/full")
+    def full() -> None:
+        raise duckdb.TransactionException(
+            'TransactionContext Error: Failed to commit: Could not write file "x.wal": No space left on device'
+        )
+
+    @app.get("/broken")
+    def broken() -> None:
+        raise duckdb.CatalogException("Table with name nope does not exist")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        disk = client.get("/full")
+        assert disk.status_code == 507 and "the disk under the studio's data directory is full" in disk.text
+        assert client.get("/broken").status_code == 500  # a fault stays a fault
         refused = client.get("/too-long")
         assert refused.status_code == 422 and "shorten the prompt" in refused.json()["detail"]
         assert client.get("/down").status_code == 503
