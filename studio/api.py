@@ -16,6 +16,7 @@ from typing import Any
 
 import duckdb
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -25,6 +26,7 @@ from studio import users
 from studio.errors import StorageFullError, storage_full
 from studio.runtime import Studio
 from studio.serving.client import BackendError, BackendRequestError
+from studio.textcheck import shorten
 from studio.users import AuthError, User
 
 
@@ -84,6 +86,21 @@ def install_error_handlers(app: FastAPI) -> None:
             raise exc  # a fault: Starlette logs it and answers 500
         return JSONResponse({"detail": str(full)}, status_code=507)
 
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes each bad input whole: a 50 MB prompt would come back, and a
+        # lone surrogate in it could not even be encoded. Name the field and show a short input.
+        errors = [
+            {
+                "loc": [shorten(part) if isinstance(part, str) else part for part in e.get("loc", ())],
+                "msg": e.get("msg", ""),
+                "type": e.get("type", ""),
+                **({"input": shorten(e["input"])} if "input" in e else {}),
+            }
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(AuthError, answer(403))
     # the disk under the data directory is full: a DuckDB commit or a file write refused
     for error in (StorageFullError, duckdb.Error, OSError):

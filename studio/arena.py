@@ -31,7 +31,7 @@ from studio.names import check_name
 from studio.ratings import PROVISIONAL_BATTLES, Battles, fit, leaderboard, style_controlled, win_matrix
 from studio.serving.client import SamplingParams
 from studio.store import Store, StoreError, new_id
-from studio.textcheck import MAX_RATIONALE_CHARS, check_text, listing, shorten
+from studio.textcheck import MAX_KEY_CHARS, MAX_RATIONALE_CHARS, check_text, listing, shorten
 
 WINNERS = ("a", "b", "tie", "both_bad")
 # A letters-only version name at least this common in English (wordfreq's Zipf scale: 4 is ten
@@ -360,6 +360,8 @@ def vote(
     and the store lets one write transaction run at a time, so the second sees the first's row."""
     if winner not in WINNERS:
         raise StoreError(f"winner {shorten(winner)!r}: use one of {', '.join(WINNERS)}")
+    check_text(battle_id, "battle_id", max_chars=MAX_KEY_CHARS)
+    check_text(idempotency_key, "idempotency_key", max_chars=MAX_KEY_CHARS, optional=True)
     check_text(rationale, "rationale", max_chars=MAX_RATIONALE_CHARS, optional=True)
     key = idempotency_key or f"{battle_id}:{expert}"
     rows = store.query("SELECT * FROM battles WHERE id = ?", [battle_id])

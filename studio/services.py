@@ -44,7 +44,7 @@ from studio.importer import ImportedPrompt, normalize_messages, read_prompts, to
 from studio.labeling import Submission
 from studio.serving.client import BackendError, OpenAIChatBackend, SamplingParams
 from studio.store import Store, StoreError
-from studio.textcheck import MAX_EDIT_CHARS, MAX_RATIONALE_CHARS, check_text
+from studio.textcheck import MAX_EDIT_CHARS, MAX_KEY_CHARS, MAX_RATIONALE_CHARS, check_text
 from studio.users import AuthError, User
 
 # `arena` (and `jobs`, which imports it) are imported by the actions that use them: they bring
@@ -663,6 +663,8 @@ def _judged(
 def _check_judgment_text(spec: JudgmentSpec) -> None:
     """The free text of a judgment is storable text within its limit (a lone surrogate such as a
     JSON "\\ud800" escape cannot be stored): checked before the pool takes the judgment."""
+    check_text(spec.assignment_id, "assignment_id", max_chars=MAX_KEY_CHARS)
+    check_text(spec.idempotency_key, "idempotency_key", max_chars=MAX_KEY_CHARS, optional=True)
     check_text(spec.rationale, "rationale", max_chars=MAX_RATIONALE_CHARS, optional=True)
     check_text(spec.edited_text, "edited_text", max_chars=MAX_EDIT_CHARS, optional=True)
 
@@ -701,6 +703,7 @@ def submit_judgment(ctx: Context, user: User, spec: JudgmentSpec) -> dict[str, A
 @requires("label")
 def skip(ctx: Context, user: User, assignment_id: str) -> dict[str, Any]:
     """Give a task back; the user is never offered it again."""
+    check_text(assignment_id, "assignment_id", max_chars=MAX_KEY_CHARS)
     labeling.skip(_db(ctx), user.name, assignment_id)
     return {"skipped": assignment_id}
 

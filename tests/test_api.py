@@ -83,7 +83,7 @@ def test_a_refused_backend_request_is_422_a_server_down_503_and_a_full_disk_507(
     @app.get("/full")
     def full() -> None:
         raise duckdb.TransactionException(
-            'TransactionContext Error: Failed to commit: Could not write file "x.wal": No space left on device'
+            "TransactionContext Error: Failed to commit: Could not write file x.wal: No space left on device"
         )
 
     @app.get("/broken")
