@@ -295,4 +295,16 @@ def build_router() -> APIRouter:
             background=BackgroundTask(shutil.rmtree, path.parent, ignore_errors=True),
         )
 
+    # backup -------------------------------------------------------------------------
+    @router.get("/backup")
+    def backup(request: Request, user: User = Me) -> FileResponse:
+        """A consistent copy of the database, taken while the studio runs (studio/backup.py)."""
+        result = svc.backup_download(studio_of(request), user)
+        path = Path(result["path"])
+        return FileResponse(
+            path,
+            filename=path.name,
+            background=BackgroundTask(shutil.rmtree, path.parent, ignore_errors=True),
+        )
+
     return router

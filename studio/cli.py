@@ -340,6 +340,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        result = client.backup(args.out)
+    print(f"backed up the database to {result['path']} ({result['bytes']:,} bytes)")
+    return 0
+
+
 def read_battle_log(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise CLIError(f"--battles {path}: no such file")
@@ -792,6 +799,20 @@ def build_parser() -> argparse.ArgumentParser:
         url_arg(p)
     acreate.set_defaults(func=cmd_arena_create)
     abattles.set_defaults(func=cmd_arena_battles)
+
+    bak = sub.add_parser(
+        "backup",
+        help="copy the database to a new file (safe while the studio runs)",
+        description="Write a consistent copy of the whole database (every table, users included) to a "
+        "new file. While a studio runs it makes the copy itself (DuckDB's COPY FROM DATABASE, one "
+        "snapshot while writes go on); never copy studio.duckdb with cp while a studio holds it. "
+        "To restore: stop the studio, put the copy in place of DATA_DIR/studio.duckdb (and remove "
+        "studio.duckdb.wal), start it. See docs/operations.md.",
+    )
+    bak.add_argument("out", type=Path, help="the new file to write, e.g. backups/studio-2026-12-01.duckdb")
+    data_dir_arg(bak)
+    url_arg(bak)
+    bak.set_defaults(func=cmd_backup)
 
     exp = sub.add_parser(
         "export",

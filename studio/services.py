@@ -888,6 +888,28 @@ def cancel_run(ctx: Context, user: User, run_id: str) -> dict[str, Any]:
     return public(ctx.runner.cancel(run_id, f"cancelled by {user.name}"))
 
 
+# -- backup --------------------------------------------------------------------------------------
+@requires("admin")
+def backup(ctx: Context, user: User, out: Path | str) -> dict[str, Any]:
+    """A consistent copy of the whole database (every table, the users' hashes too) written to the
+    new file `out` on the studio's machine, while the studio runs (studio/backup.py)."""
+    from studio.backup import backup_database
+
+    return backup_database(_db(ctx), out)
+
+
+@requires("admin")
+def backup_download(ctx: Context, user: User) -> dict[str, Any]:
+    """`backup` into a new temporary folder, as one file to download. The caller removes the
+    folder (the parent of the returned `path`) once it is served."""
+    folder = Path(tempfile.mkdtemp(prefix="studio-backup-"))
+    try:
+        return backup(ctx, user, folder / "studio.duckdb")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 # -- export --------------------------------------------------------------------------------------
 def _check_export(spec: ExportSpec) -> None:
     if spec.kind not in KINDS:

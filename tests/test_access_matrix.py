@@ -166,6 +166,7 @@ REQUESTS: dict[str, Callable[[Store], dict[str, Any]]] = {
     "GET /api/v1/runs/{run_id}": lambda s: {"path": {"run_id": "run-x"}},
     "POST /api/v1/runs/{run_id}/cancel": lambda s: {"path": {"run_id": "run-x"}},
     "GET /api/v1/export": lambda s: {"params": {"format": "jsonl"}},
+    "GET /api/v1/backup": lambda s: {},
 }
 
 

@@ -109,6 +109,8 @@ ARGS: dict[str, Callable[[svc.OfflineContext, Path], tuple[Any, ...]]] = {
     "cancel_run": lambda c, t: ("run-x",),
     "export": lambda c, t: (t / "out.jsonl",),
     "export_download": lambda c, t: (),
+    "backup": lambda c, t: (t / "backup.duckdb",),
+    "backup_download": lambda c, t: (),
 }
 
 REFUSED = [
@@ -147,7 +149,7 @@ def test_an_action_refuses_a_role_without_its_capability_before_doing_anything(
     with pytest.raises(AuthError, match=f"user 'someone' \\({role}\\) may not"):
         svc.ACTIONS[name](ctx, User("someone", role), *args)
     assert state(ctx.store) == before
-    assert not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "backup.duckdb").exists()
 
 
 @pytest.mark.parametrize("name", sorted(ARGS))
