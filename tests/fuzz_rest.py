@@ -107,6 +107,7 @@ class Recorder:
     strict: bool = True
     statuses: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
+    server_errors: int = 0  # 5xx answers, but for the 503 of an action needing the model server
 
     def problem(self, text: str) -> None:
         self.problems.append(text)
@@ -123,6 +124,7 @@ class Recorder:
             self.problem(f"{route}: a traceback in the answer to {shown}")
         status = resp.status_code
         if status >= 500 and not (down_ok and status == 503 and "model server" in resp.text):
+            self.server_errors += 1
             self.problem(f"{route}: {status} {resp.text[:200]} for {shown}")
             return False
         if 400 <= status < 500:
