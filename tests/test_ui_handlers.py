@@ -243,3 +243,20 @@ def test_the_label_tab_says_when_the_model_server_restarts(tmp_path: Path) -> No
     finally:
         studio.server = None
         studio.store.close()
+
+
+def test_the_leaderboard_shows_the_experts_table_to_admins_only(
+    demo: gr.Blocks, ctx: svc.OfflineContext
+) -> None:
+    seed_battles(ctx.store, "duel", [("base", "other", "one", "two")])
+    from studio import arena
+
+    battle = arena.next_battle(ctx.store, "duel", "expert")
+    arena.vote(ctx.store, "expert", battle["battle_id"], "a")
+    fn = event(demo, "leaderboard")
+    experts = next(i for i, c in enumerate(fn.outputs) if "Experts" in str(getattr(c, "label", "")))
+    for role in ("annotator", "expert", "engineer"):
+        shown = call(demo, "leaderboard", role, "duel", False)[experts]
+        assert shown["visible"] is False and shown["value"].empty, role
+    shown = call(demo, "leaderboard", "admin", "duel", False)[experts]
+    assert shown["visible"] is True and list(shown["value"]["expert"]) == ["expert"]
