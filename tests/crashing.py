@@ -25,6 +25,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIO = [sys.executable, "-m", "studio.cli"]
+IDLE_S = 10.0  # judging "to the end" stops when no task came for this long
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.annotate import RawClient  # noqa: E402  (the benchmark's lean HTTP/1.1 client)
@@ -160,16 +161,19 @@ class Labeling:
         client = RawClient(self.port, token)
         try:
             task = (await client.post(f"/api/v1/campaigns/{self.campaign}/next"))["task"]
+            idle_since = time.monotonic()
             while not stop.is_set():
                 if task is None:
-                    if not until_done:
+                    # others may still hold the last tasks: ask again, until nothing came for a while
+                    if not until_done or time.monotonic() - idle_since > IDLE_S:
                         return
-                    await asyncio.sleep(0.2)  # others still hold the last tasks
+                    await asyncio.sleep(0.2)
                     answer = await client.post(f"/api/v1/campaigns/{self.campaign}/next")
                     if answer["status"] == "done" and answer["task"] is None:
                         return
                     task = answer["task"]
                     continue
+                idle_since = time.monotonic()
                 n = len(task["completions"])
                 body = {"assignment_id": task["assignment_id"], "ranks": random.sample(range(1, n + 1), n)}
                 data = await client.post("/api/v1/judgments", {**body, "next": True})
