@@ -195,6 +195,7 @@ class Runner:
             cmd = [
                 self.python,
                 "-m",
+                "studio.lifeline",  # runs the trainer; its process group dies with the studio
                 f"trainers.{stage}",
                 "--config",
                 run["recipes"][stage],

@@ -140,7 +140,7 @@ class NoModelStudio:
     (a poke only marks them; a queued run is cancelled at once). Served by uvicorn in a thread,
     with the `server.json` a studio writes, so a CLI process finds it."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, ui: bool = False):
         import uvicorn
 
         from studio.app import create_app
@@ -151,15 +151,24 @@ class NoModelStudio:
         from studio.task_sampler import TaskSampler
 
         self.port = free_port()
-        self.settings = Settings(data_dir=data_dir, port=self.port, ui=False)
+        self.settings = Settings(data_dir=data_dir, port=self.port, ui=ui)
         studio = self.studio = Studio(self.settings)
         studio.store = Store(self.settings.db_path)
         studio.task_sampler = TaskSampler(studio.store, None)  # type: ignore[arg-type]
         studio.runner = Runner(studio.store, data_dir, register=lambda *a: "")
         studio.sampler = None
+        # The app's lifespan would start a model server; Gradio's mount needs the lifespan to run
+        # its own start-up (the event queue), so with the UI the studio's start is skipped instead.
+        studio.start = lambda: None  # type: ignore[method-assign]
         self.app = create_app(self.settings, studio)
         self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+            uvicorn.Config(
+                self.app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="on" if ui else "off",
+            )
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
