@@ -243,14 +243,36 @@ def build_router() -> APIRouter:
     def model_lineage(name: str, request: Request, user: User = Me) -> list[dict[str, Any]]:
         return svc.lineage(studio_of(request), user, name)
 
+    @router.get("/models/{name}/card")
+    def model_card(name: str, request: Request, user: User = Me) -> dict[str, Any]:
+        """The version card: metrics beside the parent's, re-battle, gate, promotions, lineage."""
+        return svc.model_card(studio_of(request), user, name)
+
     @router.post("/models/{name}/promote")
     def promote(name: str, body: svc.PromoteSpec, request: Request, user: User = Me) -> dict[str, Any]:
+        """Refused (422, naming each failing gate rule) unless the gate passed or `force` is true."""
         return svc.promote(studio_of(request), user, name, body)
 
     @router.post("/models/{alias}/rollback")
     def rollback(alias: str, request: Request, user: User = Me) -> dict[str, Any]:
         """Point the alias back at the parent of the version it points at now."""
         return svc.rollback(studio_of(request), user, alias)
+
+    # evaluation ---------------------------------------------------------------------
+    @router.post("/evals")
+    def start_eval(body: svc.EvalSpec, request: Request, user: User = Me) -> dict[str, Any]:
+        """Answers at once with the queued record (its `id`); the evaluation worker runs it."""
+        return svc.start_eval(studio_of(request), user, body)
+
+    @router.get("/evals")
+    def list_evals(request: Request, version: str | None = None, user: User = Me) -> list[dict[str, Any]]:
+        return svc.list_evals(studio_of(request), user, version)
+
+    @router.get("/evals/{eval_id}")
+    def get_eval(eval_id: str, request: Request, user: User = Me) -> dict[str, Any]:
+        """The record; its `result` is {version, against, metrics: {NAME: {version, against, delta,
+        ci}}, gate: {passed, reasons}} once the status is 'succeeded'."""
+        return svc.get_eval(studio_of(request), user, eval_id)
 
     # training -----------------------------------------------------------------------
     @router.get("/train/recipes")

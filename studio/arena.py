@@ -399,7 +399,10 @@ def vote(
             f"INSERT INTO votes ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", list(row.values())
         )
         cur.execute("UPDATE battles SET status = 'voted' WHERE id = ?", [battle_id])
-    check_stop(store, battle["campaign"])
+    if check_stop(store, battle["campaign"]) is not None:
+        from studio import promotion  # it reads this module: imported when a verdict needs it
+
+        promotion.after_verdict_quietly(store, battle["campaign"])  # a re-battle's verdict: the gate decides
     return _reveal(battle, row)
 
 

@@ -28,6 +28,7 @@ from studio.importer import FORMATS, PromptFileError, read_prompts
 from studio.services import (
     BattleCampaignSpec,
     CampaignSpec,
+    EvalSpec,
     ExportSpec,
     LeaderboardSpec,
     PromoteSpec,
@@ -75,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ui=not args.no_ui,
             lora=not args.no_lora,
             max_runs=args.max_runs,
+            auto_eval=not args.no_auto_eval,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
@@ -236,6 +238,8 @@ def _print_run(run: dict[str, Any]) -> None:
     line = f"{run['id']}  {stages:<8} {run['status']:<9} parent={run['parent']} versions={versions}"
     if run.get("rebattle"):
         line += f" rebattle={run['rebattle']}"
+    elif run.get("rebattle_prompts"):
+        line += f" rebattle-prompts={run['rebattle_prompts']}"
     if run.get("reason"):
         line += f"\n    reason: {run['reason']}"
     print(line)
@@ -254,11 +258,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             reward_model=args.reward_model,
             annotators=args.annotator or None,
             min_strength=args.min_strength,
+            eval_prompt_set=args.eval_prompt_set,
         ),
     )
     with client_for(args) as client:
         run = client.start_run(spec)
         _print_run(run)
+        for note in run.get("notes") or []:
+            print(f"note: {note}")
         if run["status"] == "queued" and client.offline:
             print("queued: it starts when the studio runs (`studio serve`)")
         if not args.wait:
@@ -315,9 +322,113 @@ def cmd_models_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
+    spec = PromoteSpec(**given(alias=args.alias, force=True if args.force else None))
     with client_for(args) as client:
-        done = client.promote(args.name, PromoteSpec(**given(alias=args.alias)))
+        done = client.promote(args.name, spec)
     print(f"'{done['alias']}' now points at {done['version']}")
+    if done.get("forced"):
+        print(
+            "forced (recorded): the gate did not pass:\n" + "".join(f"  - {r}\n" for r in done["reasons"]),
+            end="",
+        )
+    return 0
+
+
+def print_eval(result: dict[str, Any]) -> None:
+    """An evaluation's result as a table: each metric, the other version's value beside this
+    one's, the change and its 95% paired-bootstrap interval; then the gate's answer."""
+    version, against = result["version"], result["against"]
+    width = max([len("METRIC"), *(len(m) for m in result["metrics"])])
+    print(f"{'METRIC':<{width}}  {against[:12]:>12}  {version[:12]:>12}  {'CHANGE':>8}  95% INTERVAL")
+    for name, m in sorted(result["metrics"].items()):
+        lo, hi = m["ci"]
+        print(
+            f"{name:<{width}}  {m['against']:>12.3f}  {m['version']:>12.3f}  {m['delta']:>+8.3f}"
+            f"  [{lo:+.3f}, {hi:+.3f}]"
+        )
+    gate = result["gate"]
+    print("gate: " + ("passed" if gate["passed"] else "did not pass"))
+    for reason in gate["reasons"]:
+        print(f"  - {reason}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    spec = EvalSpec(
+        args.version,
+        **given(
+            against=args.against,
+            suites=args.suite or None,
+            seed=args.seed,
+            limit=args.limit,
+            judge_url=args.judge_url,
+            judge_model=args.judge_model,
+            temperature=args.temperature,
+            waive_rebattle=True if args.waive_rebattle else None,
+        ),
+    )
+    with client_for(args) as client:
+        record = client.start_eval(spec)
+        if args.no_wait:
+            print(f"{record['id']}: {record['status']}; GET /api/v1/evals/{record['id']} reads it")
+            return 0
+        print(
+            f"{record['id']}: {record['version']} against {record['against']}, {record['status']}",
+            file=sys.stderr,
+        )
+        started = shown = time.monotonic()
+        while record["status"] in ("queued", "running"):
+            time.sleep(2)
+            record = client.get_eval(record["id"])
+            if time.monotonic() - shown >= 30:  # a full evaluation takes minutes on a CPU
+                shown = time.monotonic()
+                print(f"  {record['status']}, {shown - started:.0f} s", file=sys.stderr, flush=True)
+    if record["status"] != "succeeded":
+        raise CLIError(f"evaluation {record['id']} {record['status']}: {record['error']}")
+    if args.json:
+        print(json.dumps(record["result"], indent=2))
+    else:
+        print_eval(record["result"])
+    return 0
+
+
+def cmd_models_card(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        card = client.model_card(args.name)
+    if args.json:
+        print(json.dumps(card, indent=2, default=str))
+        return 0
+    print(f"{card['version']} ({card['kind']}), parent {card['parent'] or '-'}", end="")
+    print(f", aliases: {', '.join(card['aliases'])}" if card["aliases"] else "")
+    evaluation = card["evaluation"]
+    if evaluation is None:
+        print("evaluation: none yet" + (f"; `studio eval {card['version']}`" if card["parent"] else ""))
+    else:
+        print(f"evaluation {evaluation['id']}: {evaluation['status']}")
+        if card["metrics"]:
+            print_eval(
+                {
+                    "version": card["version"],
+                    "against": card["parent"],
+                    "metrics": {m["metric"]: m for m in card["metrics"]},
+                    "gate": {"passed": card["gate"]["passed"], "reasons": []},
+                }
+            )
+    battle = card["rebattle"]
+    if battle is not None:
+        line = f"re-battle {battle['campaign']} ({battle['status']}): {battle['votes']} votes"
+        if battle.get("win_rate") is not None:
+            lo, hi = battle["interval"]
+            line += f", wins {battle['win_rate']:.2f} of decisive votes [{lo:.2f}, {hi:.2f}]"
+        print(line + (f"\n  verdict: {battle['verdict']}" if battle["verdict"] else ""))
+    gate = card["gate"]
+    if not gate.get("root"):
+        state = "passed" if gate["passed"] else "does not pass"
+        print(f"gate: {state}" + ("" if gate["ready"] else " (waiting for evidence)"))
+        for reason in gate["reasons"]:
+            print(f"  - {reason}")
+    for p in card["promotions"]:
+        who = p["decided_by"] + (" (forced)" if p["forced"] else "")
+        print(f"{str(p['decided_at'])[:19]}  {p['action']:<8} {p['alias']} -> {p['version']}  by {who}")
     return 0
 
 
@@ -533,6 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=Settings.max_runs,
         help=f"training runs at once (default {Settings.max_runs}: each takes all the CPU it can get)",
     )
+    serve.add_argument(
+        "--no-auto-eval",
+        action="store_true",
+        help="do not evaluate each new version against its parent when its run finishes (the gate then "
+        "holds it until someone runs `studio eval`)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     imp = sub.add_parser(
@@ -574,6 +691,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mprom.add_argument("name", help="model version")
     mprom.add_argument("--alias", help=f"alias to move (default: {PromoteSpec.alias})")
+    mprom.add_argument(
+        "--force",
+        action="store_true",
+        help="promote although the gate did not pass (its reasons are printed; who forced it is recorded)",
+    )
+    mcard = models_sub.add_parser(
+        "card",
+        help="a version's card: metrics against its parent, re-battle, gate, promotions",
+        description="A version's metrics beside its parent's (change and 95%% interval), its blind "
+        "re-battle, the gate's state and reasons, and every promotion decision about it.",
+    )
+    mcard.add_argument("name", help="model version or alias")
+    mcard.add_argument(
+        "--json", action="store_true", help="print the card as JSON (as GET /models/NAME/card)"
+    )
     mroll = models_sub.add_parser(
         "rollback",
         help="point the policy alias back at the parent of its version",
@@ -584,10 +716,49 @@ def build_parser() -> argparse.ArgumentParser:
         (mlin, cmd_models_lineage),
         (mprom, cmd_models_promote),
         (mroll, cmd_models_rollback),
+        (mcard, cmd_models_card),
     ):
         data_dir_arg(p)
         url_arg(p)
         p.set_defaults(func=func)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a version against its parent on the suites in data/evals",
+        description="Run the evaluation suites on a version and the version it is compared with (its "
+        "parent by default; stored runs of the same version, suite and seed are reused), print each "
+        "metric with the change and its 95%% paired-bootstrap interval, and the gate's answer. Needs a "
+        "running studio (the model server); waits until the evaluation ends.",
+    )
+    ev.add_argument("version", help="model version or alias")
+    ev.add_argument("--against", help="version to compare with (default: its parent)")
+    ev.add_argument(
+        "--suite", action="append", default=[], help="a suite (repeat; default: all in data/evals)"
+    )
+    ev.add_argument("--limit", type=int, help="only the first N items of each suite (default: all)")
+    ev.add_argument(
+        "--seed", type=int, help=f"seed of every request and of the bootstrap (default {EvalSpec.seed})"
+    )
+    ev.add_argument("--judge-url", help="an OpenAI-compatible server for the judge (default: the studio's)")
+    ev.add_argument("--judge-model", help="the judge's model (default: the served base model)")
+    ev.add_argument(
+        "--temperature", type=float, help="the consistency suite's temperature (default: the suite's)"
+    )
+    ev.add_argument(
+        "--waive-rebattle",
+        action="store_true",
+        help="let the gate pass without the blind re-battle's verdict (recorded with the evaluation)",
+    )
+    ev.add_argument(
+        "--json",
+        action="store_true",
+        help='print exactly {"version", "against", "metrics": {NAME: {"version", "against", "delta", '
+        '"ci"}}, "gate": {"passed", "reasons"}}',
+    )
+    ev.add_argument("--no-wait", action="store_true", help="print the evaluation's id and return at once")
+    data_dir_arg(ev)
+    url_arg(ev)
+    ev.set_defaults(func=cmd_eval)
 
     train = sub.add_parser(
         "train",
@@ -619,6 +790,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--min-strength", type=int, choices=[1, 2, 3], help="only judgments at least this strong"
+    )
+    train.add_argument(
+        "--eval-prompt-set",
+        help="a prompt set marked for evaluation: the blind re-battle samples it (less any prompt "
+        "trained on) instead of the prompts held out of the snapshot",
     )
     train.add_argument("--wait", action="store_true", help="follow progress until the run ends")
     data_dir_arg(train)

@@ -78,6 +78,16 @@ class Client(ABC):
     def rollback(self, alias: str) -> dict[str, Any]: ...
 
     @abstractmethod
+    def model_card(self, version: str) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def start_eval(self, spec: svc.EvalSpec) -> dict[str, Any]:
+        """services.start_eval: the queued record (`id`, `status`)."""
+
+    @abstractmethod
+    def get_eval(self, eval_id: str) -> dict[str, Any]: ...
+
+    @abstractmethod
     def sample(self, spec: svc.SampleSpec) -> dict[str, Any]: ...
 
     @abstractmethod
@@ -157,6 +167,15 @@ class LocalClient(Client):
 
     def rollback(self, alias: str) -> dict[str, Any]:
         return svc.rollback(self.ctx, self.user, alias)
+
+    def model_card(self, version: str) -> dict[str, Any]:
+        return svc.model_card(self.ctx, self.user, version)
+
+    def start_eval(self, spec: svc.EvalSpec) -> dict[str, Any]:
+        return svc.start_eval(self.ctx, self.user, spec)
+
+    def get_eval(self, eval_id: str) -> dict[str, Any]:
+        return svc.get_eval(self.ctx, self.user, eval_id)
 
     def sample(self, spec: svc.SampleSpec) -> dict[str, Any]:
         return svc.sample(self.ctx, self.user, spec)
@@ -260,6 +279,15 @@ class RestClient(Client):
 
     def rollback(self, alias: str) -> dict[str, Any]:
         return self._json("POST", f"/models/{alias}/rollback")
+
+    def model_card(self, version: str) -> dict[str, Any]:
+        return self._json("GET", f"/models/{version}/card")
+
+    def start_eval(self, spec: svc.EvalSpec) -> dict[str, Any]:
+        return self._json("POST", "/evals", json=asdict(spec))
+
+    def get_eval(self, eval_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/evals/{eval_id}")
 
     def sample(self, spec: svc.SampleSpec) -> dict[str, Any]:
         return self._json("POST", "/sample", json=asdict(spec))

@@ -36,6 +36,7 @@ class Settings:
     lora: bool = True  # runtime LoRA in vLLM: needed to hot-load trained adapters
     max_runs: int = 1  # training runs at once (each takes the CPU it can get)
     ui: bool = True
+    auto_eval: bool = True  # evaluate every version a run registers against its parent
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

@@ -4,7 +4,8 @@ A run's stages execute as `python -m trainers.<stage>` in their own process grou
 and stderr in OUTPUT/run.log. Progress and curves come from OUTPUT/metrics.jsonl. A crash or a
 cancel marks the run failed or cancelled with the reason and changes nothing else: only a stage
 that exits 0 with its meta.json written registers a version. A finished policy version is
-hot-loaded into vLLM and sent into a blind re-battle against its parent.
+hot-loaded into vLLM, sent into a blind re-battle against its parent on the run's held-out prompts
+and evaluated against it; the promotion gate (studio/promotion.py) decides what follows.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from studio import arena
+from studio import arena, promotion
 from studio import training as tr
 from studio.model_prep import folder_hash
 from studio.serving.vllm_server import die_with_parent
-from studio.store import Store, StoreError, decode_json_columns
+from studio.store import Store, StoreError
 from trainers.common import META_FILE, METRICS_FILE
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -309,7 +310,8 @@ def version_name(run: dict[str, Any], stage: str) -> str:
 
 
 def register_stage(studio: Any, run: dict[str, Any], stage: str, folder: Path, meta: dict[str, Any]) -> str:
-    """A finished stage becomes a version; a policy adapter is hot-loaded and re-battled vs its parent."""
+    """A finished stage becomes a version; a policy adapter is hot-loaded, re-battled against its
+    parent on the run's held-out prompts, and evaluated against it (studio.promotion)."""
     store: Store = studio.store
     name = version_name(run, stage)
     parent = meta["parent_version"]
@@ -329,7 +331,7 @@ def register_stage(studio: Any, run: dict[str, Any], stage: str, folder: Path, m
         return name
     studio.add_adapter(name, folder, source=source, meta=meta, parent=parent)
     rebattle = f"rebattle-{name}"
-    prompt_set = _prompt_set_for(store, run)
+    prompt_set = run.get("rebattle_prompts")  # held-out prompts (training.rebattle_plan), never trained on
     if prompt_set is not None:
         arena.create_battle_campaign(
             store,
@@ -343,16 +345,7 @@ def register_stage(studio: Any, run: dict[str, Any], stage: str, folder: Path, m
             cur.execute("UPDATE runs SET rebattle = ? WHERE id = ?", [rebattle, run["id"]])
         if studio.task_sampler is not None:
             studio.task_sampler.poke(rebattle)
+    # measured against its parent; the gate decides when this and the re-battle's verdict are in
+    if getattr(getattr(studio, "settings", None), "auto_eval", True):
+        promotion.evaluate_new_version(studio, name, parent, created_by=f"auto:{run['id']}")
     return name
-
-
-def _prompt_set_for(store: Store, run: dict[str, Any]) -> str | None:
-    """The prompt set of the run's data (its first labeling campaign), else the first one imported."""
-    snap = decode_json_columns(
-        store.query("SELECT filter FROM snapshots WHERE id = ?", [run["snapshot_id"]])[0], "filter"
-    )
-    names = snap["filter"].get("campaigns")
-    if isinstance(names, list) and names:
-        return store.query("SELECT prompt_set FROM campaigns WHERE name = ?", [names[0]])[0]["prompt_set"]
-    sets = store.prompt_sets()
-    return sets[0]["name"] if sets else None

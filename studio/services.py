@@ -72,6 +72,7 @@ class Context(Protocol):
 
     settings: Settings
     store: Store | None
+    backend: OpenAIChatBackend | None
     sampler: Sampler | None
     task_sampler: TaskSampler | None
     runner: Runner | None
@@ -98,6 +99,7 @@ class OfflineContext:
     Opening it takes the database file: it raises `StoreLockedError` while a studio holds it.
     """
 
+    backend = None
     sampler = None
     task_sampler = None
     runner = None
@@ -272,6 +274,10 @@ class RunSpec:
     reward_model: Annotated[str | None, doc("ppo: a reward version (the newest by default)")] = None
     annotators: Annotated[list[str] | None, doc("only these annotators' judgments (all if unset)")] = None
     min_strength: Annotated[int | None, doc("only judgments stated at least this strong (1-3)")] = None
+    eval_prompt_set: Annotated[
+        str | None,
+        doc("a prompt set marked for evaluation: the re-battle samples it (less any prompt trained on)"),
+    ] = None
 
 
 @dataclass
@@ -297,6 +303,37 @@ class UserSpec:
 @dataclass
 class PromoteSpec:
     alias: Annotated[str, doc("the alias to point at this version")] = camp.POLICY
+    force: Annotated[bool, doc("promote although the gate did not pass (who forced it is recorded)")] = False
+
+
+@dataclass
+class EvalSpec:
+    """An evaluation of a version against another (`POST /evals`, `studio eval`, the Models tab)."""
+
+    version: Annotated[str, doc("the version (or alias) to evaluate")]
+    against: Annotated[str | None, doc("the version to compare with (its parent by default)")] = None
+    suites: Annotated[list[str] | None, doc("suite names in data/evals (all by default)")] = None
+    seed: Annotated[int, doc("seeds every request and the bootstrap: same seed, same numbers")] = 0
+    limit: Annotated[
+        int | None, doc("only the first N items of each suite (a quick look: the gate reads full runs)")
+    ] = None
+    judge_url: Annotated[
+        str | None, doc("an OpenAI-compatible server for the judge (the studio's own by default)")
+    ] = None
+    judge_model: Annotated[str | None, doc("the judge's model (the served base model by default)")] = None
+    temperature: Annotated[
+        float | None, doc("the consistency suite's temperature (the suite's own by default)")
+    ] = None
+    waive_rebattle: Annotated[
+        bool, doc("an engineer's waiver: the gate passes without the re-battle's verdict (recorded)")
+    ] = False
+
+    def judge(self) -> dict[str, Any] | None:
+        if self.judge_url is None and self.judge_model is None:
+            return None
+        if not self.judge_model:
+            raise StoreError("judge_url: give the judge's model too (judge_model / --judge-model)")
+        return {"model": self.judge_model, "url": self.judge_url}
 
 
 @dataclass
@@ -357,6 +394,15 @@ def parse_overrides(lines: Iterable[str], where: str = "--set") -> dict[str, Any
 def public(row: dict[str, Any]) -> dict[str, Any]:
     """A row as JSON carries it: times as ISO 8601 text."""
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+
+
+def _json(value: Any) -> Any:
+    """A nested answer as JSON carries it: times as ISO 8601 text, at any depth."""
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    return value.isoformat() if hasattr(value, "isoformat") else value
 
 
 def _fields(spec: Any) -> dict[str, Any]:
@@ -502,24 +548,77 @@ def lineage(ctx: Context, user: User, version: str) -> list[dict[str, Any]]:
 
 @requires("train")
 def promote(ctx: Context, user: User, version: str, spec: PromoteSpec | None = None) -> dict[str, Any]:
-    """Point an alias (policy by default) at a version: new labeling samples from it."""
-    alias = (spec or PromoteSpec()).alias
-    camp.set_alias(_db(ctx), alias, version)
-    return {"alias": alias, "version": version}
+    """Point an alias (policy by default) at a version: new labeling samples from it. Refused
+    while the version's gate does not pass (every reason named with its numbers) unless
+    `spec.force`; recorded with the user, and whether it was forced."""
+    from studio import promotion  # the gate brings the evaluation engine: see the imports at the top
+
+    spec = spec or PromoteSpec()
+    return promotion.promote(_db(ctx), version, spec.alias, user.name, force=spec.force)
 
 
 @requires("train")
 def rollback(ctx: Context, user: User, alias: str = camp.POLICY) -> dict[str, Any]:
-    """Point an alias back at the parent of the version it points at now."""
+    """Point an alias back at the parent of the version it points at now; recorded."""
+    from studio import promotion  # the gate brings the evaluation engine: see the imports at the top
+
+    return promotion.rollback(_db(ctx), alias, user.name)
+
+
+@requires("train")
+def model_card(ctx: Context, user: User, version: str) -> dict[str, Any]:
+    """A version's card: its metrics beside its parent's (delta, interval), the re-battle (votes,
+    win rate with its interval, verdict), the gate's state and decisions, the promotion history
+    and the lineage. Engineers' reading: the card shows a running re-battle's tally."""
+    from studio import promotion  # the gate brings the evaluation engine: see the imports at the top
+
+    return _json(promotion.card(_db(ctx), version))
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+@requires("train")
+def start_eval(ctx: Context, user: User, spec: EvalSpec) -> dict[str, Any]:
+    """Check the request and queue the evaluation on the studio's evaluation worker (one at a time);
+    answers at once with its record (status 'queued'). When it succeeds against the version's
+    parent, the gate decides on the version. Needs the model server; a bad input is told first."""
+    from studio import promotion
+    from studio.evals import engine
+
     store = _db(ctx)
-    known = camp.aliases(store)
-    if alias not in known:
-        raise StoreError(f"alias '{alias}' does not exist (known: {', '.join(known) or 'none'})")
-    current = store.model_version(known[alias])
-    if not current["parent"]:
-        raise StoreError(f"{alias} is at '{current['name']}', which has no parent to roll back to")
-    camp.set_alias(store, alias, current["parent"])
-    return {"alias": alias, "version": current["parent"], "previous": current["name"]}
+    judge = spec.judge()
+    options = {
+        "suites": spec.suites,
+        "seed": spec.seed,
+        "judge": judge,
+        "temperature": spec.temperature,
+        "limit": spec.limit,
+        "waived": spec.waive_rebattle,
+    }
+    backend = getattr(ctx, "backend", None)
+    if backend is None:
+        engine.plan_eval(store, None, spec.version, spec.against, **options)  # input errors first
+        raise _needs_studio("evaluating runs the suites on the model server")
+    return _json(
+        promotion.start_evaluation(
+            store, backend, spec.version, spec.against, created_by=user.name, **options
+        )
+    )
+
+
+@requires("train")
+def get_eval(ctx: Context, user: User, eval_id: str) -> dict[str, Any]:
+    """One evaluation: request, status, `result` ({version, against, metrics, gate}) and details."""
+    from studio.evals import engine
+
+    return _json(engine.get_eval(_db(ctx), eval_id))
+
+
+@requires("train")
+def list_evals(ctx: Context, user: User, version: str | None = None) -> list[dict[str, Any]]:
+    """Evaluations, newest first (of one version when given)."""
+    from studio.evals import engine
+
+    return [_json(e) for e in engine.list_evals(_db(ctx), version)]
 
 
 # -- users ---------------------------------------------------------------------------------------
@@ -851,11 +950,13 @@ def advice(ctx: Context, user: User) -> dict[str, Any]:
 
 @requires("train")
 def start_run(ctx: Context, user: User, spec: RunSpec) -> dict[str, Any]:
-    """Validate, snapshot the data, queue the run and wake the runner (nothing stored on a bad input)."""
+    """Validate, snapshot the data, queue the run and wake the runner (nothing stored on a bad input).
+    The run fixes the prompts of its blind re-battle (`rebattle_prompts`: held out of the snapshot,
+    or the spec's `eval_prompt_set`, never trained on); its `notes` say when there are none."""
     run = training.submit_run(_db(ctx), ctx.settings.data_dir, created_by=user.name, **_fields(spec))
     if ctx.runner is not None:
         ctx.runner.poke()
-    return public(run)
+    return public(run)  # `notes` says when the re-battle has no held-out prompts
 
 
 @requires("train")

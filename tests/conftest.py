@@ -108,7 +108,9 @@ class LiveStudio:
         from studio.config import Settings
 
         self.port = free_port()
-        self.settings = Settings(data_dir=data_dir, port=self.port)
+        # no automatic evaluation of trained versions: minutes of every suite on the shared vLLM
+        # behind each later test (tests/test_promotion*.py evaluate on purpose)
+        self.settings = Settings(data_dir=data_dir, port=self.port, auto_eval=False)
         self.app = create_app(self.settings)
         self.studio = self.app.state.studio
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")

@@ -283,7 +283,7 @@ REALISTIC: dict[str, dict[int, Any]] = {
     "label_poll": {0: "c1", 1: {}},
     "sxs_next": {0: "duel"},
     "sxs_pick": {0: "duel"},
-    "model_lineage": {0: "other"},
+    "model_card": {0: "other"},
     "admin_guidelines_load": {0: "c1"},
     "admin_guidelines": {0: "c1", 1: "be kind"},
     "admin_quality": {0: "c1"},

@@ -203,7 +203,14 @@ def test_commands_in_process_then_over_rest_say_the_same(
     assert code == 0 and "budget 200 votes" in out
     code, out, _ = run_cli(capsys, "models", "rollback", *data)
     assert (code, out) == (0, "'policy' now points at base (rolled back from other)\n")
-    assert run_cli(capsys, "models", "promote", "other", *data)[1] == "'policy' now points at other\n"
+    code, _, err = run_cli(capsys, "models", "promote", "other", *data)  # not evaluated yet: the gate refuses
+    assert (
+        code == 1 and "its gate did not pass: evaluation: no complete evaluation" in err and "--force" in err
+    )
+    code, out, _ = run_cli(capsys, "models", "promote", "other", "--force", *data)
+    assert code == 0 and out.startswith(
+        "'policy' now points at other\nforced (recorded): the gate did not pass:"
+    )
     code, out, _ = run_cli(capsys, "train", "dpo", "--campaign", "easy", *data)
     assert code == 0 and "queued: it starts when the studio runs" in out
     run_id = out.split()[0]

@@ -15,6 +15,7 @@ import pytest
 from studio import arena, training, users
 from studio import campaigns as camp
 from studio import services as svc
+from studio.evals import engine
 from studio.importer import messages_hash
 from studio.jobs import Runner
 from studio.serving.client import SamplingParams
@@ -78,6 +79,10 @@ ARGS: dict[str, Callable[[svc.OfflineContext, Path], tuple[Any, ...]]] = {
     "lineage": lambda c, t: ("other",),
     "promote": lambda c, t: ("base", svc.PromoteSpec()),
     "rollback": lambda c, t: (camp.POLICY,),
+    "model_card": lambda c, t: ("other",),
+    "start_eval": lambda c, t: (svc.EvalSpec("other"),),
+    "get_eval": lambda c, t: ("eval-x",),
+    "list_evals": lambda c, t: (),
     "add_user": lambda c, t: (svc.UserSpec("mallory", "admin", "password123"),),
     "list_users": lambda c, t: (),
     "set_password": lambda c, t: ("ann", "another-password"),
@@ -226,8 +231,22 @@ def test_offline_actions_that_need_the_running_studio_say_how_to_start_it(ctx: s
 
 def test_rollback_moves_the_alias_to_the_parent_and_says_when_there_is_none(ctx: svc.OfflineContext) -> None:
     eng = User("eng", "engineer")
-    assert svc.rollback(ctx, eng) == {"alias": "policy", "version": "base", "previous": "other"}
+    done = svc.rollback(ctx, eng)
+    assert {k: done[k] for k in ("alias", "version", "previous")} == {
+        "alias": "policy",
+        "version": "base",
+        "previous": "other",
+    }
     assert camp.aliases(ctx.store)["policy"] == "base"
+    # recorded like a promotion: who, from where, to where
+    (row,) = ctx.store.query("SELECT * FROM promotions WHERE id = ?", [done["record"]])
+    assert (row["action"], row["alias"], row["version"], row["from_version"], row["decided_by"]) == (
+        "rollback",
+        "policy",
+        "base",
+        "other",
+        "eng",
+    )
     with pytest.raises(StoreError, match="policy is at 'base', which has no parent to roll back to"):
         svc.rollback(ctx, eng)
     with pytest.raises(StoreError, match="alias 'ghost' does not exist"):
@@ -264,8 +283,9 @@ def defaults_of(fn: Callable[..., Any]) -> dict[str, Any]:
         (svc.CampaignSpec, camp.create_campaign),
         (svc.BattleCampaignSpec, arena.create_battle_campaign),
         (svc.RunSpec, training.submit_run),
+        (svc.EvalSpec, engine.start_eval),
     ],
-    ids=["campaign", "battle", "run"],
+    ids=["campaign", "battle", "run", "eval"],
 )
 def test_spec_defaults_are_the_domain_functions_defaults(spec: type, domain: Callable[..., Any]) -> None:
     # the domain functions keep defaults for internal callers (tests, the re-battle after a
@@ -289,7 +309,7 @@ DOORS = ["studio/api.py", "studio/cli.py", "studio/client.py"]
 # The UI joins this list once its handlers call the services (issue 10, item 3).
 SPEC_FIELDS = {
     f
-    for spec in (svc.CampaignSpec, svc.BattleCampaignSpec, svc.SampleSpec, svc.RunSpec)
+    for spec in (svc.CampaignSpec, svc.BattleCampaignSpec, svc.SampleSpec, svc.RunSpec, svc.EvalSpec)
     for f in svc.spec_defaults(spec)
 } | {"task_timeout", "rounds", "min_battles"}
 

@@ -122,15 +122,27 @@ def prompt_key(row: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()
 
 
-def split_held_out(rows: list[dict[str, Any]], share: float) -> tuple[list[dict], list[dict]]:
-    """Split by prompt, so that no held-out prompt was seen in training; the same rows give the same split."""
+def held_out_keys(rows: list[dict[str, Any]], share: float) -> set[str]:
+    """The prompt keys (`prompt_key`) held out of training: the first ceil(share x prompts) in
+    key order. Pure, so the studio computes the same split the trainer will (its re-battle
+    samples only these prompts); raises TrainerError for a share that leaves nothing to train on."""
     if not 0 <= share < 1:
-        fail(f"held_out {share}: use a share in [0, 1)")
+        raise TrainerError(f"held_out {share}: use a share in [0, 1)")
     keys = sorted({prompt_key(r) for r in rows})
     n_eval = math.ceil(share * len(keys)) if share else 0
     if share and n_eval >= len(keys):
-        fail(f"held_out {share}: the snapshot has just {len(keys)} prompt(s); none would be left to train on")
-    eval_keys = set(keys[:n_eval])
+        raise TrainerError(
+            f"held_out {share}: the snapshot has just {len(keys)} prompt(s); none would be left to train on"
+        )
+    return set(keys[:n_eval])
+
+
+def split_held_out(rows: list[dict[str, Any]], share: float) -> tuple[list[dict], list[dict]]:
+    """Split by prompt, so that no held-out prompt was seen in training; the same rows give the same split."""
+    try:
+        eval_keys = held_out_keys(rows, share)
+    except TrainerError as exc:
+        fail(str(exc))
     train = [r for r in rows if prompt_key(r) not in eval_keys]
     held = [r for r in rows if prompt_key(r) in eval_keys]
     return train, held

@@ -236,6 +236,38 @@ class OpenAIChatBackend:
         logprobs = data["choices"][0]["logprobs"]
         return float(logprobs["token_logprobs"][0])
 
+    def next_token_logprobs(
+        self, model: str, prompt_ids: list[int], token_ids: list[int]
+    ) -> dict[int, float]:
+        """log p(t | prompt_ids) under `model` for every t in `token_ids`, from one request.
+
+        vLLM's `logprob_token_ids` (up to 128 ids) reports exactly these tokens' log-probabilities
+        from the raw distribution of one decoding step, like `token_logprob` but for all of them at
+        once: one prefill instead of one per token. It goes through the sampler like any one-token
+        completion (not the prompt-logprobs path that runtime LoRA breaks on the CPU), so it is safe
+        to batch. A token the server leaves out (a server without the extension answers its own
+        top-k) is asked with `token_logprob`."""
+        wanted = list(dict.fromkeys(token_ids))
+        data = self._post_json(
+            "/v1/completions",
+            {
+                "model": model,
+                "prompt": prompt_ids,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": len(wanted),
+                "logprob_token_ids": wanted,
+                "return_tokens_as_token_ids": True,
+            },
+        )
+        top = (data["choices"][0].get("logprobs") or {}).get("top_logprobs") or [None]
+        found = {
+            int(key.removeprefix("token_id:")): float(value)
+            for key, value in (top[0] or {}).items()
+            if key.startswith("token_id:") and key.removeprefix("token_id:").isdigit()
+        }
+        return {t: found[t] if t in found else self.token_logprob(model, prompt_ids, t) for t in wanted}
+
     def chat(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> ChatResult:
         body = {"model": model, "messages": messages, **params.as_request()}
         # vLLM extension: per-choice token ids, so each completion has its own

@@ -53,6 +53,10 @@ def run_status(run: dict[str, Any]) -> str:
         out += f"\n\nVersions: {text(', '.join(run['versions']))}"
     if run["rebattle"]:
         out += f" · blind re-battle against the parent: campaign `{text(run['rebattle'])}`"
+    if run.get("rebattle_prompts"):
+        out += f"\n\nRe-battle prompts (never trained on): set `{text(run['rebattle_prompts'])}`"
+    for note in run.get("notes") or []:
+        out += f"\n\n**Note:** {text(note)}"
     return out
 
 
@@ -94,6 +98,12 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
                 overrides = gr.Textbox(
                     label="Recipe overrides, KEY=VALUE per line", lines=2, placeholder="train.beta=0.2"
                 )
+                eval_set = gr.Dropdown(
+                    label="Re-battle prompt set (empty: the prompts held out of the snapshot)",
+                    choices=[],
+                    value=SPEC.eval_prompt_set,
+                    allow_custom_value=True,
+                )
                 start = gr.Button("Start run", variant="primary", elem_id="start-run")
             with gr.Column(scale=3):
                 runs_table = table("Runs, newest first", RUN_COLUMNS, elem_id="runs-table")
@@ -133,6 +143,7 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
             gr.update(choices=[c["name"] for c in svc.list_campaigns(studio, user, kind="label")]),
             gr.update(choices=["", *svc.recipes(studio, user)]),
             gr.update(choices=["", *rewards]),
+            gr.update(choices=["", *(s["name"] for s in svc.list_prompt_sets(studio, user))]),
             *refresh(user, run_id),
             gr.Timer(active=True),
         ]
@@ -149,6 +160,7 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
         lines: str | None,
         who_v: str | None,
         strength_v: int | None,
+        eval_set_v: str | None,
     ) -> list[Any]:
         # empty controls are "not given": the spec's defaults (the recipe's values) apply
         spec = svc.RunSpec(
@@ -163,17 +175,20 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
                 reward_model=rm or None,
                 annotators=[a.strip() for a in (who_v or "").split(",") if a.strip()] or None,
                 min_strength=int(strength_v) if strength_v else None,
+                eval_prompt_set=eval_set_v or None,
             ),
         )
         run = svc.start_run(studio, user, spec)
         info(f"run {run['id']} queued")
+        for note in run["notes"]:
+            gr.Warning(text(note))  # e.g. no held-out prompts: the version gets no re-battle
         return refresh(user, run["id"])
 
     def cancel_run(user: User, run_id: str | None) -> list[Any]:
         svc.cancel_run(studio, user, run_id or "")
         return refresh(user, run_id)
 
-    form = [stage, parent, data, held_out, recipe, steps, reward_model, overrides, who, strength]
+    form = [stage, parent, data, held_out, recipe, steps, reward_model, overrides, who, strength, eval_set]
     start.click(on(start_run), form, shown, api_name="train_start")
     cancel.click(on(cancel_run), pick, shown, api_name="train_cancel")
     pick.change(on(refresh), pick, shown, api_name="train_pick", api_visibility="private")
@@ -181,7 +196,7 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
     tab.select(
         on(opened),
         pick,
-        [advice, stage, parent, data, recipe, reward_model, *shown, timer],
+        [advice, stage, parent, data, recipe, reward_model, eval_set, *shown, timer],
         api_name="train_open",
         api_visibility="private",
     )
