@@ -12,7 +12,6 @@ import argparse
 import getpass
 import json
 import signal
-import socket
 import sys
 import threading
 import time
@@ -61,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from studio.app import create_app
     from studio.model_prep import ModelError
+    from studio.ports import PortError, listen_sockets
     from studio.runtime import Studio
     from studio.serving.vllm_server import ServingError
 
@@ -80,14 +80,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    with socket.socket() as probe:  # fail now, not after a minute of loading the model
-        try:
-            probe.bind((settings.host, settings.port))
-        except OSError:
-            raise CLIError(
-                f"--port {settings.port}: already in use on {settings.host}; "
-                "stop what uses it or pick another port"
-            ) from None
+    # Bind now, not after a minute of loading the model: a busy port is told at once (naming
+    # who holds it), and nothing can take it meanwhile. uvicorn listens on these sockets.
+    try:
+        sockets = listen_sockets(settings.host, settings.port)
+    except PortError as exc:
+        raise CLIError(str(exc)) from None
     studio = Studio(settings)
 
     def interrupt(signum: int, frame: object) -> None:
@@ -100,6 +98,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         studio.start()
     except (ModelError, ServingError, StoreError) as exc:
         raise CLIError(str(exc)) from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     config = uvicorn.Config(
@@ -114,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             studio.announce()
 
     threading.Thread(target=announce_when_listening, daemon=True).start()
-    server.run()
+    server.run(sockets=sockets)
     return 0
 
 
@@ -446,6 +448,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"exported {result['kind']} rows as {result['format']} to {result['path']}"
         + (f" ({counts})" if counts else "")
     )
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        result = client.backup(args.out)
+    print(f"backed up the database to {result['path']} ({result['bytes']:,} bytes)")
     return 0
 
 
@@ -979,6 +988,20 @@ def build_parser() -> argparse.ArgumentParser:
         url_arg(p)
     acreate.set_defaults(func=cmd_arena_create)
     abattles.set_defaults(func=cmd_arena_battles)
+
+    bak = sub.add_parser(
+        "backup",
+        help="copy the database to a new file (safe while the studio runs)",
+        description="Write a consistent copy of the whole database (every table, users included) to a "
+        "new file. While a studio runs it makes the copy itself (DuckDB's COPY FROM DATABASE, one "
+        "snapshot while writes go on); never copy studio.duckdb with cp while a studio holds it. "
+        "To restore: stop the studio, put the copy in place of DATA_DIR/studio.duckdb (and remove "
+        "studio.duckdb.wal), start it. See docs/operations.md.",
+    )
+    bak.add_argument("out", type=Path, help="the new file to write, e.g. backups/studio-2026-12-01.duckdb")
+    data_dir_arg(bak)
+    url_arg(bak)
+    bak.set_defaults(func=cmd_backup)
 
     exp = sub.add_parser(
         "export",

@@ -134,6 +134,10 @@ class Client(ABC):
     def export(self, out: Path, spec: svc.ExportSpec) -> dict[str, Any]:
         """Write the export to `out` (on this machine): {path, format, kind, counts, ...}."""
 
+    @abstractmethod
+    def backup(self, out: Path) -> dict[str, Any]:
+        """Write a consistent copy of the database to the new file `out` (on this machine)."""
+
     def close(self) -> None:  # noqa: B027 (nothing to close for most clients)
         pass
 
@@ -217,6 +221,9 @@ class LocalClient(Client):
 
     def export(self, out: Path, spec: svc.ExportSpec) -> dict[str, Any]:
         return svc.export(self.ctx, self.user, out, spec)
+
+    def backup(self, out: Path) -> dict[str, Any]:
+        return svc.backup(self.ctx, self.user, out)
 
 
 class RestClient(Client):
@@ -335,6 +342,15 @@ class RestClient(Client):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(resp.content)
         return {"path": str(out), "format": fmt, "kind": spec.kind, "counts": {}}
+
+    def backup(self, out: Path) -> dict[str, Any]:
+        if out.exists():
+            raise CLIError(f"{out}: already exists; a backup never overwrites a file, pick a new name")
+        resp = self._call("GET", "/backup")
+        partial = out.with_name(f".{out.name}.partial")
+        partial.write_bytes(resp.content)
+        partial.replace(out)
+        return {"path": str(out), "bytes": out.stat().st_size}
 
 
 def _record(p: ImportedPrompt) -> dict[str, Any]:

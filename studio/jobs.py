@@ -138,6 +138,12 @@ class Runner:
             _terminate(proc)
         return tr.get_run(self.store, run_id)
 
+    def process_group(self, run_id: str) -> int | None:
+        """The process group of a running run's trainer (it leads its own session), else None."""
+        with self._lock:
+            proc = self._procs.get(run_id)
+        return None if proc is None else proc.pid
+
     # -------------------------------------------------------------- the loop
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -190,6 +196,7 @@ class Runner:
             cmd = [
                 self.python,
                 "-m",
+                "studio.lifeline",  # runs the trainer; its process group dies with the studio
                 f"trainers.{stage}",
                 "--config",
                 run["recipes"][stage],

@@ -24,7 +24,7 @@ from typing import Any
 from studio import campaigns as camp
 from studio.evals import engine
 from studio.evals import gate as gating
-from studio.store import Store, StoreError, _decode, new_id
+from studio.store import Store, StoreError, decode_json_columns, new_id
 
 log = logging.getLogger(__name__)
 GATE = "gate"  # `decided_by` of the gate's own decisions
@@ -49,7 +49,7 @@ def latest_evaluation(
         [version, against],
     )
     for row in rows:
-        settings = _decode(row, "settings")["settings"] or {}
+        settings = decode_json_columns(row, "settings")["settings"] or {}
         if not complete or (row["status"] == "succeeded" and settings.get("limit") is None):
             return engine.get_eval(store, row["id"])
     return None
@@ -181,7 +181,7 @@ def history(
         " AND (? IS NULL OR version = ? OR from_version = ?) ORDER BY decided_at DESC, id DESC LIMIT ?",
         [row_id, row_id, version, version, version, limit],
     )
-    return [_decode(r, "reasons") for r in rows]
+    return [decode_json_columns(r, "reasons") for r in rows]
 
 
 def _move(store: Store, alias: str, version: str) -> str | None:

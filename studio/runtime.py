@@ -100,7 +100,8 @@ class Studio:
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.host}:{self.settings.port}"
+        host = self.settings.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.settings.port}"  # IPv6 in brackets
 
     @property
     def _server_file(self) -> Path:
@@ -267,6 +268,18 @@ class Studio:
             self.store.close()
             self.store = None
         self.sampler = None
+
+    def serving_state(self) -> dict[str, Any] | None:
+        """The model server's state without asking it (cheap enough for every empty next task):
+        {"state": starting | ready | restarting | failed | stopped, "restarts": N, "last_error"}
+        for the managed vLLM, {"state": "ready"} for an external server, None without one."""
+        if self.server is not None:
+            return {
+                "state": self.server.state,
+                "restarts": self.server.restarts,
+                "last_error": self.server.last_error,
+            }
+        return {"state": "ready", "restarts": 0, "last_error": None} if self.backend is not None else None
 
     def health(self) -> dict[str, Any]:
         store_state: dict[str, Any] = {"path": str(self.settings.db_path), "ok": False}

@@ -44,6 +44,7 @@ from studio.importer import ImportedPrompt, normalize_messages, read_prompts, to
 from studio.labeling import Submission
 from studio.serving.client import BackendError, OpenAIChatBackend, SamplingParams
 from studio.store import Store, StoreError
+from studio.textcheck import MAX_EDIT_CHARS, MAX_KEY_CHARS, MAX_RATIONALE_CHARS, check_text
 from studio.users import AuthError, User
 
 # `arena` (and `jobs`, which imports it) are imported by the actions that use them: they bring
@@ -75,6 +76,7 @@ class Context(Protocol):
     sampler: Sampler | None
     task_sampler: TaskSampler | None
     runner: Runner | None
+    backend: OpenAIChatBackend | None
     base_version: str
 
     def add_adapter(
@@ -88,6 +90,8 @@ class Context(Protocol):
 
     def health(self) -> dict[str, Any]: ...
 
+    def serving_state(self) -> dict[str, Any] | None: ...
+
 
 class OfflineContext:
     """A studio's database and data directory while no studio runs (for the CLI).
@@ -99,6 +103,7 @@ class OfflineContext:
     sampler = None
     task_sampler = None
     runner = None
+    backend = None
 
     def __init__(self, data_dir: Path | str):
         self.settings = Settings(data_dir=Path(data_dir))
@@ -117,6 +122,9 @@ class OfflineContext:
 
     def health(self) -> dict[str, Any]:
         return {"studio": "offline", "store": {"path": str(self.settings.db_path), "ok": True}}
+
+    def serving_state(self) -> dict[str, Any] | None:
+        return None  # no model server here
 
     def close(self) -> None:
         if self.store is not None:
@@ -144,6 +152,8 @@ def _db(ctx: Context) -> Store:
 
 
 # -- the capability check ---------------------------------------------------------------------
+EXPERT_QUALITY = "admin"  # who may read quality per person (names, agreement, biases)
+HEALTH_DETAIL = "train"  # who may read where the studio's files, ports and processes are
 F = TypeVar("F", bound=Callable[..., Any])
 ACTIONS: dict[str, Callable[..., Any]] = {}  # every action by name, for doors and tests that list them
 
@@ -404,15 +414,46 @@ def _wake_tasks(ctx: Context, campaign: str | None = None, starved: bool = False
         ctx.task_sampler.poke(campaign, starved=starved)
 
 
+def _context_of(ctx: Context, store: Store, models: list[str]) -> int | None:
+    """The smallest context (tokens, prompt and answer together) of the served models a campaign
+    samples from, so that its max_tokens is checked when it is created, not found wrong by the
+    sampler later. None without a model server (offline) or while it does not answer (it is
+    restarting): the campaign is then checked by the domain's own bounds only."""
+    backend = getattr(ctx, "backend", None)
+    if backend is None:
+        return None
+    lengths = []
+    for model in models:
+        try:
+            version = camp.resolve_policy(store, model)
+        except (StoreError, TypeError):
+            continue  # the domain function names the bad model
+        length = backend.max_model_len(version)
+        if length is not None:
+            lengths.append(length)
+    return min(lengths) if lengths else None
+
+
 def _sampler_error(ctx: Context, campaign: str) -> str | None:
     """Why the task sampler last failed to sample for the campaign (None while it samples, or offline)."""
     return ctx.task_sampler.last_error(campaign) if ctx.task_sampler is not None else None
 
 
 # -- the studio ----------------------------------------------------------------------------------
-def health(ctx: Context) -> dict[str, Any]:
-    """Store and model server state; public (no login), as a load balancer asks for it."""
-    return ctx.health()
+# Services anyone may call, logged in or not; every other public function taking a user is an
+# action with a capability (ACTIONS).
+PUBLIC = ("health",)
+
+
+def health(ctx: Context, user: User | None = None) -> dict[str, Any]:
+    """Whether the studio is up ({"studio": "ok" | "degraded" | "offline"}); public (no login),
+    as a load balancer asks for it. Users who may see the detail (HEALTH_DETAIL: engineers and
+    admins) also get the store's and the model server's state: the database path, vLLM's URL,
+    port, pid and log, which tell an outsider where things are."""
+    report = ctx.health()
+    if user is not None and user.can(HEALTH_DETAIL):
+        return report
+    return {"studio": report["studio"]}
 
 
 @requires("view")
@@ -494,6 +535,8 @@ def sample(ctx: Context, user: User, spec: SampleSpec) -> dict[str, Any]:
 @requires("train")
 def add_adapter(ctx: Context, user: User, spec: AdapterSpec) -> dict[str, Any]:
     """Register a LoRA adapter folder as a version over the base and hot-load it."""
+    if ctx.backend is None:  # offline, or a studio still starting (or serving without a model)
+        raise _needs_studio("adding an adapter hot-loads it, which needs the model server")
     return public(ctx.add_adapter(spec.name, Path(spec.path), source=f"upload:{user.name}"))
 
 
@@ -607,8 +650,12 @@ def new_token(ctx: Context, user: User, name: str) -> dict[str, Any]:
 @requires("admin")
 def create_campaign(ctx: Context, user: User, spec: CampaignSpec) -> dict[str, Any]:
     """Create a labeling campaign; the task sampler starts filling its buffer."""
+    store = _db(ctx)
     fields_ = _fields(spec)
-    created = camp.create_campaign(_db(ctx), fields_.pop("name"), created_by=user.name, **fields_)
+    context = _context_of(ctx, store, [spec.model])
+    created = camp.create_campaign(
+        store, fields_.pop("name"), created_by=user.name, max_model_len=context, **fields_
+    )
     _wake_tasks(ctx)
     return public(created)
 
@@ -659,17 +706,47 @@ def campaign_quality(ctx: Context, user: User, name: str) -> dict[str, Any]:
 
 # -- labeling ------------------------------------------------------------------------------------
 def _with_progress(ctx: Context, campaign: str, user: User, task: dict[str, Any] | None) -> dict[str, Any]:
+    """The next-task answer: the task, the progress, and a `status` with a `note` saying why there
+    is no task when there is none (a task: "task"; none: "done", "preparing", "restarting",
+    "server_down", "no_server", "sampler_failing"), so that a client never sees a quiet
+    `task: null`."""
     status = labeling.progress(_db(ctx), campaign, user.name)
     if task is None and status["remaining"]:
         _wake_tasks(ctx, campaign, starved=True)  # the buffer ran dry for this annotator
     status["sampler_error"] = _sampler_error(ctx, campaign)  # why no task is ready, if sampling fails
-    return {"task": task, "progress": status}
+    state, note = _why_no_task(ctx, status) if task is None else ("task", None)
+    return {"task": task, "progress": status, "status": state, "note": note}
+
+
+def _why_no_task(ctx: Context, progress: dict[str, Any]) -> tuple[str, str]:
+    if not progress.get("remaining"):
+        return "done", "no tasks left for you in this campaign"
+    serving = ctx.serving_state() if hasattr(ctx, "serving_state") else None
+    state = serving.get("state") if serving else None
+    if serving and state in ("starting", "restarting"):
+        restart = f" (restart {serving['restarts']})" if serving.get("restarts") else ""
+        return "restarting", f"the model server is restarting{restart}; tasks resume when it is back"
+    if serving and state in ("failed", "stopped"):
+        why = f": {serving['last_error']}" if serving.get("last_error") else ""
+        return "server_down", f"the model server is down{why}; tell an admin (the studio's log says more)"
+    if progress.get("sampler_error"):
+        return "sampler_failing", (
+            f"sampling answers for this campaign is failing ({progress['sampler_error']}); "
+            "it is retried by itself: tell an admin if this stays"
+        )
+    if serving is None:
+        return "no_server", (
+            "no model server runs here: tasks are sampled only while a studio serves (`studio serve`)"
+        )
+    return "preparing", f"the model is sampling answers ({progress.get('ready', 0)} ready); try again shortly"
 
 
 @requires("label")
 def next_task(ctx: Context, user: User, campaign: str) -> dict[str, Any]:
     """The user's open task in the campaign, or a new one (None when none is ready), and progress."""
-    return _with_progress(ctx, campaign, user, labeling.next_task(_db(ctx), campaign, user.name))
+    store = _db(ctx)
+    camp.require_kind(store, campaign, "label")  # a battle campaign's sampling is never the annotators'
+    return _with_progress(ctx, campaign, user, labeling.next_task(store, campaign, user.name))
 
 
 def _judged(
@@ -682,6 +759,15 @@ def _judged(
     return out
 
 
+def _check_judgment_text(spec: JudgmentSpec) -> None:
+    """The free text of a judgment is storable text within its limit (a lone surrogate such as a
+    JSON "\\ud800" escape cannot be stored): checked before the pool takes the judgment."""
+    check_text(spec.assignment_id, "assignment_id", max_chars=MAX_KEY_CHARS)
+    check_text(spec.idempotency_key, "idempotency_key", max_chars=MAX_KEY_CHARS, optional=True)
+    check_text(spec.rationale, "rationale", max_chars=MAX_RATIONALE_CHARS, optional=True)
+    check_text(spec.edited_text, "edited_text", max_chars=MAX_EDIT_CHARS, optional=True)
+
+
 @requires("label")
 def begin_judgment(
     ctx: Context, user: User, spec: JudgmentSpec
@@ -690,6 +776,7 @@ def begin_judgment(
     future (the group commit, written on the loop), then call the second part for the answer; it
     raises what the commit raised, after taking the change back. With `spec.next` the next task
     is taken in the same step. The capability check reads the in-memory user: no query."""
+    _check_judgment_text(spec)
     committed, finish = labeling.begin_submit(
         _db(ctx), user.name, spec, shown_at=spec.shown_at, then_next=spec.next
     )
@@ -706,6 +793,7 @@ def submit_judgment(ctx: Context, user: User, spec: JudgmentSpec) -> dict[str, A
     """Store one judgment and answer once it is committed (retries with the same idempotency key
     store it once); with `spec.next` the answer also carries the user's next task."""
     store = _db(ctx)
+    _check_judgment_text(spec)
     judgment = labeling.submit(store, user.name, spec, shown_at=spec.shown_at)
     task = labeling.next_task(store, judgment["campaign"], user.name) if spec.next else None
     return _judged(ctx, user, spec, judgment, task)
@@ -714,6 +802,7 @@ def submit_judgment(ctx: Context, user: User, spec: JudgmentSpec) -> dict[str, A
 @requires("label")
 def skip(ctx: Context, user: User, assignment_id: str) -> dict[str, Any]:
     """Give a task back; the user is never offered it again."""
+    check_text(assignment_id, "assignment_id", max_chars=MAX_KEY_CHARS)
     labeling.skip(_db(ctx), user.name, assignment_id)
     return {"skipped": assignment_id}
 
@@ -724,8 +813,12 @@ def create_battle_campaign(ctx: Context, user: User, spec: BattleCampaignSpec) -
     """Create a blind battle campaign; the task sampler starts sampling its battles."""
     from studio import arena  # scipy: see the imports at the top
 
+    store = _db(ctx)
     fields_ = _fields(spec)
-    created = arena.create_battle_campaign(_db(ctx), fields_.pop("name"), created_by=user.name, **fields_)
+    context = _context_of(ctx, store, spec.versions if isinstance(spec.versions, list) else [])
+    created = arena.create_battle_campaign(
+        store, fields_.pop("name"), created_by=user.name, max_model_len=context, **fields_
+    )
     _wake_tasks(ctx)
     return public(created)
 
@@ -774,7 +867,8 @@ def regenerate(ctx: Context, user: User, battle_id: str) -> dict[str, Any]:
 
 @requires("view")
 def battle_stats(ctx: Context, user: User, name: str) -> dict[str, Any]:
-    """A battle campaign with its ratings, matrices, two-version interval and expert quality."""
+    """A battle campaign with its ratings, matrices and two-version interval; with expert quality
+    (`experts`) for those who may see it (admins), else `experts` is None."""
     from studio import arena  # scipy: see the imports at the top
 
     store = _db(ctx)
@@ -784,7 +878,8 @@ def battle_stats(ctx: Context, user: User, name: str) -> dict[str, Any]:
         "campaign": public(campaign),
         **arena.campaign_leaderboard(store, name),
         "two_version_interval": interval,
-        "experts": arena.expert_quality(store, name),
+        # quality per person (names, agreement, position bias) is for admins only
+        "experts": arena.expert_quality(store, name) if user.can(EXPERT_QUALITY) else None,
     }
 
 
@@ -823,9 +918,10 @@ def rate_battle_log(
     return rate(battles, rounds=spec.rounds, min_battles=spec.min_battles)
 
 
-@requires("view")
+@requires(EXPERT_QUALITY)
 def expert_quality(ctx: Context, user: User, campaign: str | None = None) -> list[dict[str, Any]]:
-    """Per expert: agreement with the majority of the others, and position bias."""
+    """Per expert: agreement with the majority of the others, and position bias (admins only:
+    it names people and grades them)."""
     from studio import arena  # scipy: see the imports at the top
 
     return arena.expert_quality(_db(ctx), campaign)
@@ -891,6 +987,28 @@ def cancel_run(ctx: Context, user: User, run_id: str) -> dict[str, Any]:
     if ctx.runner is None:
         raise _needs_studio("cancelling a run stops its process, which needs the training runner")
     return public(ctx.runner.cancel(run_id, f"cancelled by {user.name}"))
+
+
+# -- backup --------------------------------------------------------------------------------------
+@requires("admin")
+def backup(ctx: Context, user: User, out: Path | str) -> dict[str, Any]:
+    """A consistent copy of the whole database (every table, the users' hashes too) written to the
+    new file `out` on the studio's machine, while the studio runs (studio/backup.py)."""
+    from studio.backup import backup_database
+
+    return backup_database(_db(ctx), out)
+
+
+@requires("admin")
+def backup_download(ctx: Context, user: User) -> dict[str, Any]:
+    """`backup` into a new temporary folder, as one file to download. The caller removes the
+    folder (the parent of the returned `path`) once it is served."""
+    folder = Path(tempfile.mkdtemp(prefix="studio-backup-"))
+    try:
+        return backup(ctx, user, folder / "studio.duckdb")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 # -- export --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 from studio import campaigns as camp
 from studio.export import build_rows
 from studio.quality import campaign_agreement
-from studio.store import ImportedPrompt, Store, StoreError, _decode, new_id
+from studio.store import ImportedPrompt, Store, StoreError, decode_json_columns, new_id
 from trainers import configs
 from trainers.common import STAGES, TrainerError, held_out_keys, prompt_key, rows_hash
 
@@ -97,7 +97,7 @@ def take_snapshot(
     snap_id = f"snap-{digest[:16]}"
     existing = store.query("SELECT * FROM snapshots WHERE id = ?", [snap_id])
     if existing and Path(existing[0]["path"]).is_file():
-        return _decode(existing[0], "filter")
+        return decode_json_columns(existing[0], "filter")
     folder = data_dir / "snapshots" / snap_id
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{kind}.parquet"
@@ -129,7 +129,7 @@ def take_snapshot(
             cur.executemany(
                 "INSERT INTO snapshot_judgments VALUES (?, ?)", [[snap_id, j] for j in judgment_ids]
             )
-    return _decode(store.query("SELECT * FROM snapshots WHERE id = ?", [snap_id])[0], "filter")
+    return decode_json_columns(store.query("SELECT * FROM snapshots WHERE id = ?", [snap_id])[0], "filter")
 
 
 # ---------------------------------------------------------------- runs
@@ -391,7 +391,7 @@ def list_runs(store: Store, limit: int = 50) -> list[dict[str, Any]]:
 
 
 def _run(row: dict[str, Any]) -> dict[str, Any]:
-    run = _decode(row, "recipes", "overrides", "metrics")
+    run = decode_json_columns(row, "recipes", "overrides", "metrics")
     trained = run.pop("trained_prompts", None)  # hashes: their count is what a person reads
     run["trained_prompt_count"] = None if trained is None else len(trained)
     run["notes"] = list(run.get("notes") or [])
@@ -422,7 +422,7 @@ def lineage(store: Store, version: str) -> list[dict[str, Any]]:
         run_id = (v.get("meta") or {}).get("run_id")
         if run_id:
             run = get_run(store, run_id)
-            snap = _decode(
+            snap = decode_json_columns(
                 store.query("SELECT * FROM snapshots WHERE id = ?", [run["snapshot_id"]])[0], "filter"
             )
             judged = store.query(

@@ -13,6 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from studio import labeling
+from studio.campaigns import ensure_policy_alias
+from studio.labeling import Submission
+from studio.store import Store
+from tests.helpers import StoreFile, make_users, seed_campaign, seed_easy_judgments
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,6 +28,58 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def store_file(tmp_path: Path) -> Iterator[StoreFile]:
+    """A fresh studio database (a real DuckDB file) under the test's tmp_path, closed after it."""
+    db = StoreFile(tmp_path / "db" / "studio.duckdb")
+    yield db
+    db.close()
+
+
+@pytest.fixture()
+def store(store_file: StoreFile) -> Store:
+    """The open store of `store_file` (closed after the test). Modules add their users by
+    overriding it: `def store(store): make_users(store, ...); return store`."""
+    assert store_file.store is not None
+    return store_file.store
+
+
+@pytest.fixture()
+def judged(store: Store) -> Store:
+    """Campaign c1: two prompts judged by two annotators: a full ranking with a tie, quick
+    mode, all-bad, an edit."""
+    make_users(store, ("ann1", "annotator"), ("ann2", "annotator"))
+    seed_campaign(store, prompts=2, n=3, overlap=2)
+    t = labeling.next_task(store, "c1", "ann1")
+    labeling.submit(
+        store,
+        "ann1",
+        Submission(t["assignment_id"], ranks=[1, 2, 2], strength=3, edited_text="The ideal answer."),
+    )
+    t = labeling.next_task(store, "c1", "ann1")
+    labeling.submit(store, "ann1", Submission(t["assignment_id"], all_bad=True))
+    t = labeling.next_task(store, "c1", "ann2")
+    labeling.submit(
+        store, "ann2", Submission(t["assignment_id"], best=0, worst=2, flags={1: ["hallucination"]})
+    )
+    return store
+
+
+@pytest.fixture()
+def base_model_path() -> str:
+    """Where version `base` of `easy_judged` points; a module that trains it overrides this."""
+    return "/models/base"
+
+
+@pytest.fixture()
+def easy_judged(store: Store, base_model_path: str) -> Store:
+    """Campaign `easy`: 10 tasks judged by ann1 with an easy preference (see seed_easy_judgments)."""
+    store.register_model_version("base", path=base_model_path, content_hash="t" * 64, source="test")
+    ensure_policy_alias(store, "base")
+    seed_easy_judgments(store, n=10)
+    return store
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +142,7 @@ class NoModelStudio:
     (a poke only marks them; a queued run is cancelled at once). Served by uvicorn in a thread,
     with the `server.json` a studio writes, so a CLI process finds it."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, ui: bool = False):
         import uvicorn
 
         from studio.app import create_app
@@ -95,15 +153,24 @@ class NoModelStudio:
         from studio.task_sampler import TaskSampler
 
         self.port = free_port()
-        self.settings = Settings(data_dir=data_dir, port=self.port, ui=False)
+        self.settings = Settings(data_dir=data_dir, port=self.port, ui=ui)
         studio = self.studio = Studio(self.settings)
         studio.store = Store(self.settings.db_path)
         studio.task_sampler = TaskSampler(studio.store, None)  # type: ignore[arg-type]
         studio.runner = Runner(studio.store, data_dir, register=lambda *a: "")
         studio.sampler = None
+        # The app's lifespan would start a model server; Gradio's mount needs the lifespan to run
+        # its own start-up (the event queue), so with the UI the studio's start is skipped instead.
+        studio.start = lambda: None  # type: ignore[method-assign]
         self.app = create_app(self.settings, studio)
         self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+            uvicorn.Config(
+                self.app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="on" if ui else "off",
+            )
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"

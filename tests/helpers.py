@@ -20,6 +20,25 @@ from studio.users import add_user
 PASSWORD = "correct-horse-battery"
 
 
+class StoreFile:
+    """A studio database file and the one `Store` open on it; `reopen` is a restart."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.store: Store | None = Store(path)
+
+    def reopen(self) -> Store:
+        """Close the store (it writes what it acknowledged) and open the file again."""
+        self.close()
+        self.store = Store(self.path)
+        return self.store
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
 def seed_campaign(
     store: Store,
     name: str = "c1",
@@ -47,40 +66,45 @@ def seed_campaign(
     campaigns.create_campaign(store, name, prompt_set=set_name, n=n, overlap=overlap, status="paused")
     task_ids = []
     for i, p in enumerate(store.prompts(set_name)):
-        request_id = new_id()
-        rows = []
-        for c in range(n):
-            text = (
-                content(i)[1][c]
-                if content
-                else texts[c]
-                if texts
-                else f"answer {c} to {p['messages'][0]['content']} " + "x" * (10 * c)
-            )
-            rows.append(
-                {
-                    "id": new_id(),
-                    "request_id": request_id,
-                    "choice_index": c,
-                    "prompt_id": p["id"],
-                    "messages": p["messages"],
-                    "model_version": "base",
-                    "text": text,
-                    "finish_reason": "stop",
-                    "prompt_tokens": 10,
-                    "completion_tokens": 5,
-                    "latency_ms": 1.0,
-                    "temperature": 0.8,
-                    "top_p": 0.95,
-                    "max_tokens": 64,
-                    "seed": None,
-                    "sampling": {"n": n},
-                }
-            )
-        store.add_generations(rows)
-        task_ids.append(labeling.add_task(store, name, p["id"], "base", [r["id"] for r in rows]))
+        answers = [
+            content(i)[1][c]
+            if content
+            else texts[c]
+            if texts
+            else f"answer {c} to {p['messages'][0]['content']} " + "x" * (10 * c)
+            for c in range(n)
+        ]
+        task_ids.append(add_sampled_task(store, name, p, answers))
     campaigns.set_status(store, name, "active")
     return task_ids
+
+
+def add_sampled_task(store: Store, name: str, prompt: dict, answers: list[str]) -> str | None:
+    """Store `answers` as the base version's completions of `prompt` and offer them as a task."""
+    request_id = new_id()
+    rows = [
+        {
+            "id": new_id(),
+            "request_id": request_id,
+            "choice_index": c,
+            "prompt_id": prompt["id"],
+            "messages": prompt["messages"],
+            "model_version": "base",
+            "text": text,
+            "finish_reason": "stop",
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "latency_ms": 1.0,
+            "temperature": 0.8,
+            "top_p": 0.95,
+            "max_tokens": 64,
+            "seed": None,
+            "sampling": {"n": len(answers)},
+        }
+        for c, text in enumerate(answers)
+    ]
+    store.add_generations(rows)
+    return labeling.add_task(store, name, prompt["id"], "base", [r["id"] for r in rows])
 
 
 def make_users(store: Store, *specs: tuple[str, str]) -> dict[str, str]:
@@ -156,6 +180,19 @@ def seed_battles(
         ids.append(battle_id)
     campaigns.set_status(store, name, "active")
     return ids
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Processes of one process group still running (zombies, already dead, left out)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended while we looked
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # after the name: state, ppid, pgrp
+            alive.append(int(stat.parent.name))
+    return alive
 
 
 def login(browser: object, url: str, name: str) -> object:

@@ -6,32 +6,9 @@ from pathlib import Path
 import pytest
 from datasets import load_dataset, load_from_disk
 
-from studio import labeling
 from studio.export import MARGINS, build_rows, write_export
-from studio.labeling import Submission
 from studio.store import Store, StoreError
-from tests.helpers import make_users, seed_campaign, tiny_model
-
-
-@pytest.fixture()
-def judged(tmp_path: Path) -> Store:
-    """Two prompts judged by two annotators: a full ranking with a tie, quick mode, all-bad, an edit."""
-    store = Store(tmp_path / "s.duckdb")
-    make_users(store, ("ann1", "annotator"), ("ann2", "annotator"))
-    seed_campaign(store, prompts=2, n=3, overlap=2)
-    t = labeling.next_task(store, "c1", "ann1")
-    labeling.submit(
-        store,
-        "ann1",
-        Submission(t["assignment_id"], ranks=[1, 2, 2], strength=3, edited_text="The ideal answer."),
-    )
-    t = labeling.next_task(store, "c1", "ann1")
-    labeling.submit(store, "ann1", Submission(t["assignment_id"], all_bad=True))
-    t = labeling.next_task(store, "c1", "ann2")
-    labeling.submit(
-        store, "ann2", Submission(t["assignment_id"], best=0, worst=2, flags={1: ["hallucination"]})
-    )
-    return store
+from tests.helpers import seed_campaign, tiny_model
 
 
 def test_preference_rows_pairs_ties_and_margins(judged: Store) -> None:
@@ -114,8 +91,7 @@ def test_export_formats_load_with_datasets_and_have_a_card(judged: Store, tmp_pa
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_nothing_to_export_is_an_error_and_writes_nothing(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.duckdb")
+def test_nothing_to_export_is_an_error_and_writes_nothing(store: Store, tmp_path: Path) -> None:
     seed_campaign(store, prompts=1)
     with pytest.raises(StoreError, match="nothing to export"):
         write_export(store, tmp_path / "x.parquet", "preference", campaign="c1")

@@ -19,11 +19,6 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-@pytest.fixture()
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "db" / "s.duckdb")
-
-
 def import_file(store: Store, path: Path, **kw) -> object:
     return store.import_prompts("set", read_prompts(path, **kw), source=str(path))
 

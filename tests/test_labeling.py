@@ -3,26 +3,29 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from studio import campaigns, labeling, quality
+from studio import campaigns, labeling, labeling_store, quality
 from studio.app import create_app
 from studio.config import Settings
+from studio.importer import messages_hash
 from studio.labeling import Submission
 from studio.runtime import Studio
-from studio.store import Store, StoreError
-from tests.helpers import make_users, seed_campaign
+from studio.store import ImportedPrompt, Store, StoreError
+from tests.helpers import StoreFile, add_sampled_task, make_users, seed_campaign
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "s.duckdb")
-    make_users(s, ("ann1", "annotator"), ("ann2", "annotator"), ("ann3", "annotator"))
-    return s
+def store(store: Store) -> Store:
+    make_users(store, ("ann1", "annotator"), ("ann2", "annotator"), ("ann3", "annotator"))
+    return store
 
 
 def test_each_task_goes_to_k_different_annotators_never_twice(store: Store) -> None:
@@ -178,18 +181,14 @@ def test_agreement_and_annotator_quality(store: Store) -> None:
     assert per["ann1"]["judgments"] == 4
 
 
-def test_pool_state_survives_a_restart(tmp_path: Path) -> None:
+def test_pool_state_survives_a_restart(store: Store, store_file: StoreFile) -> None:
     """The pool lives in memory; reopening the file must give back the same picture."""
-    path = tmp_path / "s.duckdb"
-    store = Store(path)
-    make_users(store, ("ann1", "annotator"), ("ann2", "annotator"))
     seed_campaign(store, prompts=3, overlap=1)
     done = labeling.next_task(store, "c1", "ann1")
     labeling.submit(store, "ann1", Submission(done["assignment_id"], ranks=[1, 2, 3]))
     held = labeling.next_task(store, "c1", "ann1")
-    store.close()
 
-    store = Store(path)
+    store = store_file.reopen()
     assert labeling.next_task(store, "c1", "ann1")["assignment_id"] == held["assignment_id"]  # resumed
     assert labeling.progress(store, "c1", "ann1") | {"done": 1, "remaining": 1} == labeling.progress(
         store, "c1", "ann1"
@@ -197,41 +196,34 @@ def test_pool_state_survives_a_restart(tmp_path: Path) -> None:
     other = labeling.next_task(store, "c1", "ann2")  # the last free task, not the judged or held one
     assert other["assignment_id"] not in (done["assignment_id"], held["assignment_id"])
     assert labeling.next_task(store, "c1", "ann2")["assignment_id"] == other["assignment_id"]
-    store.close()
 
 
-def test_a_judgment_whose_assignment_row_was_never_written_rebuilds_it(tmp_path: Path) -> None:
+def test_a_judgment_whose_assignment_row_was_never_written_rebuilds_it(
+    store: Store, store_file: StoreFile
+) -> None:
     # Under load the assignment rows are written up to a second after the judgment (see
     # LabelingPool._flush); a crash in between leaves a judgment without its row.
-    path = tmp_path / "s.duckdb"
-    store = Store(path)
-    make_users(store, ("ann1", "annotator"))
     seed_campaign(store, prompts=2, overlap=1)
     task = labeling.next_task(store, "c1", "ann1")
     judgment = labeling.submit(store, "ann1", Submission(task["assignment_id"], ranks=[2, 1, 3]))
-    store.close()
-    store = Store(path)
+    store = store_file.reopen()
     with store.transaction() as cur:
         cur.execute("DELETE FROM assignments")  # the crash: no assignment row was written
-    store.close()
 
-    store = Store(path)
+    store = store_file.reopen()
     assert labeling.progress(store, "c1", "ann1")["done"] == 1
     following = labeling.next_task(store, "c1", "ann1")
     assert following is not None and following["assignment_id"] != task["assignment_id"]
     assert labeling.next_task(store, "c1", "ann1")["assignment_id"] == following["assignment_id"]
-    store.close()  # writes what the load rebuilt
-    store = Store(path)
+    store = store_file.reopen()  # the close writes what the load rebuilt
     row = store.query("SELECT * FROM assignments WHERE id = ?", [task["assignment_id"]])[0]
     assert row["status"] == "done" and list(row["display_order"]) == judgment["generation_ids"]
-    store.close()
 
 
-def test_concurrent_annotators_each_task_k_times_nothing_lost(tmp_path: Path) -> None:
+def test_concurrent_annotators_each_task_k_times_nothing_lost(store_file: StoreFile) -> None:
     """Twelve threads label at once through the group commit: the pool's rules hold and every
     acknowledged judgment is in the file after it is closed."""
-    path = tmp_path / "s.duckdb"
-    store = Store(path)
+    store = store_file.store
     names = [f"ann{i}" for i in range(12)]
     make_users(store, *[(n, "annotator") for n in names])
     seed_campaign(store, prompts=30, overlap=3)
@@ -246,9 +238,8 @@ def test_concurrent_annotators_each_task_k_times_nothing_lost(tmp_path: Path) ->
 
     with ThreadPoolExecutor(len(names)) as pool:
         list(pool.map(work, names))
-    store.close()
 
-    store = Store(path)
+    store = store_file.reopen()
     stored = store.query("SELECT id, task_id, annotator FROM judgments")
     assert {r["id"] for r in stored} == {j for ids in acked.values() for j in ids}
     assert len(stored) == 90  # 30 tasks x overlap 3, all judged
@@ -257,23 +248,20 @@ def test_concurrent_annotators_each_task_k_times_nothing_lost(tmp_path: Path) ->
         per_task.setdefault(r["task_id"], []).append(r["annotator"])
     assert all(len(who) == 3 == len(set(who)) for who in per_task.values())
     assert store.query("SELECT count(*) AS n FROM assignments WHERE status = 'done'")[0]["n"] == 90
-    store.close()
 
 
-def test_a_reused_key_from_another_campaign_returns_that_judgment(tmp_path: Path) -> None:
+def test_a_reused_key_from_another_campaign_returns_that_judgment(
+    store: Store, store_file: StoreFile
+) -> None:
     # The key is unknown to the pool (its campaign is not loaded), so the database's unique
     # constraint catches it: the caller gets the stored judgment, the pool takes its change back.
-    path = tmp_path / "s.duckdb"
-    store = Store(path)
-    make_users(store, ("ann1", "annotator"))
     seed_campaign(store, name="c1", prompts=1, overlap=1)
     seed_campaign(store, name="c2", prompts=1, overlap=1)
     first = labeling.next_task(store, "c1", "ann1")
     stored = labeling.submit(
         store, "ann1", Submission(first["assignment_id"], ranks=[1, 2, 3], idempotency_key="k")
     )
-    store.close()
-    store = Store(path)
+    store = store_file.reopen()
     other = labeling.next_task(store, "c2", "ann1")
     again = labeling.submit(
         store, "ann1", Submission(other["assignment_id"], ranks=[3, 2, 1], idempotency_key="k")
@@ -281,7 +269,143 @@ def test_a_reused_key_from_another_campaign_returns_that_judgment(tmp_path: Path
     assert again["id"] == stored["id"] and again["campaign"] == "c1"
     assert labeling.progress(store, "c2", "ann1")["done"] == 0
     assert labeling.next_task(store, "c2", "ann1")["assignment_id"] == other["assignment_id"]  # still open
-    store.close()
+
+
+def test_a_judged_assignment_left_open_by_a_crash_is_marked_done_on_load(
+    store: Store, store_file: StoreFile
+) -> None:
+    # Under load an assignment's "done" follows its judgment by up to a second (see
+    # LabelingPool._flush); a crash in between leaves the judgment with its row still open.
+    seed_campaign(store, prompts=2, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")
+    labeling.submit(store, "ann1", Submission(task["assignment_id"], ranks=[2, 1, 3]))
+    store = store_file.reopen()
+    with store.transaction() as cur:  # the crash: the judged row was never updated
+        cur.execute("UPDATE assignments SET status = 'open' WHERE id = ?", [task["assignment_id"]])
+
+    store = store_file.reopen()
+    assert labeling.progress(store, "c1", "ann1")["done"] == 1  # loads the campaign
+    store = store_file.reopen()  # the close writes what the load repaired
+    row = store.query("SELECT status FROM assignments WHERE id = ?", [task["assignment_id"]])[0]
+    assert row["status"] == "done"
+    assert not store.query("SELECT 1 FROM assignments WHERE status = 'open'")
+
+
+# POST /judgments runs on the event loop and takes the pool's lock: no query may hold it up.
+class Gate:
+    """Wraps a database read of the pool: its first call is held until released, and the
+    order of what happened meanwhile is recorded."""
+
+    def __init__(self, real: Callable[..., Any], events: list[str]):
+        self.real, self.events = real, events
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.armed = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            self.armed = False
+            self.events.append("query held")
+            self.entered.set()
+            self.release.wait(10)  # if the loop waits on this query, it waits until here
+            self.events.append("query done")
+        return self.real(*args, **kwargs)
+
+
+def judge_on_a_loop(store: Store, annotator: str, assignment_id: str) -> dict:
+    """A judgment the way POST /judgments makes it: begin_submit on an event loop, the commit
+    awaited. (The loop runs in a thread of its own, as in the REST test below.)"""
+
+    async def scenario() -> dict:
+        sub = Submission(assignment_id, ranks=[1, 2, 3])
+        committed, finish = labeling.begin_submit(store, annotator, sub, then_next=True)
+        await asyncio.wrap_future(committed)
+        return finish()[0]
+
+    with ThreadPoolExecutor(1) as runner:
+        return runner.submit(asyncio.run, scenario()).result()
+
+
+def judge_while_held(
+    gate: Gate, work: Callable[[], object], store: Store, annotator: str, assignment_id: str
+) -> dict:
+    """Run `work` in a thread until `gate` holds its query, judge on a loop meanwhile, then
+    let the query go. The gate's events say whether the judgment had to wait for it."""
+    thread = threading.Thread(target=work)
+    thread.start()
+    assert gate.entered.wait(10)
+    judgment = judge_on_a_loop(store, annotator, assignment_id)
+    gate.events.append("judged")
+    gate.release.set()
+    thread.join()
+    return judgment
+
+
+def extra_prompt(store: Store, set_name: str) -> dict:
+    msgs = [{"role": "user", "content": "one more question?"}]
+    store.import_prompts(set_name, [ImportedPrompt("extra", msgs, messages_hash(msgs))], source="test")
+    return store.prompts(set_name)[-1]
+
+
+def test_a_task_added_with_a_slow_query_does_not_hold_up_judgments_on_the_loop(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_campaign(store, name="c1", prompts=2, overlap=1)
+    seed_campaign(store, name="c2", prompts=1, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")
+    assert labeling.progress(store, "c2")["tasks_sampled"] == 1  # both loaded
+    prompt = extra_prompt(store, "c2-set")
+    events: list[str] = []
+    gate = Gate(labeling_store.read_content, events)
+    monkeypatch.setattr(labeling_store, "read_content", gate)
+    add = partial(add_sampled_task, store, "c2", prompt, ["x", "y", "z"])  # held in task_added
+    judgment = judge_while_held(gate, add, store, "ann1", task["assignment_id"])
+    assert events == ["query held", "judged", "query done"]
+    assert judgment["campaign"] == "c1"
+    assert labeling.progress(store, "c2")["tasks_sampled"] == 2  # the new task still arrived
+    assert labeling.next_task(store, "c2", "ann2")["completions"]  # with its texts
+
+
+def test_a_campaign_loading_in_another_thread_does_not_hold_up_judgments_on_the_loop(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_campaign(store, name="c1", prompts=2, overlap=1)
+    seed_campaign(store, name="c2", prompts=1, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")  # c1 is loaded, c2 not yet
+    events: list[str] = []
+    gate = Gate(labeling_store.read_campaign, events)
+    monkeypatch.setattr(labeling_store, "read_campaign", gate)
+    load = partial(labeling.progress, store, "c2")  # c2's first use: held while it loads
+    judgment = judge_while_held(gate, load, store, "ann1", task["assignment_id"])
+    assert events == ["query held", "judged", "query done"]
+    assert judgment["campaign"] == "c1"
+    assert labeling.progress(store, "c2")["tasks_sampled"] == 1
+
+
+def test_a_judgment_on_the_loop_for_a_campaign_not_loaded_loads_it_in_a_worker(
+    store: Store, store_file: StoreFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_campaign(store, prompts=2, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")
+    store = store_file.reopen()  # a restart: the pool knows no assignment yet
+    events: list[str] = []
+    gate = Gate(labeling_store.read_campaign, events)
+    monkeypatch.setattr(labeling_store, "read_campaign", gate)
+
+    async def scenario() -> tuple[dict, dict | None]:
+        sub = Submission(task["assignment_id"], ranks=[1, 2, 3])
+        committed, finish = labeling.begin_submit(store, "ann1", sub, then_next=True)
+        events.append("begin_submit returned")  # while the load is held, if it is off the loop
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        gate.release.set()
+        await asyncio.wrap_future(committed)
+        return finish()
+
+    with ThreadPoolExecutor(1) as runner:
+        judgment, following = runner.submit(asyncio.run, scenario()).result()
+    assert events.index("begin_submit returned") < events.index("query done")
+    assert judgment["assignment_id"] == task["assignment_id"]
+    assert following is not None and following["assignment_id"] != task["assignment_id"]
+    assert labeling.progress(store, "c1", "ann1")["done"] == 1
 
 
 def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path: Path) -> None:

@@ -4,15 +4,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from studio import migrations as migrations_module
 from studio.importer import messages_hash
-from studio.store import BatchWriter, ImportedPrompt, Store, StoreError
+from studio.store import ImportedPrompt, Store, StoreError
 
 
 def prompt(text: str, where: str = "test") -> ImportedPrompt:
@@ -39,7 +37,9 @@ def test_migrations_apply_once_and_only_new_ones_on_reopen(tmp_path: Path, monke
     assert upgraded.applied_now == ["002_test_extra"]
     assert upgraded.query("SELECT count(*) AS n FROM extra_table")[0]["n"] == 0
     upgraded.close()
-    assert Store(db).applied_now == []
+    reopened = Store(db)
+    assert reopened.applied_now == []
+    reopened.close()
 
 
 def test_a_failing_migration_leaves_nothing_half_applied(tmp_path: Path, monkeypatch) -> None:
@@ -51,11 +51,11 @@ def test_a_failing_migration_leaves_nothing_half_applied(tmp_path: Path, monkeyp
     store = Store(tmp_path / "s.duckdb")
     assert store.migrations() == [name for name, _ in migrations_module.MIGRATIONS]
     assert not store.query("SELECT * FROM duckdb_tables() WHERE table_name = 'half'")
+    store.close()
 
 
-def test_second_process_gets_a_message_not_a_lock_error(tmp_path: Path) -> None:
-    db = tmp_path / "s.duckdb"
-    holder = Store(db)
+def test_second_process_gets_a_message_not_a_lock_error(store: Store) -> None:
+    db = store.path  # held open by the fixture's store
     code = (
         "import sys\nfrom studio.store import Store, StoreLockedError\n"
         f"try:\n    Store({str(db)!r})\nexcept StoreLockedError as e:\n    print(e); sys.exit(3)\n"
@@ -64,11 +64,9 @@ def test_second_process_gets_a_message_not_a_lock_error(tmp_path: Path) -> None:
     assert out.returncode == 3, out.stderr
     assert f"in use by process {os.getpid()}" in out.stdout
     assert "studio serve" in out.stdout and "--url" in out.stdout
-    holder.close()
 
 
-def test_duplicates_are_stored_once_and_reported(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.duckdb")
+def test_duplicates_are_stored_once_and_reported(store: Store) -> None:
     result = store.import_prompts(
         "set", [prompt("a", "line 1"), prompt("b", "line 2"), prompt("a", "line 3")], source="t"
     )
@@ -83,15 +81,13 @@ def test_duplicates_are_stored_once_and_reported(tmp_path: Path) -> None:
     assert store.import_prompts("other", [prompt("a")], source="t").added == 1
 
 
-def test_empty_set_name_stores_nothing(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.duckdb")
+def test_empty_set_name_stores_nothing(store: Store) -> None:
     with pytest.raises(StoreError, match="--set"):
         store.import_prompts("  ", [prompt("a")], source="t")
     assert store.count("prompts") == 0 and store.count("prompt_sets") == 0
 
 
-def test_model_version_conflict_is_refused(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.duckdb")
+def test_model_version_conflict_is_refused(store: Store) -> None:
     store.register_model_version("base", path="/m", content_hash="aaa", source="x")
     assert store.register_model_version("base", path="/m", content_hash="aaa", source="x")["name"] == "base"
     with pytest.raises(StoreError, match="already exists with other weights"):
@@ -100,8 +96,7 @@ def test_model_version_conflict_is_refused(tmp_path: Path) -> None:
         store.model_version("nope")
 
 
-def test_threads_write_through_their_own_cursors(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.duckdb")
+def test_threads_write_through_their_own_cursors(store: Store) -> None:
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
@@ -118,29 +113,3 @@ def test_threads_write_through_their_own_cursors(tmp_path: Path) -> None:
         t.join()
     assert not errors
     assert store.count("prompts") == 80
-
-
-def test_group_commit_fails_only_the_bad_unit_and_drains_on_close(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.duckdb")
-    store.cursor().execute("CREATE TABLE t (id VARCHAR PRIMARY KEY)")
-    store.cursor().execute("INSERT INTO t VALUES ('taken')")
-    batches: list[int] = []
-
-    def flush(units: list[str]) -> None:
-        batches.append(len(units))
-        store.write("INSERT INTO t SELECT unnest(?)", [units])  # one statement for the whole batch
-
-    writer = BatchWriter(store, flush, name="test-writer")
-    with store.transaction():  # the writer's first write waits on this, so the rest queue up
-        futures = [writer.submit(u) for u in ("a", "b", "taken", "c", "d")]
-        time.sleep(0.2)
-    writer.close()  # everything queued is written before close returns
-    outcomes = [f.exception() for f in futures]
-    assert [o is None for o in outcomes] == [True, True, False, True, True]
-    assert isinstance(outcomes[2], duckdb.ConstraintException)
-    assert sorted(r["id"] for r in store.query("SELECT id FROM t")) == ["a", "b", "c", "d", "taken"]
-    # grouped (the first unit may go alone), then the failed group retried one unit at a time
-    assert max(batches) >= 4 and batches[-4:] == [1, 1, 1, 1]
-    with pytest.raises(StoreError, match="shutting down"):
-        writer.submit("e")
-    store.close()

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from studio import training
-from studio.campaigns import ensure_policy_alias, set_alias
+from studio.campaigns import set_alias
 from studio.jobs import Runner, progress, register_stage
 from studio.store import Store, StoreError
-from tests.helpers import easy_preference_rows, seed_easy_judgments, tiny_model, write_parquet
+from tests.helpers import easy_preference_rows, live_processes_in_group, tiny_model, write_parquet
 
 RECIPES = Path(__file__).resolve().parents[1] / "data" / "recipes"
 TINY_LORA = ["--lora.target_modules", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
@@ -250,12 +250,13 @@ class OfflineStudio:
 
 
 @pytest.fixture()
-def judged(tmp_path: Path, tiny: Path) -> Store:
-    store = Store(tmp_path / "s.duckdb")
-    store.register_model_version("base", path=str(tiny), content_hash="t" * 64, source="test")
-    ensure_policy_alias(store, "base")
-    seed_easy_judgments(store, n=10)
-    return store
+def base_model_path(tiny: Path) -> str:
+    return str(tiny)  # version `base` of `easy_judged` (conftest) is the tiny model: runs train it
+
+
+@pytest.fixture()
+def judged(easy_judged: Store) -> Store:
+    return easy_judged
 
 
 def test_snapshot_is_immutable_content_addressed_and_lists_its_judgments(
@@ -373,6 +374,8 @@ def test_runner_trains_registers_with_lineage_and_keeps_crashes_and_cancels_cont
             time.sleep(0.2)
         info = progress(training.get_run(judged, slow["id"]))
         assert info["max_steps"] == 500 and info["eta_s"] > 0
+        trainer_group = runner.process_group(slow["id"])
+        assert trainer_group is not None
         runner.cancel(slow["id"], "cancelled by eng")
         cancelled = wait_for(judged, slow["id"], 60)
         assert cancelled["status"] == "cancelled" and cancelled["reason"] == "cancelled by eng"
@@ -380,7 +383,7 @@ def test_runner_trains_registers_with_lineage_and_keeps_crashes_and_cancels_cont
         assert {v["name"] for v in judged.model_versions()} == {"base", rm}
     finally:
         runner.stop()
-    leftovers = subprocess.run(["pgrep", "-f", "trainers.dpo"], capture_output=True, text=True).stdout.split()
+    leftovers = live_processes_in_group(trainer_group)  # this test's trainer only, not the machine's
     assert not leftovers, "a cancelled trainer process is still alive"
 
 

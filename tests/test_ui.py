@@ -120,7 +120,8 @@ def test_an_error_toast_shows_markup_as_text(live_studio: LiveStudio, browser: o
     page.get_by_role("button", name="Create campaign").click()
     toast = page.locator(".toast-body").first
     toast.wait_for(timeout=30_000)
-    assert '<img src=x onerror="window.__pwned=1"><b>bold</b>' in toast.inner_text()
+    # the message quotes the bad name shortened (names are cut at 40 characters), as text
+    assert '<img src=x onerror="window.__pwned=1">' in toast.inner_text()
     assert page.locator(".toast-body img, .toast-body b").count() == 0
     assert page.evaluate("window.__pwned") is None
     page.close()

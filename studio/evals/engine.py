@@ -29,7 +29,7 @@ from studio.evals.runners import RUNNERS, Context, EvalCancelled, ItemResult, li
 from studio.evals.stats import compare
 from studio.evals.suites import Suite, pick_suites
 from studio.serving.client import OpenAIChatBackend
-from studio.store import Store, StoreError, _decode, new_id
+from studio.store import Store, StoreError, decode_json_columns, new_id
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -203,13 +203,13 @@ def _find_run(store: Store, key: dict[str, Any]) -> dict[str, Any] | None:
             key["settings_hash"],
         ],
     )
-    return _decode(rows[0], "settings", "metrics") if rows else None
+    return decode_json_columns(rows[0], "settings", "metrics") if rows else None
 
 
 def run_items(store: Store, run_id: str) -> list[dict[str, Any]]:
     """The stored items of one suite run, with their outputs."""
     rows = store.query("SELECT * FROM eval_items WHERE run_id = ? ORDER BY item_id", [run_id])
-    return [_decode(r, "prompt", "parsed", "logprobs", "detail") for r in rows]
+    return [decode_json_columns(r, "prompt", "parsed", "logprobs", "detail") for r in rows]
 
 
 def _store_run(
@@ -312,7 +312,7 @@ def run_suite(
             if existing is None:
                 raise
             run_id = existing["id"]
-        found = _decode(
+        found = decode_json_columns(
             store.query("SELECT * FROM eval_runs WHERE id = ?", [run_id])[0], "settings", "metrics"
         )
         found["cached"] = False
@@ -611,7 +611,7 @@ def get_eval(store: Store, eval_id: str) -> dict[str, Any]:
     rows = store.query("SELECT * FROM evals WHERE id = ?", [eval_id])
     if not rows:
         raise StoreError(f"evaluation '{eval_id}' does not exist")
-    row = _decode(rows[0], "settings", "result", "details")
+    row = decode_json_columns(rows[0], "settings", "result", "details")
     row["suites"] = list(row["suites"])
     return row
 

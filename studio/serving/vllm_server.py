@@ -8,7 +8,6 @@ process group: vLLM spawns an engine core and workers) on exit and SIGTERM.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.metadata
 import importlib.util
 import os
@@ -22,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from studio.lifeline import lead_group_and_die_with_parent
 
 Progress = Callable[[str], None]
 MAX_LORA_RANK = 16  # adapters up to this rank can be hot-loaded
@@ -57,11 +58,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    # PR_SET_PDEATHSIG: if the studio is killed outright (no chance to clean
-    # up), the kernel sends the server SIGTERM, so it never outlives us.
-    os.setsid()
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    """A `preexec_fn`: the child leads its own process group, and the whole group is killed when
+    the studio dies outright, if the child runs `studio.lifeline.reap_group_on_parent_death`
+    (the vLLM launcher and `python -m studio.lifeline` do). See studio/lifeline.py."""
+    lead_group_and_die_with_parent(os.getppid())()
 
 
 class VLLMServer:
@@ -184,7 +184,8 @@ class VLLMServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.environment(),
-                preexec_fn=die_with_parent,
+                # its own group (stopped as one), killed as one if the studio dies outright
+                preexec_fn=lead_group_and_die_with_parent(),
             )
         log.close()
 

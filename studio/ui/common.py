@@ -18,6 +18,7 @@ import pandas as pd
 
 from studio import services as svc
 from studio import users
+from studio.errors import storage_full
 from studio.serving.client import BackendError
 from studio.users import AuthError, User
 
@@ -69,6 +70,11 @@ def handler(studio: Studio) -> Callable[[Callable[..., Any]], Callable[..., Any]
                 return body(user, *values)
             except USER_ERRORS as exc:
                 raise error(str(exc)) from None
+            except Exception as exc:
+                full = storage_full(exc)  # the disk is full: say so, the user can retry later
+                if full is None:
+                    raise
+                raise error(str(full)) from None
 
         # Gradio reads the signature to count the inputs and to find where the request goes.
         request = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)
