@@ -580,13 +580,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from studio import demo
 
-    report = demo.run_demo(
-        args.preference,
-        data_dir=args.data_dir,
-        keep=args.keep,
-        config=demo.QUICK if args.quick else demo.FULL,
-        port=args.port,
-    )
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the demo stops its studio and vLLM
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        report = demo.run_demo(
+            args.preference,
+            data_dir=args.data_dir,
+            keep=args.keep,
+            config=demo.QUICK if args.quick else demo.FULL,
+            port=args.port,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0 if all(report.checks.values()) else 3
 
 

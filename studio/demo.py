@@ -220,6 +220,7 @@ class DemoConfig:
     # one is a quick look: the gate then holds the version and says so)
     eval_limit: int | None = None
     battle_budget: int = 100  # the DPO version's duel against base (the runs' re-battles: 100)
+    max_votes: int | None = None  # the expert stops after this many votes per campaign (None: verdicts)
     # recipe overrides per run (the demo recipes in data/recipes/demo/ are the full run's)
     reward_overrides: dict[str, Any] = field(default_factory=dict)
     ppo_overrides: dict[str, Any] = field(default_factory=dict)
@@ -228,14 +229,17 @@ class DemoConfig:
 
 
 FULL = DemoConfig(train_prompts=160, heldout_prompts=64)
+# The quick run checks that the loop runs and moves the property; its evaluations are quick looks
+# and its battles a few votes, so the gate holds its versions (docs/demo.md).
 QUICK = DemoConfig(
     train_prompts=48,
     heldout_prompts=24,
-    eval_limit=8,
-    battle_budget=40,
+    eval_limit=4,
+    battle_budget=12,
+    max_votes=12,
     samples_per_prompt=2,
     reward_overrides={"train.max_steps": 12},
-    ppo_overrides={"ppo.iterations": 4},
+    ppo_overrides={"ppo.iterations": 2},
     dpo_overrides={"train.max_steps": 12},
 )
 SIZES = {"full": FULL, "quick": QUICK}
@@ -382,6 +386,7 @@ class Demo:
         self.studio: Any = None
         self.server: Any = None
         self.thread: threading.Thread | None = None
+        self.log: IO[str] | None = None
         self.heldout: list[list[dict[str, str]]] = []
         self.rates: dict[str, list[bool]] = {}
         self.texts: dict[str, list[tuple[int, str]]] = {}
@@ -400,8 +405,10 @@ class Demo:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
         self.studio = Studio(settings)
-        # the studio's own start-up messages go to its log; the demo prints one line for them
-        with open(self.data_dir / "logs" / "demo-studio.log", "a") as log, redirect_stderr(log):
+        # the studio's own messages go to its log; the demo prints one line per stage. The file
+        # stays open until the studio stops: log handlers made meanwhile keep writing to it.
+        self.log = open(self.data_dir / "logs" / "demo-studio.log", "a")  # noqa: SIM115
+        with redirect_stderr(self.log):
             self.studio.start()
         app = create_app(settings, self.studio)
         self.server = uvicorn.Server(
@@ -414,7 +421,7 @@ class Demo:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise DemoError("the studio's HTTP server did not start; see logs/demo-studio.log")
             time.sleep(0.1)
-        with open(self.data_dir / "logs" / "demo-studio.log", "a") as log, redirect_stderr(log):
+        with redirect_stderr(self.log):
             self.studio.announce()  # server.json: CLI commands on this data directory find the studio
 
     def stop_studio(self) -> None:
@@ -423,6 +430,8 @@ class Demo:
             self.thread.join(timeout=120)
         if self.studio is not None and self.studio.started:
             self.studio.stop()
+        if self.log is not None:
+            self.log.close()
 
     @property
     def url(self) -> str:
@@ -605,7 +614,8 @@ class Demo:
                     pairs.append((i, better, worse))
         if not pairs:
             return {"pairs": 0, "accuracy": None}
-        model, tokenizer = load_reward_model(Path(self.studio.store.model_version(rm)["path"]))
+        with redirect_stderr(self.log or sys.stderr):  # transformers' load report goes to the log
+            model, tokenizer = load_reward_model(Path(self.studio.store.model_version(rm)["path"]))
         convs = []
         for i, better, worse in pairs:
             for text in (better, worse):
@@ -695,7 +705,8 @@ class Demo:
 
     # -------------------------------------------------------------- 7 the expert
     def vote_until_closed(self, campaigns: list[str], stop: threading.Event) -> None:
-        """The expert takes the battles of every open campaign until each has a verdict."""
+        """The expert takes the battles of every open campaign until each has a verdict (or, with
+        `DemoConfig.max_votes`, has that many votes: the quick run's cap on its waiting)."""
         from studio.arena import battle_campaign
         from studio.store import StoreError
 
@@ -704,6 +715,9 @@ class Demo:
         while open_ and not stop.is_set():
             worked = False
             for name in list(open_):
+                if self.config.max_votes is not None and self.votes(name) >= self.config.max_votes:
+                    open_.remove(name)
+                    continue
                 try:
                     battle = svc.next_battle(self.studio, self.expert, name)["battle"]
                 except StoreError:  # the campaign closed: its stopping rule decided

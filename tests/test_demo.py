@@ -245,6 +245,9 @@ def test_the_demo_runs_the_loop_and_the_last_version_beats_base_on_the_property(
     assert set(rows) == {"base", "ppo", "dpo"}
     assert rows["dpo"]["property_rate"] > rows["base"]["property_rate"], text
     assert rows["ppo"]["deltas"] and rows["dpo"]["deltas"] and rows["dpo"]["gate"] is not None
+    # the studio's own gate read the quick run's evaluations, and held the versions for them
+    assert not rows["dpo"]["gate"]["passed"] and not rows["dpo"]["promoted"]
+    assert any("ran only" in reason for reason in rows["dpo"]["gate"]["reasons"]), rows["dpo"]["gate"]
     assert r.reward_model["heldout_prompts_pairs"] > 0
     # everything the table says was made through the studio and stays in its database
     from studio.store import Store
