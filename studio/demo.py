@@ -129,7 +129,7 @@ PREFERENCES: dict[str, Preference] = {
         ),
     )
 }
-DEFAULT_PREFERENCE = "question"
+DEFAULT_PREFERENCE = "no_lists"  # the most signal per prompt from the packaged model (docs/demo.md)
 
 
 def preference(name: str) -> Preference:
@@ -228,7 +228,7 @@ class DemoConfig:
     seed: int = 0
 
 
-FULL = DemoConfig(train_prompts=160, heldout_prompts=64)
+FULL = DemoConfig(train_prompts=96, heldout_prompts=48, max_votes=60)
 # The quick run checks that the loop runs and moves the property; its evaluations are quick looks
 # and its battles a few votes, so the gate holds its versions (docs/demo.md).
 QUICK = DemoConfig(
