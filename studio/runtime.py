@@ -266,19 +266,15 @@ class Studio:
         with self._registering:
             digest = folder_hash(path)
             existing = self._existing_version(name, digest)
+            if existing is not None:  # the same weights again: make sure they are served
+                if name not in self.pool.adapters() and name not in self.pool.failed:
+                    self.pool.add_adapter(name, existing["path"], self._root_of(name))
+                return existing
             parent = parent or self.base_version
             root = self._root_of(parent)
-            served_path = self._shared_path(name, path)
-            known = name in self.pool.adapters()
+            served_path, copied = self._shared_path(name, path)
             try:
                 self.pool.add_adapter(name, str(served_path), root)
-            except AdapterLoadError as exc:
-                raise StoreError(
-                    f"adapter {path}: the model server could not load it ({exc}); nothing was stored"
-                ) from None
-            if existing is not None:
-                return existing
-            try:
                 return self.store.register_model_version(
                     name,
                     path=str(served_path),
@@ -288,9 +284,15 @@ class Studio:
                     parent=parent,
                     meta=meta,
                 )
-            except BaseException:
-                if not known:
+            except BaseException as exc:
+                if name in self.pool.adapters():
                     self.pool.remove_adapter(name)
+                if copied:
+                    shutil.rmtree(served_path, ignore_errors=True)
+                if isinstance(exc, AdapterLoadError):
+                    raise StoreError(
+                        f"adapter {path}: the model server could not load it ({exc}); nothing was stored"
+                    ) from None
                 raise
 
     def add_full_version(
@@ -335,9 +337,7 @@ class Studio:
                     meta=meta,
                 )
             except BaseException:
-                for ep in self.pool.endpoints():
-                    if ep.base == name:
-                        self.pool._retire(ep)
+                self.pool.release(name)
                 raise
 
     def _existing_version(self, name: str, digest: str) -> dict[str, Any] | None:
@@ -355,21 +355,22 @@ class Studio:
             )
         return self.store.model_version(name)
 
-    def _shared_path(self, name: str, path: Path) -> Path:
-        """Where the servers read the adapter: itself, unless external servers need a copy under
-        the shared directory (the one folder they see at the same path)."""
+    def _shared_path(self, name: str, path: Path) -> tuple[Path, bool]:
+        """Where the servers read the adapter, and whether it is a copy made for them: the folder
+        itself, unless external servers need it under the shared directory (the one folder they
+        see at the same path)."""
         shared = self.settings.shared_dir
         assert shared is not None
         path = path.resolve()
         if not self.settings.backend_urls or path.is_relative_to(shared.resolve()):
-            return path
+            return path, False
         target = shared / "adapters" / name
-        if not target.exists():
-            tmp = target.with_name(f".{name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(path, tmp)
-            tmp.rename(target)
-        return target.resolve()
+        shutil.rmtree(target, ignore_errors=True)  # a copy left by an attempt that was refused
+        tmp = target.with_name(f".{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(path, tmp)
+        tmp.rename(target)
+        return target.resolve(), True
 
     def _use_external_fleet(self, urls: list[str]) -> None:
         """Serve from running servers: each must answer and serve the same model (checked against

@@ -287,6 +287,13 @@ class ServingPool:
             self.failed.pop(name, None)
             return ep
 
+    def release(self, name: str) -> None:
+        """Stop serving a full-weight model: its managed servers drain and stop."""
+        with self._topology:
+            for ep in self.endpoints():
+                if ep.base == name and ep.server is not None:
+                    self._retire(ep)
+
     def _make_room(self) -> None:
         """Stop the least recently used full-weight server nothing uses, when the limit is reached."""
         managed = [e for e in self.endpoints() if e.server is not None and e.state != "stopped"]
