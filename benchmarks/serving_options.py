@@ -10,7 +10,10 @@ For each configuration, in one run and on the same managed server settings as th
 - the same for long prompts (about 700 tokens each, 16 in flight, n=1, 32 tokens), where
   prompts are scheduled whole instead of in chunks.
 
-    python benchmarks/serving_options.py [--configs chunked,default,lora] [--repeat 2]
+Configurations are compared in pairs, both servers up at once and the workloads alternating
+between them, so the machine's changing load (other jobs share the 2 cores) hits both alike.
+
+    python benchmarks/serving_options.py [--pairs chunked:default,default:lora] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def throughput(client: object, texts: list[str], n: int, max_tokens: int, concur
     return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
 
 
-def bench(model_dir: Path, log_dir: Path, name: str, repeat: int) -> dict:
+def start(model_dir: Path, log_dir: Path, name: str) -> tuple[object, object, float]:
     from studio.serving.client import OpenAIChatBackend
     from studio.serving.vllm_server import VLLMServer
 
@@ -101,32 +104,49 @@ def bench(model_dir: Path, log_dir: Path, name: str, repeat: int) -> dict:
     )
     started = time.perf_counter()
     server.start()
-    cold = time.perf_counter() - started
-    client = OpenAIChatBackend(server.url)
-    try:
-        chat(client, 0, "warm up", 1, 4, seed=None)
-        short, long = [], []
-        for _ in range(repeat):
-            short.append(throughput(client, PROMPTS[:8], 4, 64, 8))
-            long.append(throughput(client, [long_prompt(100 + i) for i in range(16)], 1, 32, 16))
-        burst = run_burst(client, 24, 24)
-        alive = server._healthy()
-    finally:
-        client.close()
-        server.stop()
+    return server, OpenAIChatBackend(server.url), time.perf_counter() - started
+
+
+def workloads(client: object) -> dict:
     return {
-        "cold_start_s": round(cold, 1),
-        "short_tok_s": [round(r["tok_s"], 1) for r in short],
-        "long_tok_s": [round(r["tok_s"], 1) for r in long],
-        "seeded_burst": burst,
-        "server_alive_after_burst": alive,
+        "short_tok_s": round(throughput(client, PROMPTS[:8], 4, 64, 8)["tok_s"], 1),
+        "long_tok_s": round(
+            throughput(client, [long_prompt(100 + i) for i in range(16)], 1, 32, 16)["tok_s"], 1
+        ),
     }
+
+
+def compare(model_dir: Path, log_dir: Path, names: list[str], rounds: int) -> dict:
+    """Both servers up at once; the workloads alternate between them round by round (ABBA...), so
+    a change in the machine's load hits both alike. The first round warms up and is not kept."""
+    servers = {name: start(model_dir, log_dir, name) for name in names}
+    result: dict = {name: {"cold_start_s": round(servers[name][2], 1), "rounds": []} for name in names}
+    try:
+        for name in names:
+            workloads(servers[name][1])  # warm-up: the first run of each shape is much slower
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                result[name]["rounds"].append(workloads(servers[name][1]))
+                print(name, result[name]["rounds"][-1], flush=True)
+        for name in names:
+            server, client, _ = servers[name]
+            burst = run_burst(client, 24, 24)
+            result[name]["seeded_burst"] = burst
+            result[name]["server_alive_after_burst"] = server._healthy()  # type: ignore[attr-defined]
+            rounds_ = result[name]["rounds"]
+            for key in ("short_tok_s", "long_tok_s"):
+                result[name][key + "_mean"] = round(sum(x[key] for x in rounds_) / len(rounds_), 1)
+    finally:
+        for server, client, _ in servers.values():
+            client.close()  # type: ignore[attr-defined]
+            server.stop()  # type: ignore[attr-defined]
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="chunked,default,lora")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--pairs", default="chunked:default,default:lora")
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     from studio.model_prep import prepare_default_model
 
@@ -136,9 +156,13 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         model = prepare_default_model(Path(tmp))
-        for name in args.configs.split(","):
-            report[name] = bench(model.path, Path(tmp) / "logs", name, args.repeat)
-            print(name, json.dumps(report[name]), flush=True)
+        for pair in args.pairs.split(","):
+            names = pair.split(":")
+            report[pair] = compare(model.path, Path(tmp) / "logs", names, args.rounds)
+            summary = {
+                n: (report[pair][n]["short_tok_s_mean"], report[pair][n]["long_tok_s_mean"]) for n in names
+            }
+            print(pair, "short/long tok/s:", summary, flush=True)
     print(json.dumps(report, indent=2))
 
 

@@ -272,3 +272,42 @@ def test_a_bad_adapter_config_is_a_422_and_stores_nothing(tmp_path: Path, config
         assert message in resp.json()["detail"] and str(adapter) in resp.json()["detail"]
         assert not live.studio.store.query("SELECT * FROM model_versions WHERE name = 'bad-adapter'")
     assert json.loads(resp.text)
+
+
+def test_the_admin_tab_lists_each_server_and_the_versions_not_served(
+    fleet: list[FleetServer], tmp_path: Path
+) -> None:
+    import gradio as gr
+
+    from studio import services as svc
+    from studio.ui import build_ui
+
+    pool = pool_over(fleet, tmp_path)
+    fleet[0].stop()
+    pool.check_all()
+    pool.failed["junk-lora"] = (
+        "the server at ... refused to load adapter 'junk-lora' (HTTP 500): bad <weights>"
+    )
+
+    class Serving(svc.OfflineContext):
+        def health(self) -> dict[str, Any]:
+            return {"studio": "degraded", "backend": pool.status()}
+
+    ctx = Serving(tmp_path / "data")
+    try:
+        make_users(ctx.store, ("adm", "admin"), ("eng", "engineer"))
+        demo = build_ui(ctx)
+        overview = next(fn for fn in demo.fns.values() if fn.api_name == "admin_overview")
+        out = overview.fn(gr.Request(username="adm"))
+        index = {getattr(c, "elem_id", None): i for i, c in enumerate(overview.outputs)}
+        table = out[index["admin-servers"]].set_index("server")
+        assert table.loc[fleet[0].url, "state"] == "down"
+        assert table.loc[fleet[1].url, "state"] == "up" and table.loc[fleet[1].url, "serves"] == "base"
+        assert "did not answer" in table.loc[fleet[0].url, "last_error"]
+        note = out[index["admin-servers"] - 1]
+        assert "junk-lora" in note and "bad &lt;weights&gt;" in note  # names and errors shown as text
+        with pytest.raises(svc.AuthError):
+            svc.model_servers(ctx, svc.User("eng", "engineer"))
+    finally:
+        ctx.close()
+        pool.stop()

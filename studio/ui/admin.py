@@ -63,7 +63,7 @@ def server_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
     """The model servers table: one row per server, from `services.model_servers`."""
     return [
         {
-            "server": f"{s['id']} ({s['url']})",
+            "server": s["url"] if s["id"] == s["url"] else f"{s['id']} ({s['url']})",
             "kind": s["kind"],
             "state": s["state"],
             "serves": ", ".join(s["serves"]),
