@@ -21,7 +21,7 @@ from typing import Any
 
 from studio import users
 from studio.client import SERVER_FILE, Client, CLIError, api_token, connect, studio_url
-from studio.config import DEFAULT_PORT, Settings, default_data_dir
+from studio.config import DEFAULT_PORT, LORA_MODES, Settings, default_data_dir
 from studio.export import FORMATS as EXPORT_FORMATS
 from studio.export import KINDS
 from studio.importer import FORMATS, PromptFileError, read_prompts
@@ -72,9 +72,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model=args.model,
             model_name=args.model_name,
             backend_url=args.backend_url,
+            shared_dir=args.shared_dir,
             vllm_port=args.vllm_port,
             ui=not args.no_ui,
-            lora=not args.no_lora,
+            lora="off" if args.no_lora else args.lora,
+            max_servers=args.max_servers,
             max_runs=args.max_runs,
             auto_eval=not args.no_auto_eval,
         )
@@ -618,7 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model",
         type=Path,
-        help="a local Hugging Face model folder to serve instead of the packaged SmolLM2-135M-Instruct",
+        help="a local Hugging Face model folder to serve instead of the packaged SmolLM2-135M-Instruct; "
+        "with --backend-url, the served model's weights (training starts from them; checked to be "
+        "the servers' model by config and tokenizer)",
     )
     serve.add_argument(
         "--model-name",
@@ -627,16 +631,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--backend-url",
-        help="use this running OpenAI-compatible server "
-        "(e.g. vLLM on a GPU machine) instead of starting vLLM here",
+        metavar="URL[,URL...]",
+        help="use these running OpenAI-compatible servers (e.g. a vLLM fleet on GPU machines) "
+        "instead of starting vLLM here: sampling spreads over them, adapters are hot-loaded into "
+        "each (and again after one restarts), a server that is down is skipped",
     )
-    serve.add_argument("--vllm-port", type=int, help="port for the managed vLLM (default: a free one)")
+    serve.add_argument(
+        "--shared-dir",
+        type=Path,
+        help="a folder the studio and the external servers (and training launchers) see at the same "
+        "path; adapters loaded into external servers are read from there (default: the data dir)",
+    )
+    serve.add_argument(
+        "--vllm-port",
+        type=int,
+        help="port of the first managed vLLM (default: a free one; a replacement takes a free one)",
+    )
     serve.add_argument("--no-ui", action="store_true", help="serve the REST API only")
     serve.add_argument(
-        "--no-lora",
-        action="store_true",
-        help="start vLLM without runtime LoRA: faster sampling on the CPU, but "
-        "trained adapters cannot be hot-loaded",
+        "--lora",
+        choices=LORA_MODES,
+        default=Settings.lora,
+        help="runtime LoRA in the managed vLLM: 'auto' serves without it (faster sampling on the "
+        "CPU) until the first adapter version exists, then switches to a server with it without "
+        "a failed request; 'on' always; 'off' never (adapters are refused) "
+        f"(default {Settings.lora})",
+    )
+    serve.add_argument("--no-lora", action="store_true", help="the same as --lora off")
+    serve.add_argument(
+        "--max-servers",
+        type=int,
+        default=Settings.max_servers,
+        help="managed vLLM processes at once: the base and full-weight versions, each 4-5 GB here; "
+        "beyond it the least recently used version nothing uses is stopped, and started again "
+        f"when asked for (default {Settings.max_servers})",
     )
     serve.add_argument(
         "--max-runs",

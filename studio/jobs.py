@@ -310,26 +310,32 @@ def version_name(run: dict[str, Any], stage: str) -> str:
 
 
 def register_stage(studio: Any, run: dict[str, Any], stage: str, folder: Path, meta: dict[str, Any]) -> str:
-    """A finished stage becomes a version; a policy adapter is hot-loaded, re-battled against its
-    parent on the run's held-out prompts, and evaluated against it (studio.promotion)."""
+    """A finished stage becomes a version; a policy is served, then stored, re-battled against its
+    parent on the run's held-out prompts, and evaluated against it (studio.promotion).
+
+    A LoRA adapter is hot-loaded into the servers of its base; full weights (`lora: false`) get
+    their own vLLM, started and health-checked before the version is stored (the parent stays
+    served). A version the servers cannot load is not stored, and the run fails saying why.
+    """
     store: Store = studio.store
     name = version_name(run, stage)
     parent = meta["parent_version"]
     source = f"run:{run['id']}"
-    if stage == "reward" or meta.get("kind") != "lora":
-        # a reward model is kept for PPO; full weights are registered, and serving them needs a
-        # restart with --model (vLLM swaps only LoRA adapters live)
+    if stage == "reward":  # kept for PPO, never served
         store.register_model_version(
             name,
             path=str(folder.resolve()),
             content_hash=folder_hash(folder),
             source=source,
-            kind="reward" if stage == "reward" else "full",
+            kind="reward",
             parent=parent,
             meta=meta,
         )
         return name
-    studio.add_adapter(name, folder, source=source, meta=meta, parent=parent)
+    if meta.get("kind") == "lora":
+        studio.add_adapter(name, folder, source=source, meta=meta, parent=parent)
+    else:
+        studio.add_full_version(name, folder, source=source, meta=meta, parent=parent)
     rebattle = f"rebattle-{name}"
     prompt_set = run.get("rebattle_prompts")  # held-out prompts (training.rebattle_plan), never trained on
     if prompt_set is not None:

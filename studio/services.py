@@ -534,10 +534,26 @@ def sample(ctx: Context, user: User, spec: SampleSpec) -> dict[str, Any]:
 
 @requires("train")
 def add_adapter(ctx: Context, user: User, spec: AdapterSpec) -> dict[str, Any]:
-    """Register a LoRA adapter folder as a version over the base and hot-load it."""
+    """Hot-load a LoRA adapter folder into the servers of the base, then register it as a version.
+
+    All or nothing: a folder the servers refuse (bad config, bad weights) is never stored (422);
+    the answer comes once every server of the base serves it."""
     if ctx.backend is None:  # offline, or a studio still starting (or serving without a model)
         raise _needs_studio("adding an adapter hot-loads it, which needs the model server")
     return public(ctx.add_adapter(spec.name, Path(spec.path), source=f"upload:{user.name}"))
+
+
+@requires("admin")
+def model_servers(ctx: Context, user: User) -> dict[str, Any]:
+    """Every model server (managed or external): its state, what it serves, requests in flight
+    and last error; and the versions that could not be served, with why."""
+    backend = ctx.health().get("backend") or {}
+    return {
+        "healthy": bool(backend.get("healthy")),
+        "servers": backend.get("servers", []),
+        "failed": backend.get("failed", {}),
+        "max_servers": backend.get("max_servers"),
+    }
 
 
 @requires("train")

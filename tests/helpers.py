@@ -338,3 +338,88 @@ def tiny_model(folder: Path, tokenizer_from: Path, seed: int = 0, init_range: fl
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class Traffic:
+    """Requests sent without pause from `threads` threads until the block ends, to each model in
+    `models` in turn (append to it to add one). `send(model)` raises on a failed request; every
+    failure is kept with its message."""
+
+    def __init__(self, send: Callable[[str], object], models: list[str], threads: int = 2):
+        import threading
+
+        self.send = send
+        self.models = models
+        self.ok: dict[str, int] = {}
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, offset: int) -> None:
+        turn = offset
+        while not self._stop.is_set():
+            model = self.models[turn % len(self.models)]
+            turn += 1
+            try:
+                self.send(model)
+            except Exception as exc:
+                self.failed.append(f"{model}: {exc}")
+            else:
+                self.ok[model] = self.ok.get(model, 0) + 1
+
+    def wait_for(self, model: str, answers: int, timeout: float = 300.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.ok.get(model, 0) < answers:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{model}: {self.ok.get(model, 0)} answers in {timeout} s; {self.failed[:3]}"
+                )
+            time.sleep(0.1)
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+
+def rest_sender(url: str, token: str, max_tokens: int = 8) -> Callable[[str], object]:
+    """`Traffic`'s send over the studio's REST API: one stored sample per call, 200 or raise."""
+    client = httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=600)
+
+    def send(model: str) -> object:
+        resp = client.post(
+            "/sample", json={"prompt": "Say one word.", "model": model, "max_tokens": max_tokens}
+        )
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
+
+    return send
+
+
+def random_adapter(base_model: Path, out: Path, seed: int = 0, rank: int = 8) -> Path:
+    """A PEFT LoRA adapter over `base_model` with small random weights: what a trained one costs
+    to load and serve, in seconds instead of a training run."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.01)
+    peft_model.save_pretrained(out)
+    return out
