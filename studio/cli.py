@@ -26,6 +26,7 @@ from studio.config import DEFAULT_PORT, Settings, default_data_dir
 from studio.export import FORMATS as EXPORT_FORMATS
 from studio.export import KINDS
 from studio.importer import FORMATS, PromptFileError, read_prompts
+from studio.launchers import LAUNCHERS
 from studio.services import (
     BattleCampaignSpec,
     CampaignSpec,
@@ -75,6 +76,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ui=not args.no_ui,
             lora=not args.no_lora,
             max_runs=args.max_runs,
+            shared_dir=args.shared_dir,
+            launcher=args.launcher,
+            num_processes=args.num_processes,
+            accelerate_config=args.accelerate_config,
+            ray_address=args.ray_address,
+            ray_gpus_per_process=args.ray_gpus_per_process,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
@@ -252,6 +259,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             reward_model=args.reward_model,
             annotators=args.annotator or None,
             min_strength=args.min_strength,
+            launcher=args.launcher,
+            num_processes=args.num_processes,
         ),
     )
     with client_for(args) as client:
@@ -524,6 +533,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=Settings.max_runs,
         help=f"training runs at once (default {Settings.max_runs}: each takes all the CPU it can get)",
     )
+    launch = serve.add_argument_group(
+        "training launchers", "how the runner starts a training stage (docs/scaling.md); runs may pick"
+    )
+    launch.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default=Settings.launcher,
+        help="local: one process here; accelerate: `accelerate launch` with --num-processes here; "
+        f"ray: a Ray Job on the cluster at --ray-address (default {Settings.launcher})",
+    )
+    launch.add_argument(
+        "--num-processes",
+        type=int,
+        default=Settings.num_processes,
+        help=f"processes per stage under accelerate, data parallel (default {Settings.num_processes})",
+    )
+    launch.add_argument(
+        "--accelerate-config",
+        type=Path,
+        help="`accelerate launch --config_file` for GPUs: multi-GPU, DeepSpeed ZeRO or FSDP "
+        "(data/recipes/gpu/); without it accelerate runs on the CPU (gloo)",
+    )
+    launch.add_argument(
+        "--ray-address",
+        help="the Ray cluster's Jobs address, e.g. http://HEAD:8265 (needed by --launcher ray)",
+    )
+    launch.add_argument(
+        "--ray-gpus-per-process",
+        type=float,
+        default=Settings.ray_gpus_per_process,
+        help=f"GPUs a Ray job reserves per process (default {Settings.ray_gpus_per_process}: a CPU job)",
+    )
+    launch.add_argument(
+        "--shared-dir",
+        type=Path,
+        help="where snapshots, runs and trained models go: a folder every training machine sees at "
+        "the same path, e.g. an NFS mount (default: the data directory)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     imp = sub.add_parser(
@@ -610,6 +657,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--min-strength", type=int, choices=[1, 2, 3], help="only judgments at least this strong"
+    )
+    train.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        help="how to start each stage: local, accelerate or ray (default: the studio's --launcher)",
+    )
+    train.add_argument(
+        "--num-processes", type=int, help="processes per stage under accelerate (default: the studio's)"
     )
     train.add_argument("--wait", action="store_true", help="follow progress until the run ends")
     data_dir_arg(train)

@@ -262,6 +262,12 @@ class RunSpec:
     reward_model: Annotated[str | None, doc("ppo: a reward version (the newest by default)")] = None
     annotators: Annotated[list[str] | None, doc("only these annotators' judgments (all if unset)")] = None
     min_strength: Annotated[int | None, doc("only judgments stated at least this strong (1-3)")] = None
+    launcher: Annotated[
+        str | None, doc("local, accelerate or ray (unset: the studio's --launcher; ray needs --ray-address)")
+    ] = None
+    num_processes: Annotated[
+        int | None, doc("processes per stage under accelerate (the studio's --num-processes if unset)")
+    ] = None
 
 
 @dataclass
@@ -756,7 +762,17 @@ def advice(ctx: Context, user: User) -> dict[str, Any]:
 @requires("train")
 def start_run(ctx: Context, user: User, spec: RunSpec) -> dict[str, Any]:
     """Validate, snapshot the data, queue the run and wake the runner (nothing stored on a bad input)."""
-    run = training.submit_run(_db(ctx), ctx.settings.data_dir, created_by=user.name, **_fields(spec))
+    from studio import launchers
+
+    run = training.submit_run(
+        _db(ctx),
+        ctx.settings.data_dir,
+        created_by=user.name,
+        # a running studio knows its launchers; offline, a ray choice is checked when the run starts
+        launch_defaults=launchers.LaunchSettings.from_settings(ctx.settings) if ctx.runner else None,
+        shared_dir=launchers.shared_root(ctx.settings),
+        **_fields(spec),
+    )
     if ctx.runner is not None:
         ctx.runner.poke()
     return public(run)

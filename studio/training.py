@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from studio import campaigns as camp
+from studio import launchers
 from studio.export import build_rows
 from studio.quality import campaign_agreement
 from studio.store import Store, StoreError, _decode, new_id
@@ -149,9 +150,27 @@ def submit_run(
     reward_model: str | None = None,
     annotators: list[str] | None = None,
     min_strength: int | None = None,
+    launcher: str | None = None,
+    num_processes: int | None = None,
+    launch_defaults: launchers.LaunchSettings | None = None,
+    shared_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Validate everything, take the snapshot, queue the run. Nothing is stored when a check fails."""
+    """Validate everything, take the snapshot, queue the run. Nothing is stored when a check fails.
+
+    Snapshots and the run's folder go under `shared_dir` (default `data_dir`), which the machines
+    that train must also see. `launcher`/`num_processes` are the run's own launch choice, checked
+    against `launch_defaults`, the running studio's launch settings (None: no studio runs, so
+    whether it has a Ray cluster is checked when the run starts)."""
     stages = stages_for(stage)
+    try:
+        launch = launchers.check_choice(launch_defaults, launcher, num_processes)
+    except ValueError as exc:
+        raise StoreError(str(exc)) from None
+    processes = (
+        launchers.resolve(launch_defaults, launch)["num_processes"]
+        if launch_defaults is not None or launch
+        else None
+    )
     parent_version = store.model_version(camp.resolve_policy(store, parent))
     if recipe and len(stages) > 1:
         raise StoreError(
@@ -183,6 +202,13 @@ def submit_run(
             except configs.ConfigError as exc:
                 raise configs.ConfigError(f"{s}: {exc}" if len(stages) > 1 else str(exc)) from None
             per_stage[s] = {key: configs.get(config, key) for key in o}  # as the trainer reads them
+            if s == "ppo" and processes and processes > 1:
+                ppo = config.ppo  # type: ignore[attr-defined]
+                if ppo.batch_size % processes or ppo.mini_batch_size % processes:
+                    raise configs.ConfigError(
+                        f"ppo.batch_size {ppo.batch_size} and ppo.mini_batch_size {ppo.mini_batch_size}"
+                        f" are shared among {processes} processes: use multiples of {processes}"
+                    )
     except configs.ConfigError as exc:
         raise StoreError(str(exc)) from None
     rm = None
@@ -198,13 +224,14 @@ def submit_run(
                 f"{', '.join(v['name'] for v in reward_models(store)) or 'none yet'}"
             )
     kinds = {SNAPSHOT_KIND[s] for s in stages}
-    snapshot = take_snapshot(store, data_dir, kinds.pop(), campaigns, created_by, annotators, min_strength)
+    shared = shared_dir or data_dir
+    snapshot = take_snapshot(store, shared, kinds.pop(), campaigns, created_by, annotators, min_strength)
     run_id = "run-" + new_id()[:10]
-    out = data_dir / "runs" / run_id
+    out = shared / "runs" / run_id
     with store.transaction() as cur:
         cur.execute(
             "INSERT INTO runs (id, stages, status, parent, reward_model, recipes, overrides, snapshot_id,"
-            " output_dir, versions, created_by) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, [], ?)",
+            " output_dir, versions, created_by, launch) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, [], ?, ?)",
             [
                 run_id,
                 stages,
@@ -215,6 +242,7 @@ def submit_run(
                 snapshot["id"],
                 str(out),
                 created_by,
+                json.dumps(launch) if launch is not None else None,
             ],
         )
     return get_run(store, run_id)
@@ -224,12 +252,12 @@ def get_run(store: Store, run_id: str) -> dict[str, Any]:
     rows = store.query("SELECT * FROM runs WHERE id = ?", [run_id])
     if not rows:
         raise StoreError(f"run '{run_id}' does not exist; `studio runs list` shows the runs")
-    return _decode(rows[0], "recipes", "overrides", "metrics")
+    return _decode(rows[0], "recipes", "overrides", "metrics", "launch")
 
 
 def list_runs(store: Store, limit: int = 50) -> list[dict[str, Any]]:
     rows = store.query("SELECT * FROM runs ORDER BY created_at DESC, id LIMIT ?", [limit])
-    return [_decode(r, "recipes", "overrides", "metrics") for r in rows]
+    return [_decode(r, "recipes", "overrides", "metrics", "launch") for r in rows]
 
 
 def reward_models(store: Store) -> list[dict[str, Any]]:
