@@ -42,8 +42,10 @@ def stages_for(stage: str) -> list[str]:
 
 
 def recipes(extra_dir: Path | None = None) -> dict[str, Path]:
-    """Shipped recipes, plus the studio's own (DATA_DIR/recipes) which win on a name clash."""
+    """Shipped recipes (the GPU ones as gpu/NAME), plus the studio's own (DATA_DIR/recipes) which
+    win on a name clash."""
     found = {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+    found |= {f"gpu/{p.stem}": p for p in sorted((RECIPES_DIR / "gpu").glob("*.yaml"))}
     if extra_dir is not None and extra_dir.is_dir():
         found |= {p.stem: p for p in sorted(extra_dir.glob("*.yaml"))}
     return found
