@@ -241,6 +241,9 @@ def _print_run(run: dict[str, Any]) -> None:
     line = f"{run['id']}  {stages:<8} {run['status']:<9} parent={run['parent']} versions={versions}"
     if run.get("rebattle"):
         line += f" rebattle={run['rebattle']}"
+    launch = run.get("launch") or {}
+    if launch.get("launcher"):
+        line += f" launcher={launch['launcher']}x{launch.get('num_processes', 1)}"
     if run.get("reason"):
         line += f"\n    reason: {run['reason']}"
     print(line)
