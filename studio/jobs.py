@@ -253,14 +253,18 @@ class Runner:
         with self._lock:
             if run_id in self._cancel:
                 return ln.Outcome(-signal.SIGTERM)
-            try:
-                job, ray_job = self.launcher.start(job_id, stage, args, launch, out / "run.log", paths)
-            except ln.LaunchError as exc:
-                return ln.Outcome(1, reason=str(exc))
+        try:  # outside the lock: submitting a Ray job waits on the cluster's answer
+            job, ray_job = self.launcher.start(job_id, stage, args, launch, out / "run.log", paths)
+        except ln.LaunchError as exc:
+            return ln.Outcome(1, reason=str(exc))
+        with self._lock:
             self._procs[run_id] = job
+            cancelled_meanwhile = run_id in self._cancel
+        if cancelled_meanwhile:
+            job.cancel()
         if ray_job is not None:  # a restarted studio stops what its predecessor left on the cluster
-            self._set_launch(run_id, {**launch, "ray_jobs": [*launch.get("ray_jobs", []), ray_job]})
             launch.setdefault("ray_jobs", []).append(ray_job)
+            self._set_launch(run_id, launch)
         try:
             return job.wait()
         finally:
