@@ -25,6 +25,7 @@ from studio.config import DEFAULT_PORT, LORA_MODES, Settings, default_data_dir
 from studio.export import FORMATS as EXPORT_FORMATS
 from studio.export import KINDS
 from studio.importer import FORMATS, PromptFileError, read_prompts
+from studio.launchers import LAUNCHERS
 from studio.services import (
     BattleCampaignSpec,
     CampaignSpec,
@@ -79,6 +80,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_servers=args.max_servers,
             max_runs=args.max_runs,
             auto_eval=not args.no_auto_eval,
+            launcher=args.launcher,
+            num_processes=args.num_processes,
+            accelerate_config=args.accelerate_config,
+            ray_address=args.ray_address,
+            ray_gpus_per_process=args.ray_gpus_per_process,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
@@ -242,6 +248,9 @@ def _print_run(run: dict[str, Any]) -> None:
         line += f" rebattle={run['rebattle']}"
     elif run.get("rebattle_prompts"):
         line += f" rebattle-prompts={run['rebattle_prompts']}"
+    launch = run.get("launch") or {}
+    if launch.get("launcher"):
+        line += f" launcher={launch['launcher']}x{launch.get('num_processes', 1)}"
     if run.get("reason"):
         line += f"\n    reason: {run['reason']}"
     print(line)
@@ -261,6 +270,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             annotators=args.annotator or None,
             min_strength=args.min_strength,
             eval_prompt_set=args.eval_prompt_set,
+            launcher=args.launcher,
+            num_processes=args.num_processes,
         ),
     )
     with client_for(args) as client:
@@ -678,6 +689,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not evaluate each new version against its parent when its run finishes (the gate then "
         "holds it until someone runs `studio eval`)",
     )
+    launch = serve.add_argument_group(
+        "training launchers", "how the runner starts a training stage (docs/scaling.md); runs may pick"
+    )
+    launch.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default=Settings.launcher,
+        help="local: one process here; accelerate: `accelerate launch` with --num-processes here; "
+        f"ray: a Ray Job on the cluster at --ray-address (default {Settings.launcher})",
+    )
+    launch.add_argument(
+        "--num-processes",
+        type=int,
+        default=Settings.num_processes,
+        help=f"processes per stage under accelerate, data parallel (default {Settings.num_processes})",
+    )
+    launch.add_argument(
+        "--accelerate-config",
+        type=Path,
+        help="`accelerate launch --config_file` for GPUs: multi-GPU, DeepSpeed ZeRO or FSDP "
+        "(data/recipes/gpu/); without it accelerate runs on the CPU (gloo)",
+    )
+    launch.add_argument(
+        "--ray-address",
+        help="the Ray cluster's Jobs address, e.g. http://HEAD:8265 (needed by --launcher ray)",
+    )
+    launch.add_argument(
+        "--ray-gpus-per-process",
+        type=float,
+        default=Settings.ray_gpus_per_process,
+        help=f"GPUs a Ray job reserves per process (default {Settings.ray_gpus_per_process}: a CPU job)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     imp = sub.add_parser(
@@ -823,6 +866,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-prompt-set",
         help="a prompt set marked for evaluation: the blind re-battle samples it (less any prompt "
         "trained on) instead of the prompts held out of the snapshot",
+    )
+    train.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        help="how to start each stage: local, accelerate or ray (default: the studio's --launcher)",
+    )
+    train.add_argument(
+        "--num-processes", type=int, help="processes per stage under accelerate (default: the studio's)"
     )
     train.add_argument("--wait", action="store_true", help="follow progress until the run ends")
     data_dir_arg(train)

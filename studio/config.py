@@ -49,11 +49,26 @@ class Settings:
     max_runs: int = 1  # training runs at once (each takes the CPU it can get)
     ui: bool = True
     auto_eval: bool = True  # evaluate every version a run registers against its parent
+    # how the runner starts a stage (studio/launchers.py); a run may choose its own
+    launcher: str = "local"  # local | accelerate | ray
+    num_processes: int = 1  # processes per stage under accelerate (and ray with accelerate)
+    accelerate_config: Path | None = None  # `accelerate launch --config_file` (GPUs, DeepSpeed, FSDP)
+    ray_address: str | None = None  # the Ray cluster's Jobs address, e.g. http://HEAD:8265
+    ray_gpus_per_process: float = 0.0  # GPUs a Ray job reserves per process (0: a CPU job)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         if self.model is not None:
             self.model = Path(self.model)
+        if self.shared_dir is not None:
+            self.shared_dir = Path(self.shared_dir)
+        if self.accelerate_config is not None:
+            self.accelerate_config = Path(self.accelerate_config)
+        from studio.launchers import check_launch_settings
+
+        check_launch_settings(self.launcher, self.num_processes, self.accelerate_config, self.ray_address)
+        if self.ray_gpus_per_process < 0:
+            raise ValueError(f"--ray-gpus-per-process {self.ray_gpus_per_process}: use 0 or more")
         if self.max_runs < 1:
             raise ValueError(f"--max-runs {self.max_runs}: at least one training run must be able to run")
         self.shared_dir = Path(self.shared_dir) if self.shared_dir is not None else self.data_dir

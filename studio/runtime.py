@@ -16,6 +16,7 @@ from typing import Any
 from studio.campaigns import aliases, ensure_policy_alias, resolve_model
 from studio.config import Settings, is_loopback
 from studio.jobs import Runner, register_stage
+from studio.launchers import LaunchSettings
 from studio.model_prep import (
     ModelError,
     check_hf_folder,
@@ -104,7 +105,13 @@ class Studio:
         ensure_policy_alias(self.store, self.base_version)
         self.task_sampler = TaskSampler(self.store, self.sampler)
         self.task_sampler.start()
-        self.runner = Runner(self.store, s.data_dir, partial(register_stage, self), max_parallel=s.max_runs)
+        self.runner = Runner(
+            self.store,
+            s.data_dir,
+            partial(register_stage, self),
+            max_parallel=s.max_runs,
+            launch=LaunchSettings.from_settings(s),
+        )
         self.runner.start()
 
     def announce(self) -> None:

@@ -278,6 +278,12 @@ class RunSpec:
         str | None,
         doc("a prompt set marked for evaluation: the re-battle samples it (less any prompt trained on)"),
     ] = None
+    launcher: Annotated[
+        str | None, doc("local, accelerate or ray (unset: the studio's --launcher; ray needs --ray-address)")
+    ] = None
+    num_processes: Annotated[
+        int | None, doc("processes per stage under accelerate (the studio's --num-processes if unset)")
+    ] = None
 
 
 @dataclass
@@ -969,7 +975,17 @@ def start_run(ctx: Context, user: User, spec: RunSpec) -> dict[str, Any]:
     """Validate, snapshot the data, queue the run and wake the runner (nothing stored on a bad input).
     The run fixes the prompts of its blind re-battle (`rebattle_prompts`: held out of the snapshot,
     or the spec's `eval_prompt_set`, never trained on); its `notes` say when there are none."""
-    run = training.submit_run(_db(ctx), ctx.settings.data_dir, created_by=user.name, **_fields(spec))
+    from studio import launchers
+
+    run = training.submit_run(
+        _db(ctx),
+        ctx.settings.data_dir,
+        created_by=user.name,
+        # a running studio knows its launchers; offline, a ray choice is checked when the run starts
+        launch_defaults=launchers.LaunchSettings.from_settings(ctx.settings) if ctx.runner else None,
+        shared_dir=launchers.shared_root(ctx.settings),
+        **_fields(spec),
+    )
     if ctx.runner is not None:
         ctx.runner.poke()
     return public(run)  # `notes` says when the re-battle has no held-out prompts

@@ -6,8 +6,16 @@ made up here, so the task pool, judgments and exports run for real.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -423,3 +431,79 @@ def random_adapter(base_model: Path, out: Path, seed: int = 0, rank: int = 8) ->
                 param.mul_(0.01)
     peft_model.save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def local_ray_head(num_cpus: int = 2) -> Iterator[str]:
+    """A Ray head on loopback with its job server (dashboard); yields its Jobs address.
+
+    `ray start --block` stays in the foreground as the parent of the head's processes, in a
+    session of its own: stopping it by its process group stops this head and nothing else on the
+    machine (`ray stop` would stop every Ray on it). The head's `python` is this interpreter and
+    PYTHONPATH this checkout, as on a cluster whose image has the project installed. Anything of
+    the head that outlives it names its temp folder and is ended by its pid."""
+    from ray.job_submission import JobSubmissionClient
+
+    root = Path(__file__).resolve().parents[1]
+    # a short folder: Ray's socket paths must fit the 107 bytes of a Unix socket name
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    dashboard = _free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(root),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        str(_free_port()),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--num-cpus",
+        str(num_cpus),
+        "--include-dashboard",
+        "true",
+        "--temp-dir",
+        str(temp),
+        "--disable-usage-stats",
+    ]
+    log_path = temp.parent / f"{temp.name}.log"
+    with log_path.open("w") as log:
+        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        address = f"http://127.0.0.1:{dashboard}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    JobSubmissionClient(address)
+                    break
+                except Exception:
+                    if head.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"the Ray head did not start; see {log_path}") from None
+                    time.sleep(1)
+            yield address
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(head.pid, signal.SIGKILL)
+            time.sleep(1)
+            left = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
