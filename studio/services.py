@@ -544,8 +544,6 @@ def add_adapter(ctx: Context, user: User, spec: AdapterSpec) -> dict[str, Any]:
 
     All or nothing: a folder the servers refuse (bad config, bad weights) is never stored (422);
     the answer comes once every server of the base serves it."""
-    if ctx.backend is None:  # offline, or a studio still starting (or serving without a model)
-        raise _needs_studio("adding an adapter hot-loads it, which needs the model server")
     return public(ctx.add_adapter(spec.name, Path(spec.path), source=f"upload:{user.name}"))
 
 
