@@ -21,10 +21,11 @@ from typing import Any
 
 from studio import users
 from studio.client import SERVER_FILE, Client, CLIError, api_token, connect, studio_url
-from studio.config import DEFAULT_PORT, Settings, default_data_dir
+from studio.config import DEFAULT_PORT, LORA_MODES, Settings, default_data_dir
 from studio.export import FORMATS as EXPORT_FORMATS
 from studio.export import KINDS
 from studio.importer import FORMATS, PromptFileError, read_prompts
+from studio.launchers import LAUNCHERS
 from studio.services import (
     BattleCampaignSpec,
     CampaignSpec,
@@ -72,11 +73,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model=args.model,
             model_name=args.model_name,
             backend_url=args.backend_url,
+            shared_dir=args.shared_dir,
             vllm_port=args.vllm_port,
             ui=not args.no_ui,
-            lora=not args.no_lora,
+            lora="off" if args.no_lora else args.lora,
+            max_servers=args.max_servers,
             max_runs=args.max_runs,
             auto_eval=not args.no_auto_eval,
+            launcher=args.launcher,
+            num_processes=args.num_processes,
+            accelerate_config=args.accelerate_config,
+            ray_address=args.ray_address,
+            ray_gpus_per_process=args.ray_gpus_per_process,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
@@ -240,6 +248,9 @@ def _print_run(run: dict[str, Any]) -> None:
         line += f" rebattle={run['rebattle']}"
     elif run.get("rebattle_prompts"):
         line += f" rebattle-prompts={run['rebattle_prompts']}"
+    launch = run.get("launch") or {}
+    if launch.get("launcher"):
+        line += f" launcher={launch['launcher']}x{launch.get('num_processes', 1)}"
     if run.get("reason"):
         line += f"\n    reason: {run['reason']}"
     print(line)
@@ -259,6 +270,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             annotators=args.annotator or None,
             min_strength=args.min_strength,
             eval_prompt_set=args.eval_prompt_set,
+            launcher=args.launcher,
+            num_processes=args.num_processes,
         ),
     )
     with client_for(args) as client:
@@ -639,7 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model",
         type=Path,
-        help="a local Hugging Face model folder to serve instead of the packaged SmolLM2-135M-Instruct",
+        help="a local Hugging Face model folder to serve instead of the packaged SmolLM2-135M-Instruct; "
+        "with --backend-url, the served model's weights (training starts from them; checked to be "
+        "the servers' model by config and tokenizer)",
     )
     serve.add_argument(
         "--model-name",
@@ -648,16 +663,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--backend-url",
-        help="use this running OpenAI-compatible server "
-        "(e.g. vLLM on a GPU machine) instead of starting vLLM here",
+        metavar="URL[,URL...]",
+        help="use these running OpenAI-compatible servers (e.g. a vLLM fleet on GPU machines) "
+        "instead of starting vLLM here: sampling spreads over them, adapters are hot-loaded into "
+        "each (and again after one restarts), a server that is down is skipped",
     )
-    serve.add_argument("--vllm-port", type=int, help="port for the managed vLLM (default: a free one)")
+    serve.add_argument(
+        "--shared-dir",
+        type=Path,
+        help="a folder the studio and the external servers (and training launchers) see at the same "
+        "path; adapters loaded into external servers are read from there (default: the data dir)",
+    )
+    serve.add_argument(
+        "--vllm-port",
+        type=int,
+        help="port of the first managed vLLM (default: a free one; a replacement takes a free one)",
+    )
     serve.add_argument("--no-ui", action="store_true", help="serve the REST API only")
     serve.add_argument(
-        "--no-lora",
-        action="store_true",
-        help="start vLLM without runtime LoRA: faster sampling on the CPU, but "
-        "trained adapters cannot be hot-loaded",
+        "--lora",
+        choices=LORA_MODES,
+        default=Settings.lora,
+        help="runtime LoRA in the managed vLLM: 'auto' serves without it (faster sampling on the "
+        "CPU) until the first adapter version exists, then switches to a server with it without "
+        "a failed request; 'on' always; 'off' never (adapters are refused) "
+        f"(default {Settings.lora})",
+    )
+    serve.add_argument("--no-lora", action="store_true", help="the same as --lora off")
+    serve.add_argument(
+        "--max-servers",
+        type=int,
+        default=Settings.max_servers,
+        help="managed vLLM processes at once: the base and full-weight versions, each 4-5 GB here; "
+        "beyond it the least recently used version nothing uses is stopped, and started again "
+        f"when asked for (default {Settings.max_servers})",
     )
     serve.add_argument(
         "--max-runs",
@@ -670,6 +709,38 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not evaluate each new version against its parent when its run finishes (the gate then "
         "holds it until someone runs `studio eval`)",
+    )
+    launch = serve.add_argument_group(
+        "training launchers", "how the runner starts a training stage (docs/scaling.md); runs may pick"
+    )
+    launch.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default=Settings.launcher,
+        help="local: one process here; accelerate: `accelerate launch` with --num-processes here; "
+        f"ray: a Ray Job on the cluster at --ray-address (default {Settings.launcher})",
+    )
+    launch.add_argument(
+        "--num-processes",
+        type=int,
+        default=Settings.num_processes,
+        help=f"processes per stage under accelerate, data parallel (default {Settings.num_processes})",
+    )
+    launch.add_argument(
+        "--accelerate-config",
+        type=Path,
+        help="`accelerate launch --config_file` for GPUs: multi-GPU, DeepSpeed ZeRO or FSDP "
+        "(data/recipes/gpu/); without it accelerate runs on the CPU (gloo)",
+    )
+    launch.add_argument(
+        "--ray-address",
+        help="the Ray cluster's Jobs address, e.g. http://HEAD:8265 (needed by --launcher ray)",
+    )
+    launch.add_argument(
+        "--ray-gpus-per-process",
+        type=float,
+        default=Settings.ray_gpus_per_process,
+        help=f"GPUs a Ray job reserves per process (default {Settings.ray_gpus_per_process}: a CPU job)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -816,6 +887,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-prompt-set",
         help="a prompt set marked for evaluation: the blind re-battle samples it (less any prompt "
         "trained on) instead of the prompts held out of the snapshot",
+    )
+    train.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        help="how to start each stage: local, accelerate or ray (default: the studio's --launcher)",
+    )
+    train.add_argument(
+        "--num-processes", type=int, help="processes per stage under accelerate (default: the studio's)"
     )
     train.add_argument("--wait", action="store_true", help="follow progress until the run ends")
     data_dir_arg(train)

@@ -339,4 +339,13 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE runs ADD COLUMN notes VARCHAR[];            -- what the run said when it was submitted
         """,
     ),
+    (
+        "009_run_launch",
+        """
+        -- How a run's stages are started (studio/launchers.py): {"launcher": local | accelerate |
+        -- ray, "num_processes": N} as the run asked (NULL: the studio's default), replaced by what
+        -- it started with once it runs, plus the Ray job ids ("ray_jobs") it submitted.
+        ALTER TABLE runs ADD COLUMN launch JSON;
+        """,
+    ),
 ]

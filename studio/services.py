@@ -278,6 +278,12 @@ class RunSpec:
         str | None,
         doc("a prompt set marked for evaluation: the re-battle samples it (less any prompt trained on)"),
     ] = None
+    launcher: Annotated[
+        str | None, doc("local, accelerate or ray (unset: the studio's --launcher; ray needs --ray-address)")
+    ] = None
+    num_processes: Annotated[
+        int | None, doc("processes per stage under accelerate (the studio's --num-processes if unset)")
+    ] = None
 
 
 @dataclass
@@ -534,10 +540,24 @@ def sample(ctx: Context, user: User, spec: SampleSpec) -> dict[str, Any]:
 
 @requires("train")
 def add_adapter(ctx: Context, user: User, spec: AdapterSpec) -> dict[str, Any]:
-    """Register a LoRA adapter folder as a version over the base and hot-load it."""
-    if ctx.backend is None:  # offline, or a studio still starting (or serving without a model)
-        raise _needs_studio("adding an adapter hot-loads it, which needs the model server")
+    """Hot-load a LoRA adapter folder into the servers of the base, then register it as a version.
+
+    All or nothing: a folder the servers refuse (bad config, bad weights) is never stored (422);
+    the answer comes once every server of the base serves it."""
     return public(ctx.add_adapter(spec.name, Path(spec.path), source=f"upload:{user.name}"))
+
+
+@requires("admin")
+def model_servers(ctx: Context, user: User) -> dict[str, Any]:
+    """Every model server (managed or external): its state, what it serves, requests in flight
+    and last error; and the versions that could not be served, with why."""
+    backend = ctx.health().get("backend") or {}
+    return {
+        "healthy": bool(backend.get("healthy")),
+        "servers": backend.get("servers", []),
+        "failed": backend.get("failed", {}),
+        "max_servers": backend.get("max_servers"),
+    }
 
 
 @requires("train")
@@ -953,7 +973,17 @@ def start_run(ctx: Context, user: User, spec: RunSpec) -> dict[str, Any]:
     """Validate, snapshot the data, queue the run and wake the runner (nothing stored on a bad input).
     The run fixes the prompts of its blind re-battle (`rebattle_prompts`: held out of the snapshot,
     or the spec's `eval_prompt_set`, never trained on); its `notes` say when there are none."""
-    run = training.submit_run(_db(ctx), ctx.settings.data_dir, created_by=user.name, **_fields(spec))
+    from studio import launchers
+
+    run = training.submit_run(
+        _db(ctx),
+        ctx.settings.data_dir,
+        created_by=user.name,
+        # a running studio knows its launchers; offline, a ray choice is checked when the run starts
+        launch_defaults=launchers.LaunchSettings.from_settings(ctx.settings) if ctx.runner else None,
+        shared_dir=launchers.shared_root(ctx.settings),
+        **_fields(spec),
+    )
     if ctx.runner is not None:
         ctx.runner.poke()
     return public(run)  # `notes` says when the re-battle has no held-out prompts

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from studio import campaigns as camp
+from studio import launchers
 from studio.export import build_rows
 from studio.quality import campaign_agreement
 from studio.store import ImportedPrompt, Store, StoreError, decode_json_columns, new_id
@@ -42,8 +43,10 @@ def stages_for(stage: str) -> list[str]:
 
 
 def recipes(extra_dir: Path | None = None) -> dict[str, Path]:
-    """Shipped recipes, plus the studio's own (DATA_DIR/recipes) which win on a name clash."""
+    """Shipped recipes (the GPU ones as gpu/NAME), plus the studio's own (DATA_DIR/recipes) which
+    win on a name clash."""
     found = {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+    found |= {f"gpu/{p.stem}": p for p in sorted((RECIPES_DIR / "gpu").glob("*.yaml"))}
     if extra_dir is not None and extra_dir.is_dir():
         found |= {p.stem: p for p in sorted(extra_dir.glob("*.yaml"))}
     return found
@@ -151,6 +154,10 @@ def submit_run(
     annotators: list[str] | None = None,
     min_strength: int | None = None,
     eval_prompt_set: str | None = None,
+    launcher: str | None = None,
+    num_processes: int | None = None,
+    launch_defaults: launchers.LaunchSettings | None = None,
+    shared_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Validate everything, take the snapshot, queue the run. Nothing is stored when a check fails.
 
@@ -158,8 +165,22 @@ def submit_run(
     `heldout-<run>`): the prompts every policy stage holds out of this snapshot, or those of
     `eval_prompt_set` (a set an engineer marks for evaluation); never a prompt the new version or
     one of its ancestors trained on. When there are none, the run says so in its `notes` (the
-    version is then held by the gate unless the re-battle is waived)."""
+    version is then held by the gate unless the re-battle is waived).
+
+    Snapshots and the run's folder go under `shared_dir` (default `data_dir`), which the machines
+    that train must also see. `launcher`/`num_processes` are the run's own launch choice, checked
+    against `launch_defaults`, the running studio's launch settings (None: no studio runs, so
+    whether it has a Ray cluster is checked when the run starts)."""
     stages = stages_for(stage)
+    try:
+        launch = launchers.check_choice(launch_defaults, launcher, num_processes)
+    except ValueError as exc:
+        raise StoreError(str(exc)) from None
+    processes = (
+        launchers.resolve(launch_defaults, launch)["num_processes"]
+        if launch_defaults is not None or launch
+        else None
+    )
     parent_version = store.model_version(camp.resolve_policy(store, parent))
     if eval_prompt_set is not None and not store.query(
         "SELECT 1 FROM prompts WHERE set_name = ? LIMIT 1", [eval_prompt_set]
@@ -201,6 +222,13 @@ def submit_run(
                 raise configs.ConfigError(f"{s}: {exc}" if len(stages) > 1 else str(exc)) from None
             per_stage[s] = {key: configs.get(config, key) for key in o}  # as the trainer reads them
             shares[s] = float(getattr(config, "held_out", 0.0))  # PPO rolls out on every prompt
+            if s == "ppo" and processes and processes > 1:
+                ppo = config.ppo  # type: ignore[attr-defined]
+                if ppo.batch_size % processes or ppo.mini_batch_size % processes:
+                    raise configs.ConfigError(
+                        f"ppo.batch_size {ppo.batch_size} and ppo.mini_batch_size {ppo.mini_batch_size}"
+                        f" are shared among {processes} processes: use multiples of {processes}"
+                    )
     except configs.ConfigError as exc:
         raise StoreError(str(exc)) from None
     rm = None
@@ -216,10 +244,11 @@ def submit_run(
                 f"{', '.join(v['name'] for v in reward_models(store)) or 'none yet'}"
             )
     kinds = {SNAPSHOT_KIND[s] for s in stages}
-    snapshot = take_snapshot(store, data_dir, kinds.pop(), campaigns, created_by, annotators, min_strength)
+    shared = shared_dir or data_dir
+    snapshot = take_snapshot(store, shared, kinds.pop(), campaigns, created_by, annotators, min_strength)
     plan = rebattle_plan(store, snapshot, stages, shares, parent_version["name"], eval_prompt_set)
     run_id = "run-" + new_id()[:10]
-    out = data_dir / "runs" / run_id
+    out = shared / "runs" / run_id
     rebattle_set = None
     if plan.prompts:
         rebattle_set = f"heldout-{run_id}"
@@ -227,8 +256,8 @@ def submit_run(
     with store.transaction() as cur:
         cur.execute(
             "INSERT INTO runs (id, stages, status, parent, reward_model, recipes, overrides, snapshot_id,"
-            " output_dir, versions, created_by, eval_prompt_set, rebattle_prompts, trained_prompts, notes)"
-            " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, [], ?, ?, ?, ?, ?)",
+            " output_dir, versions, created_by, eval_prompt_set, rebattle_prompts, trained_prompts, notes,"
+            " launch) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, [], ?, ?, ?, ?, ?, ?)",
             [
                 run_id,
                 stages,
@@ -243,6 +272,7 @@ def submit_run(
                 rebattle_set,
                 plan.trained,
                 plan.notes,
+                json.dumps(launch) if launch is not None else None,
             ],
         )
     return get_run(store, run_id)
@@ -391,7 +421,7 @@ def list_runs(store: Store, limit: int = 50) -> list[dict[str, Any]]:
 
 
 def _run(row: dict[str, Any]) -> dict[str, Any]:
-    run = decode_json_columns(row, "recipes", "overrides", "metrics")
+    run = decode_json_columns(row, "recipes", "overrides", "metrics", "launch")
     trained = run.pop("trained_prompts", None)  # hashes: their count is what a person reads
     run["trained_prompt_count"] = None if trained is None else len(trained)
     run["notes"] = list(run.get("notes") or [])

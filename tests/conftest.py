@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -101,16 +102,16 @@ def data_dir_with_model(model_cache: Path, target: Path) -> Path:
 class LiveStudio:
     """The real app (store + managed vLLM + REST + UI) served by uvicorn in this process."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, **settings: Any):
         import uvicorn
 
         from studio.app import create_app
         from studio.config import Settings
 
         self.port = free_port()
-        # no automatic evaluation of trained versions: minutes of every suite on the shared vLLM
-        # behind each later test (tests/test_promotion*.py evaluate on purpose)
-        self.settings = Settings(data_dir=data_dir, port=self.port, auto_eval=False)
+        # no automatic evaluation of trained versions unless asked: minutes of every suite on the
+        # shared vLLM behind each later test (tests/test_promotion*.py evaluate on purpose)
+        self.settings = Settings(data_dir=data_dir, port=self.port, **{"auto_eval": False, **settings})
         self.app = create_app(self.settings)
         self.studio = self.app.state.studio
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -193,7 +194,10 @@ class NoModelStudio:
 
 @pytest.fixture(scope="session")
 def live_studio(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStudio]:
-    studio = LiveStudio(data_dir_with_model(model_cache, tmp_path_factory.mktemp("studio")))
+    # runtime LoRA from the start: the live tests hot-load adapters, and a studio serving without
+    # it would switch servers at the first one (a second vLLM start; tests/test_pool_live.py
+    # covers that switch)
+    studio = LiveStudio(data_dir_with_model(model_cache, tmp_path_factory.mktemp("studio")), lora="on")
     studio.start()
     yield studio
     studio.stop()

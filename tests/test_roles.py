@@ -40,7 +40,7 @@ def test_annotator_session_is_refused_on_an_admin_gradio_event(
         assert "may not admin" in payload["error"]
         runs_before = live_studio.studio.store.count("runs")
         event, payload = gradio_call(
-            client, "train_start", ["dpo", "policy", [], 0.2, None, 1, None, "", "", 0, None]
+            client, "train_start", ["dpo", "policy", [], 0.2, None, 1, None, "", "", 0, None, "", None]
         )
         assert event == "error" and "may not train" in payload["error"]
         event, payload = gradio_call(client, "train_cancel", ["run-x"])

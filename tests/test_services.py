@@ -76,6 +76,7 @@ ARGS: dict[str, Callable[[svc.OfflineContext, Path], tuple[Any, ...]]] = {
     "list_models": lambda c, t: (),
     "sample": lambda c, t: (svc.SampleSpec(prompt="hi"),),
     "add_adapter": lambda c, t: (svc.AdapterSpec("evil-adapter", str(t)),),
+    "model_servers": lambda c, t: (),
     "lineage": lambda c, t: ("other",),
     "promote": lambda c, t: ("base", svc.PromoteSpec()),
     "rollback": lambda c, t: (camp.POLICY,),

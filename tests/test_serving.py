@@ -25,9 +25,11 @@ def test_health_reports_store_and_vllm(api: httpx.Client, live_studio: LiveStudi
     health = api.get("/health").json()
     assert health["studio"] == "ok"
     assert health["store"]["ok"] and health["store"]["migrations"][0] == "001_core"
-    assert health["backend"]["kind"] == "managed-vllm" and health["backend"]["state"] == "ready"
-    assert Path(health["backend"]["log"]).is_relative_to(live_studio.settings.data_dir)
-    assert Path(health["backend"]["log"]).stat().st_size > 0
+    assert health["backend"]["kind"] == "pool" and health["backend"]["healthy"]
+    (server,) = health["backend"]["servers"]
+    assert server["kind"] == "managed" and server["state"] == "up" and "base" in server["serves"]
+    assert Path(server["log"]).is_relative_to(live_studio.settings.data_dir)
+    assert Path(server["log"]).stat().st_size > 0
 
 
 def test_base_version_registered_once_with_hash_and_source(live_studio: LiveStudio) -> None:
@@ -195,7 +197,7 @@ def test_serve_with_model_folder_then_a_signal_leaves_no_process(
                 time.sleep(1)
         assert health is not None and health["studio"] == "ok", proc.stdout.read() if proc.stdout else ""
         assert health["base_version"] == "smollm2-135m-instruct"
-        vllm_pid = health["backend"]["pid"]
+        vllm_pid = health["backend"]["servers"][0]["pid"]
         assert process_alive(vllm_pid)
         children = subprocess.run(["pgrep", "-g", str(vllm_pid)], capture_output=True, text=True)
         group = [int(p) for p in children.stdout.split()]

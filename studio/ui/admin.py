@@ -47,6 +47,7 @@ QUALITY_COLUMNS = (
     "median_seconds",
 )
 USER_COLUMNS = ("name", "role", "disabled", "created_at")
+SERVER_COLUMNS = ("server", "kind", "state", "serves", "in_flight", "last_error")
 # A download is fetched at once (Gradio copies it to its cache as the handler returns); its
 # folder is removed after this even when the session never exports again.
 DOWNLOAD_TTL_S = 600
@@ -56,6 +57,30 @@ def sampler_state(campaign: dict[str, Any]) -> str:
     """The sampler column: why sampling for the campaign fails, or 'ok'."""
     error = campaign.get("sampler_error")
     return f"failing: {error}" if error else "ok"
+
+
+def server_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model servers table: one row per server, from `services.model_servers`."""
+    return [
+        {
+            "server": s["url"] if s["id"] == s["url"] else f"{s['id']} ({s['url']})",
+            "kind": s["kind"],
+            "state": s["state"],
+            "serves": ", ".join(s["serves"]),
+            "in_flight": s["in_flight"],
+            "last_error": (s["last_error"] or "")[:200],
+        }
+        for s in status["servers"]
+    ]
+
+
+def servers_note(status: dict[str, Any]) -> str:
+    """One line over the table: whether the base is served, and the versions that are not."""
+    line = "Serving." if status["healthy"] else "**The base model is not served right now.**"
+    failed = status["failed"]
+    if failed:
+        line += " Not served: " + "; ".join(f"**{text(k)}**: {text(v[:200])}" for k, v in failed.items())
+    return line
 
 
 def split_list(value: str | None) -> list[str]:
@@ -116,6 +141,9 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
             c_guidelines = gr.Textbox(label="Guidelines (Markdown)", lines=3)
             c_create = gr.Button("Create campaign", variant="primary")
             c_msg = gr.Markdown()
+        with gr.Accordion("Model servers", open=False):
+            servers_line = gr.Markdown()
+            servers_table = table(None, SERVER_COLUMNS, elem_id="admin-servers")
         with gr.Accordion("Battle campaigns", open=False):
             battles_table = table("Battle campaigns", BATTLE_COLUMNS, elem_id="admin-battles")
             with gr.Row():
@@ -181,6 +209,8 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
         users_table,
         b_set,
         battles_table,
+        servers_line,
+        servers_table,
     ]
 
     def overview(user: User) -> list[Any]:
@@ -213,6 +243,7 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
         ]
         names = [c["name"] for c in labeled]
         sets = [s["name"] for s in svc.list_prompt_sets(studio, user)]
+        servers = svc.model_servers(studio, user)
         return [
             frame(rows, CAMPAIGN_COLUMNS),
             gr.update(choices=sets),
@@ -222,6 +253,8 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
             frame(accounts, USER_COLUMNS),
             gr.update(choices=sets),
             frame(battles, BATTLE_COLUMNS),
+            servers_note(servers),
+            frame(server_rows(servers), SERVER_COLUMNS),
         ]
 
     def create(

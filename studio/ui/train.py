@@ -23,6 +23,12 @@ STAGES = [
     ("PPO then DPO", "ppo_then_dpo"),
 ]
 STRENGTHS = [("any", 0), ("slight", 1), ("clear", 2), ("strong", 3)]  # 0: no minimum
+LAUNCHER_CHOICES = [
+    ("the studio's default", ""),
+    ("local: one process here", "local"),
+    ("accelerate: N processes here", "accelerate"),
+    ("ray: a job on the Ray cluster", "ray"),
+]
 RUN_COLUMNS = ("id", "stages", "status", "parent", "versions", "by", "created")
 
 
@@ -47,6 +53,11 @@ def run_status(run: dict[str, Any]) -> str:
         out += f" · {info_['elapsed_s']:.0f} s"
         if info_.get("eta_s") is not None:
             out += f" · ETA {info_['eta_s']:.0f} s"
+    launch = run.get("launch") or {}
+    if launch.get("launcher"):
+        out += f" · {text(launch['launcher'])} x{launch.get('num_processes', 1)}"
+        if launch.get("ray_jobs"):
+            out += f" (Ray job {text(launch['ray_jobs'][-1])})"
     if run["reason"]:
         out += f"\n\nReason: {text(run['reason'])}"  # from the trainer's log
     if run["versions"]:
@@ -104,6 +115,20 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
                     value=SPEC.eval_prompt_set,
                     allow_custom_value=True,
                 )
+                with gr.Row():
+                    launcher = gr.Dropdown(
+                        label="Launcher",
+                        choices=LAUNCHER_CHOICES,
+                        value=SPEC.launcher or "",
+                        elem_id="launcher",
+                    )
+                    processes = gr.Number(
+                        label="Processes per stage (accelerate; empty: the studio's)",
+                        value=SPEC.num_processes,
+                        precision=0,
+                        minimum=1,
+                        elem_id="num-processes",
+                    )
                 start = gr.Button("Start run", variant="primary", elem_id="start-run")
             with gr.Column(scale=3):
                 runs_table = table("Runs, newest first", RUN_COLUMNS, elem_id="runs-table")
@@ -161,6 +186,8 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
         who_v: str | None,
         strength_v: int | None,
         eval_set_v: str | None,
+        launcher_v: str | None,
+        processes_v: float | None,
     ) -> list[Any]:
         # empty controls are "not given": the spec's defaults (the recipe's values) apply
         spec = svc.RunSpec(
@@ -176,6 +203,8 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
                 annotators=[a.strip() for a in (who_v or "").split(",") if a.strip()] or None,
                 min_strength=int(strength_v) if strength_v else None,
                 eval_prompt_set=eval_set_v or None,
+                launcher=launcher_v or None,
+                num_processes=int(processes_v) if processes_v else None,
             ),
         )
         run = svc.start_run(studio, user, spec)
@@ -188,7 +217,21 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
         svc.cancel_run(studio, user, run_id or "")
         return refresh(user, run_id)
 
-    form = [stage, parent, data, held_out, recipe, steps, reward_model, overrides, who, strength, eval_set]
+    form = [
+        stage,
+        parent,
+        data,
+        held_out,
+        recipe,
+        steps,
+        reward_model,
+        overrides,
+        who,
+        strength,
+        eval_set,
+        launcher,
+        processes,
+    ]
     start.click(on(start_run), form, shown, api_name="train_start")
     cancel.click(on(cancel_run), pick, shown, api_name="train_cancel")
     pick.change(on(refresh), pick, shown, api_name="train_pick", api_visibility="private")
