@@ -43,7 +43,8 @@ def vllm_kill(url: str, token: str) -> dict:
     """Kill the managed vLLM's process group; seconds until /sample answers again."""
     headers = {"Authorization": f"Bearer {token}"}
     health = httpx.get(f"{url}/api/v1/health", headers=headers).json()
-    os.killpg(health["backend"]["pid"], signal.SIGKILL)
+    base = next(s for s in health["backend"]["servers"] if s["kind"] == "managed")
+    os.killpg(base["pid"], signal.SIGKILL)
     killed = time.monotonic()
     statuses: dict[int, int] = {}
     while time.monotonic() - killed < 900:
@@ -172,7 +173,10 @@ def main() -> None:
             report["vllm_kill"] = vllm_kill(url, token)
             backend = httpx.get(f"{url}/api/v1/health", headers={"Authorization": f"Bearer {token}"}).json()
             report["kill_9_under_judgments"] = judgment_crashes(
-                root, backend["backend"]["url"], args.annotators, args.crashes
+                root,
+                next(s["url"] for s in backend["backend"]["servers"] if s["kind"] == "managed"),
+                args.annotators,
+                args.crashes,
             )
             report["kill_9_of_the_studio"] = studio_crash(proc, data_dir, port, url, token)
         finally:

@@ -21,7 +21,9 @@ after installing the reaper: the trainers are started this way.
 
 Note for callers: the kernel sends the parent-death signal when the *thread* that spawned the
 child exits, not the process. Spawn group leaders from threads that live as long as the child
-should (the main thread, a watchdog, the thread that waits for the child).
+should (the thread that waits for the child), or through `popen`, which forks from one thread
+kept for the life of the process: the serving pool starts vLLM servers from request, run and
+evaluation threads that end long before the server should.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ import ctypes
 import os
 import runpy
 import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 # A real-time signal nobody else sends (vLLM handles SIGTERM and SIGINT; Python, SIGINT). Its
@@ -58,6 +63,19 @@ def lead_group_and_die_with_parent(parent_pid: int | None = None) -> Callable[[]
             os.kill(os.getpid(), signal.SIGKILL)
 
     return preexec
+
+
+# One worker thread, never retired (ThreadPoolExecutor keeps its workers until shutdown), so a
+# child forked there gets its parent-death signal only when the studio itself ends.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="studio-spawner")
+
+
+def popen(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+    """`subprocess.Popen(cmd, preexec_fn=lead_group_and_die_with_parent(), **kwargs)`, forked
+    from the process-long spawner thread: the group leader dies with the studio, not with the
+    (possibly short-lived) thread that asked for it."""
+    preexec = lead_group_and_die_with_parent()
+    return _SPAWNER.submit(subprocess.Popen, cmd, preexec_fn=preexec, **kwargs).result()
 
 
 def kill_own_group(*_: object) -> None:

@@ -76,7 +76,6 @@ class Context(Protocol):
     sampler: Sampler | None
     task_sampler: TaskSampler | None
     runner: Runner | None
-    backend: OpenAIChatBackend | None
     base_version: str
 
     def add_adapter(
@@ -103,7 +102,6 @@ class OfflineContext:
     sampler = None
     task_sampler = None
     runner = None
-    backend = None
 
     def __init__(self, data_dir: Path | str):
         self.settings = Settings(data_dir=Path(data_dir))

@@ -205,3 +205,34 @@ def test_studio_serve_on_a_busy_port_says_who_holds_it_before_loading_anything(t
     assert "Traceback" not in done.stderr and not (tmp_path / "studio.duckdb").exists()
     assert time.monotonic() - started < 60
     assert json.dumps(done.stdout) == '""'
+
+
+def test_a_server_started_from_a_short_lived_thread_outlives_that_thread() -> None:
+    # The pool starts vLLM servers from run, request and evaluation threads. The parent-death
+    # signal follows the forking thread: forked there directly, the server dies with the thread.
+    import threading
+
+    from studio import lifeline
+
+    started: dict[str, subprocess.Popen] = {}
+
+    def spawn(key: str, direct: bool) -> None:
+        cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
+        if direct:
+            started[key] = subprocess.Popen(cmd, preexec_fn=lifeline.lead_group_and_die_with_parent())
+        else:
+            started[key] = lifeline.popen(cmd)
+
+    for key, direct in (("direct", True), ("spawner", False)):
+        thread = threading.Thread(target=spawn, args=(key, direct))
+        thread.start()
+        thread.join()
+    try:
+        time.sleep(1.0)
+        assert started["direct"].poll() is not None, "forked on the ended thread: killed with it"
+        assert started["spawner"].poll() is None, "forked on the spawner thread: still running"
+    finally:
+        for proc in started.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

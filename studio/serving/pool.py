@@ -4,8 +4,8 @@ An endpoint is an OpenAI-compatible server: a vLLM process the studio manages (`
 an external one (`--backend-url`). Each runs one full-weight model under a name (the studio's
 base version, or a full-weight version trained with `lora: false`) and, when runtime LoRA is on,
 the LoRA adapters loaded into it. The pool has `OpenAIChatBackend`'s methods (`chat`,
-`tokenize`, `token_logprob`, `max_model_len`, `models`, `health`), so the sampler, the task
-sampler, evaluation and the services use it as they used one server.
+`tokenize`, `token_logprob`, `next_token_logprobs`, `max_model_len`, `models`, `health`), so the
+sampler, the task sampler, evaluation and the services use it as they used one server.
 
 - **Routing.** A request for model M goes to an endpoint that is up and serves M, the one with
   the fewest requests in flight (then the least recently used), so sampling spreads over the
@@ -628,6 +628,11 @@ class ServingPool:
 
     def token_logprob(self, model: str, prompt_ids: list[int], token_id: int) -> float:
         return self._call(model, lambda c: c.token_logprob(model, prompt_ids, token_id))
+
+    def next_token_logprobs(
+        self, model: str, prompt_ids: list[int], token_ids: list[int]
+    ) -> dict[int, float]:
+        return self._call(model, lambda c: c.next_token_logprobs(model, prompt_ids, token_ids))
 
     def load_lora(self, name: str, path: str) -> None:
         self.add_adapter(name, path, self.base)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from studio import lifeline
 from studio.lifeline import lead_group_and_die_with_parent
 
 Progress = Callable[[str], None]
@@ -194,14 +195,14 @@ class VLLMServer:
         log.flush()
         with self._lock:
             self.state = "starting"
-            self._proc = subprocess.Popen(
+            # its own group (stopped as one), killed as one if the studio dies outright; forked
+            # from the spawner thread, since this may run on a run's or a request's thread
+            self._proc = lifeline.popen(
                 self.command(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.environment(),
-                # its own group (stopped as one), killed as one if the studio dies outright
-                preexec_fn=lead_group_and_die_with_parent(),
             )
         log.close()
 
