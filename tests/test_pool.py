@@ -122,6 +122,17 @@ def pool_over(servers: list[FleetServer], tmp_path: Path, **kwargs: Any) -> Serv
     return pool
 
 
+def test_the_pool_answers_max_model_len_per_model(fleet: list[FleetServer], tmp_path: Path) -> None:
+    # the services ask it when a campaign is created (its max_tokens must fit the context); the
+    # pool's own setting for the servers it starts once shadowed this method with an int
+    pool = pool_over(fleet[:1], tmp_path, max_model_len=1024)
+    try:
+        assert pool.max_model_len("base") == 2048  # what the server says, not the pool's setting
+        assert pool.context_len == 1024
+    finally:
+        pool.stop()
+
+
 def test_requests_spread_over_the_servers(fleet: list[FleetServer], tmp_path: Path) -> None:
     pool = pool_over(fleet, tmp_path)
     try:

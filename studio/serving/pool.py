@@ -144,7 +144,7 @@ class ServingPool:
         self.in_use = in_use or set
         self.max_servers = max_servers
         self.startup_timeout = startup_timeout
-        self.max_model_len = max_model_len
+        self.context_len = max_model_len  # not `max_model_len`: that is the method asked per model
         self.kv_cache_gib = kv_cache_gib
         self.version_kv_cache_gib = version_kv_cache_gib
         self.watch_interval = watch_interval
@@ -195,7 +195,7 @@ class ServingPool:
             name,
             self.log_dir / f"vllm-{ep_id}.log",
             port=port,
-            max_model_len=self.max_model_len,
+            max_model_len=self.context_len,
             kv_cache_gib=kv_cache_gib or self.kv_cache_gib,
             startup_timeout=self.startup_timeout,
             lora=lora,
