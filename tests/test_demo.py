@@ -231,6 +231,9 @@ def test_the_demo_needs_a_fresh_data_dir(tmp_path: Path) -> None:
 
 # -- the whole loop ---------------------------------------------------------------------------------
 @pytest.mark.slow
+# its own vLLM start, three training runs, two evaluations and battles: past the suite's 900 s
+# default on a loaded 2-core machine (vLLM alone once took 566 s to start there)
+@pytest.mark.timeout(2400)
 def test_the_demo_runs_the_loop_and_the_last_version_beats_base_on_the_property(tmp_path: Path) -> None:
     from tests.conftest import free_port
 
