@@ -128,7 +128,7 @@ def test_the_pool_answers_max_model_len_per_model(fleet: list[FleetServer], tmp_
     pool = pool_over(fleet[:1], tmp_path, max_model_len=1024)
     try:
         assert pool.max_model_len("base") == 2048  # what the server says, not the pool's setting
-        assert pool.context_len == 1024
+        assert pool.server_context == 1024
     finally:
         pool.stop()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from studio.users import local_token
 from tests.conftest import LiveStudio, data_dir_with_model
 from tests.helpers import Traffic, make_users, random_adapter, rest_sender
 from tests.test_serving import process_alive
@@ -49,7 +50,9 @@ def api(live: LiveStudio, token: str) -> httpx.Client:
 
 
 def servers(live: LiveStudio) -> list[dict]:
-    return httpx.get(f"{live.url}/api/v1/health", timeout=30).json()["backend"]["servers"]
+    """The model servers as /health details them (for engineers and admins: the admin's token)."""
+    headers = {"Authorization": f"Bearer {local_token(live.settings.data_dir)}"}
+    return httpx.get(f"{live.url}/api/v1/health", headers=headers, timeout=30).json()["backend"]["servers"]
 
 
 def base_folder(live: LiveStudio) -> Path:
