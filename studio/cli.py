@@ -74,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             vllm_port=args.vllm_port,
             ui=not args.no_ui,
             lora=not args.no_lora,
+            probe=not args.no_probe,
             max_runs=args.max_runs,
         )
     except ValueError as exc:
@@ -517,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start vLLM without runtime LoRA: faster sampling on the CPU, but "
         "trained adapters cannot be hot-loaded",
+    )
+    serve.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="do not measure the model server's throughput at start; the task sampler keeps "
+        "a curve measured before, else a default number of requests in flight",
     )
     serve.add_argument(
         "--max-runs",

@@ -34,6 +34,9 @@ class Settings:
     vllm_port: int | None = None
     vllm_startup_timeout: float = 600.0
     lora: bool = True  # runtime LoRA in vLLM: needed to hot-load trained adapters
+    # Measure the server's throughput against requests in flight at start (once per model and
+    # server; the curve is kept in the data folder) and sample at its knee.
+    probe: bool = True
     max_runs: int = 1  # training runs at once (each takes the CPU it can get)
     ui: bool = True
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from studio.model_prep import (
     folder_hash,
     prepare_default_model,
 )
+from studio.probe import curve_file, curve_key, load_curve, probe_concurrency, save_curve
 from studio.sampling import Sampler
 from studio.serving.client import OpenAIChatBackend
 from studio.serving.vllm_server import MAX_LORA_RANK, ServingError, VLLMServer
@@ -83,10 +85,31 @@ class Studio:
         assert self.backend is not None
         self.sampler = Sampler(self.store, self.backend)
         ensure_policy_alias(self.store, self.base_version)
-        self.task_sampler = TaskSampler(self.store, self.sampler)
+        self.task_sampler = TaskSampler(
+            self.store, self.sampler, probe=self.serving_probe() if s.probe else None
+        )
         self.task_sampler.start()
         self.runner = Runner(self.store, s.data_dir, partial(register_stage, self), max_parallel=s.max_runs)
         self.runner.start()
+
+    def serving_probe(self, fresh: bool = False) -> Callable[[], list[dict[str, float]]]:
+        """The throughput probe of this studio's server: a curve measured before for the same
+        server, model and LoRA setting is reused unless `fresh`; a new one is kept for next time."""
+        s, store, backend = self.settings, self.store, self.backend
+        assert store is not None and backend is not None
+        version = self.base_version
+        key = curve_key(s.backend_url, store.model_version(version).get("content_hash"), s.lora)
+        path = curve_file(s.data_dir)
+
+        def run() -> list[dict[str, float]]:
+            curve = None if fresh else load_curve(path, key)
+            if curve is None:
+                say("measuring the model server's throughput against requests in flight (about 30 s)")
+                curve = probe_concurrency(backend, version)
+                save_curve(path, key, curve)
+            return curve
+
+        return run
 
     def announce(self) -> None:
         """Called once the HTTP server listens: tell the user, and tell CLI commands where we are."""

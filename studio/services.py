@@ -540,6 +540,27 @@ def get_campaign(ctx: Context, user: User, name: str) -> dict[str, Any]:
 
 
 @requires("admin")
+def sampler_overview(ctx: Context, user: User) -> dict[str, Any]:
+    """What the background sampler does: sequences in flight (and the measured curve they come
+    from) and, per active campaign, its buffer (ready, target), the demand (active workers,
+    their pace), the supply in tasks per minute and the expected wait per task."""
+    if ctx.task_sampler is None:
+        raise NeedsStudio("the task sampler runs only in a running studio; start it with `studio serve`")
+    return ctx.task_sampler.overview()
+
+
+@requires("admin")
+def measure_serving(ctx: Context, user: User) -> dict[str, Any]:
+    """Measure the model server's throughput against sequences in flight now (about 30 s, the
+    sampler sends nothing new meanwhile) and sample at the curve's knee from then on."""
+    probe = getattr(ctx, "serving_probe", None)
+    if ctx.task_sampler is None or probe is None:
+        raise NeedsStudio("measuring the model server needs a running studio; start it with `studio serve`")
+    ctx.task_sampler.measure(probe(fresh=True))
+    return ctx.task_sampler.overview()
+
+
+@requires("admin")
 def set_guidelines(ctx: Context, user: User, name: str, text: str) -> dict[str, Any]:
     camp.set_guidelines(_db(ctx), name, text)
     return {"campaign": name, "guidelines": text}

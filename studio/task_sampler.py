@@ -1,43 +1,90 @@
-"""Background worker that keeps a bounded buffer of ready tasks per active campaign.
+"""Background worker that keeps a buffer of ready tasks per active campaign, sized by demand.
 
-Annotators never wait for generation while the buffer is warm: after each
-judgment the worker tops the campaign back up to `buffer` tasks that still
-have a free place. It samples a few prompts at once so that vLLM batches them.
+Annotators never wait for generation while the buffer is warm. Each campaign's buffer follows
+its active workers (annotators, or experts for a battle campaign) and their measured pace,
+within a memory cap shared fairly between campaigns (`studio.buffering`). Requests are sent
+continuously, as many sequences in flight as the serving backend's measured throughput curve
+says pay off (`studio.probe`), so vLLM batches them; a campaign's n completions of one prompt
+go in one request, so the server computes the prompt once for all of them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from studio import arena
+from studio.buffering import (
+    DEFAULT_LEAD_S,
+    DEFAULT_PACE_S,
+    MEMORY_CAP_COMPLETIONS,
+    Demand,
+    allocate,
+    expected_wait_s,
+    pick_concurrency,
+    smooth,
+)
 from studio.campaigns import list_campaigns, resolve_model, sampling_params
 from studio.labeling import add_task, ready_tasks
 from studio.sampling import Sampler
 from studio.store import Store
 
+DEFAULT_IN_FLIGHT = 16  # sequences in flight until the backend's curve is measured
+MAX_IN_FLIGHT = 64
+ACTIVE_WINDOW_S = 300  # a worker who judged or took a task this recently is active
+DEMAND_EVERY_S = 5.0  # how often the demand queries run (they scan recent judgments and votes)
+SUPPLY_WINDOW_S = 120.0  # sampled tasks per second are counted over this window
+BACKOFF_S = 5.0  # a campaign whose sampling failed waits this long: the backend may be restarting
+
 
 class TaskSampler:
     def __init__(
-        self, store: Store, sampler: Sampler, *, buffer: int = 8, parallel: int = 4, interval: float = 0.5
+        self,
+        store: Store,
+        sampler: Sampler,
+        *,
+        in_flight: int | None = None,
+        memory_cap: int = MEMORY_CAP_COMPLETIONS,
+        interval: float = 0.5,
+        probe: Callable[[], list[dict[str, float]]] | None = None,
     ):
+        """`in_flight` fixes the sequences kept in flight; otherwise `probe` (which returns a
+        throughput curve, see `studio.probe`) is run once at start and the knee of its curve
+        is used, and without either DEFAULT_IN_FLIGHT until `set_curve` is called."""
         self.store = store
         self.sampler = sampler
-        self.buffer = buffer
-        self.parallel = parallel
+        self.memory_cap = memory_cap
         self.interval = interval
-        self.battle_buffer = max(2, buffer // 2)
+        self.in_flight = in_flight or DEFAULT_IN_FLIGHT
+        self.curve: list[dict[str, float]] | None = None
+        self._fixed = in_flight is not None
+        self._probe = probe
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._paused = threading.Event()  # a probe runs: send nothing new
         self._thread: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(parallel, thread_name_prefix="task-sampler")
+        self._pool = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="task-sampler")
+        self._lock = threading.Lock()  # guards the in-flight bookkeeping shared with the pool
         self.status: dict[str, dict[str, Any]] = {}
         self._starved: set[str] = set()
+        self._busy: dict[str, int] = {}  # campaign -> tasks being sampled now
+        self._claimed: dict[str, set[str]] = {}  # campaign -> prompt ids being sampled now
+        self._sequences = 0  # sequences in flight, all campaigns
+        self._backoff: dict[str, float] = {}
+        self._pace: dict[str, float] = {}
+        self._lead: dict[str, float] = {}
+        self._done: dict[str, deque[float]] = {}
+        self._demand: dict[str, tuple[int, float | None]] = {}
+        self._demand_at = -math.inf
 
+    # -- control ------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="task-sampler", daemon=True)
         self._thread.start()
@@ -55,94 +102,275 @@ class TaskSampler:
             self._starved.add(campaign)
         self._wake.set()
 
+    def set_curve(self, curve: list[dict[str, float]]) -> int:
+        """Use a measured throughput curve: keep its knee in flight (unless fixed). Returns it."""
+        self.curve = curve
+        if not self._fixed:
+            level = pick_concurrency([(int(p["in_flight"]), p["tok_s"]) for p in curve])
+            self.in_flight = min(max(level, 1), MAX_IN_FLIGHT)
+        return self.in_flight
+
+    def measure(self, probe: Callable[[], list[dict[str, float]]], drain_s: float = 120.0) -> int:
+        """Run a throughput probe on demand with the sampler quiet (no new requests, the ones
+        in flight finished first, up to `drain_s`), then use its curve. Returns the new level."""
+        self._paused.set()
+        try:
+            deadline = time.monotonic() + drain_s
+            while self._sequences > 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return self.set_curve(probe())
+        finally:
+            self._paused.clear()
+            self._wake.set()
+
     def last_error(self, campaign: str) -> str | None:
         """Why sampling for the campaign failed last time (None once it samples again)."""
         return self.status.get(campaign, {}).get("error")
 
+    def overview(self) -> dict[str, Any]:
+        """What the sampler does now: in flight, the curve it chose from, and per campaign its
+        buffer (ready and target), demand (workers, pace), supply (tasks/s) and expected wait."""
+        campaigns = {
+            name: {k: v for k, v in state.items() if not k.startswith("_")}
+            for name, state in self.status.items()
+            if not name.startswith("_")
+        }
+        return {
+            "in_flight_target": self.in_flight,
+            "in_flight_now": self._sequences,
+            "curve": self.curve,
+            "memory_cap_completions": self.memory_cap,
+            "campaigns": campaigns,
+            "worker_error": self.status.get("_worker", {}).get("error"),
+        }
+
+    # -- the loop -------------------------------------------------------------------------------
     def _failed(self, campaign: str, error: str | None) -> None:
         """Record a campaign's sampling outcome; a new failure also goes to the studio's log."""
         state = self.status.setdefault(campaign, {"error": None})
         if error and error != state.get("error"):
             print(f"[studio] sampling for campaign '{campaign}' failed: {error}", file=sys.stderr, flush=True)
         state["error"] = error
+        if error:
+            self._backoff[campaign] = time.monotonic() + BACKOFF_S
 
     def _run(self) -> None:
+        if self._probe is not None and self.curve is None:
+            try:
+                self.set_curve(self._probe())
+            except Exception as exc:  # sample anyway, at the default; the status says why
+                self.status.setdefault("_worker", {})["error"] = f"throughput probe failed: {exc}"
         while not self._stop.is_set():
             try:
-                for campaign in list_campaigns(self.store):
-                    if campaign["status"] != "active":
-                        continue
-                    try:
-                        if campaign["kind"] == "battle":
-                            self._fill_battles(campaign)
-                        else:
-                            self._fill(campaign)
-                    except Exception as exc:  # e.g. its model was removed: this campaign's failure
-                        self._failed(campaign["name"], str(exc) or type(exc).__name__)
+                self._tick()
             except Exception as exc:  # keep the worker alive; the status shows the error
                 self.status.setdefault("_worker", {})["error"] = str(exc)
             self._wake.wait(self.interval)
             self._wake.clear()
 
-    def _fill_battles(self, campaign: dict[str, Any]) -> None:
-        """Keep a few unleaked battles ready, never more than the vote budget still needs."""
-        name = campaign["name"]
-        settings = arena.battle_campaign(self.store, name)
-        state = self.status.setdefault(name, {"error": None})
-        ready = arena.ready_battles(self.store, name)
-        votes = self.store.query("SELECT count(*) AS n FROM votes WHERE campaign = ?", [name])[0]["n"]
-        want = min(self.battle_buffer - ready, settings["budget"] - votes - ready)
-        if name in self._starved:
-            want = max(want, 1)
-            self._starved.discard(name)
-        state["ready"] = ready
-        if want <= 0 or self._stop.is_set():
-            return
-        futures = [
-            self._pool.submit(arena.make_battle, self.store, self.sampler, name)
-            for _ in range(min(want, self.parallel))
-        ]
-        results = [f.result() if f.exception() is None else f.exception() for f in futures]
-        failures = [r for r in results if isinstance(r, BaseException)]
-        state["leaks"] = state.get("leaks", 0) + sum(1 for r in results if isinstance(r, dict) and r["leak"])
-        self._failed(name, str(failures[0]) if failures else None)
-        state["ready"] = arena.ready_battles(self.store, name)
-        if failures:
-            self._stop.wait(5.0)
+    def _tick(self) -> None:
+        active = [c for c in list_campaigns(self.store) if c["status"] == "active"]
+        if time.monotonic() - self._demand_at >= DEMAND_EVERY_S or self._starved:
+            self._demand = self._measure_demand()
+            self._demand_at = time.monotonic()
+        plans: dict[str, dict[str, Any]] = {}
+        for campaign in active:
+            try:
+                plans[campaign["name"]] = self._plan(campaign)
+            except Exception as exc:  # e.g. its model was removed: this campaign's failure
+                self._failed(campaign["name"], str(exc) or type(exc).__name__)
+        demands = [p["demand"] for p in plans.values()]
+        targets = allocate(demands, self._lead, cap=self.memory_cap)
+        for name, plan in plans.items():
+            state = self.status.setdefault(name, {"error": None})
+            demand, supply = plan["demand"], self._supply(name)
+            wait = expected_wait_s(demand, supply, plan["ready"])
+            state.update(
+                kind=plan["kind"],
+                ready=plan["ready"],
+                target=targets[name],
+                sampling=self._busy.get(name, 0),
+                workers=demand.workers,
+                pace_s=round(demand.pace_s, 1),
+                demand_tasks_min=round(demand.rate * 60, 2),
+                supply_tasks_min=None if supply is None else round(supply * 60, 2),
+                lead_s=round(self._lead.get(name, DEFAULT_LEAD_S), 1),
+                expected_wait_s=None if wait is None else round(wait, 1),
+            )
+        self._submit(plans, targets)
 
-    def _fill(self, campaign: dict[str, Any]) -> None:
+    def _plan(self, campaign: dict[str, Any]) -> dict[str, Any]:
+        """A campaign's demand and buffer now, and how to sample one more task for it."""
         name = campaign["name"]
-        ready = ready_tasks(self.store, name)
-        want = self.buffer - ready
+        workers, pace = self._demand.get(name, (0, None))
         if name in self._starved:
-            want = max(want, self.parallel)
-            self._starved.discard(name)
+            workers = max(workers, 1)  # someone is waiting right now
+        if pace is not None:
+            self._pace[name] = smooth(self._pace.get(name), pace)
+        pace_s = self._pace.get(name, DEFAULT_PACE_S)
+        if campaign["kind"] == "battle":
+            settings = arena.battle_campaign(self.store, name)
+            ready = arena.ready_battles(self.store, name)
+            votes = self.store.query("SELECT count(*) AS n FROM votes WHERE campaign = ?", [name])[0]["n"]
+            remaining = max(settings["budget"] - votes, 0)
+            demand = Demand(name, workers, pace_s, cost=2, places=1, remaining=remaining)
+            return {"kind": "battle", "ready": ready, "demand": demand, "cost": 1}
+        ready = ready_tasks(self.store, name)
+        left = self.store.query(
+            "SELECT count(*) AS n FROM prompts p WHERE p.set_name = ?"
+            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.campaign = ? AND t.prompt_id = p.id)",
+            [campaign["prompt_set"], name],
+        )[0]["n"]
         state = self.status.setdefault(name, {"error": None})
-        state["ready"] = ready
-        if want <= 0 or self._stop.is_set():
-            return
-        prompts = self.store.query(
-            "SELECT p.id, p.messages FROM prompts p WHERE p.set_name = ?"
-            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.campaign = ? AND t.prompt_id = p.id)"
-            " ORDER BY p.position LIMIT ?",
-            [campaign["prompt_set"], name, min(want, self.parallel)],
+        state["exhausted"] = left == 0 and not self._busy.get(name)
+        # tasks still able to use: the ones ready plus the prompts not sampled yet
+        demand = Demand(
+            name, workers, pace_s, cost=campaign["n"], places=campaign["overlap"], remaining=ready + left
         )
-        if not prompts:
-            state["exhausted"] = True
-            return
-        state["sampling"] = len(prompts)
-        version = resolve_model(self.store, campaign["model"])
-        params = sampling_params(campaign)
-        started = time.monotonic()
-        futures = [self._pool.submit(self._make_task, name, version, params, p) for p in prompts]
-        errors = [f.exception() for f in futures]
-        failures = [e for e in errors if e is not None]
-        state["sampling"] = 0
-        self._failed(name, str(failures[0]) if failures else None)
-        state["last_batch_s"] = round(time.monotonic() - started, 2)
-        state["ready"] = ready_tasks(self.store, name)
-        if failures:
-            self._stop.wait(5.0)  # the backend is down or restarting: do not spin
+        return {
+            "kind": "label",
+            "ready": ready,
+            "demand": demand,
+            "cost": campaign["n"],
+            "campaign": campaign,
+        }
+
+    def _measure_demand(self) -> dict[str, tuple[int, float | None]]:
+        """Per campaign: workers active in the last ACTIVE_WINDOW_S (they judged, voted or hold
+        a task) and their median seconds per task over that window (None: none finished)."""
+        window = f"INTERVAL {ACTIVE_WINDOW_S} SECOND"
+        rows = self.store.query(
+            "WITH label AS ("
+            "  SELECT campaign, annotator AS who, epoch(submitted_at) - epoch(shown_at) AS s FROM judgments"
+            f"  WHERE submitted_at > now() - {window}"
+            "  UNION ALL SELECT t.campaign, a.annotator, NULL FROM assignments a"
+            "  JOIN tasks t ON t.id = a.task_id"
+            f"  WHERE a.status = 'open' AND a.assigned_at > now() - {window}"
+            "  UNION ALL SELECT campaign, expert, duration_ms / 1000.0 FROM votes"
+            f"  WHERE created_at > now() - {window}"
+            "  UNION ALL SELECT campaign, expert, NULL FROM battles"
+            f"  WHERE status = 'assigned' AND assigned_at > now() - {window})"
+            " SELECT campaign, count(DISTINCT who) AS workers, median(s) AS pace FROM label GROUP BY campaign"
+        )
+        out: dict[str, tuple[int, float | None]] = {}
+        for r in rows:
+            pace = r["pace"]
+            out[r["campaign"]] = (
+                int(r["workers"]),
+                None if pace is None else min(max(float(pace), 1.0), 3600.0),
+            )
+        return out
+
+    def _supply(self, name: str) -> float | None:
+        """Tasks per second sampled for the campaign lately (None: none sampled yet)."""
+        done = self._done.get(name)
+        if not done:
+            return None
+        now = time.monotonic()
+        while done and now - done[0] > SUPPLY_WINDOW_S:
+            done.popleft()
+        if not done:
+            return 0.0
+        # counted from the first completion in the window: a campaign that just started is not diluted
+        span = max(now - done[0], self._lead.get(name, DEFAULT_LEAD_S))
+        return len(done) / span
+
+    def _submit(self, plans: dict[str, dict[str, Any]], targets: dict[str, int]) -> None:
+        """Send requests until the in-flight target is reached, each to the campaign furthest
+        below its target (relative to that target), so campaigns share the server fairly."""
+        now = time.monotonic()
+        need: dict[str, int] = {}
+        for name, plan in plans.items():
+            if self._backoff.get(name, 0.0) > now:
+                continue
+            deficit = targets[name] - plan["ready"] - self._busy.get(name, 0)
+            if name in self._starved:
+                deficit = max(deficit, 1 - self._busy.get(name, 0))
+            if deficit > 0:
+                need[name] = deficit
+        self._starved.difference_update(plans)
+        prompts: dict[str, list[dict[str, Any]]] = {}
+        while need and not self._stop.is_set() and not self._paused.is_set():
+            name = max(need, key=lambda c: need[c] / max(targets[c], 1))
+            plan = plans[name]
+            with self._lock:
+                if self._sequences > 0 and self._sequences + plan["cost"] > self.in_flight:
+                    return
+                self._sequences += plan["cost"]
+                self._busy[name] = self._busy.get(name, 0) + 1
+            try:
+                job = self._job(name, plan, prompts, need[name])
+            except Exception as exc:
+                job = None
+                self._failed(name, str(exc) or type(exc).__name__)
+            if job is None:
+                self._finished(name, plan["cost"], None, None)
+                need.pop(name)
+                continue
+            started = time.monotonic()
+            future = self._pool.submit(job)
+            future.add_done_callback(lambda f, n=name, c=plan["cost"], t=started: self._finished(n, c, f, t))
+            need[name] -= 1
+            if need[name] <= 0:
+                need.pop(name)
+
+    def _job(
+        self, name: str, plan: dict[str, Any], prompts: dict[str, list[dict[str, Any]]], deficit: int
+    ) -> Callable[[], Any] | None:
+        """One request's work for the campaign, or None when it has nothing left to sample."""
+        if plan["kind"] == "battle":
+            return lambda: arena.make_battle(self.store, self.sampler, name)
+        campaign = plan["campaign"]
+        if name not in prompts:  # one query per tick for all of this campaign's requests
+            claimed = self._claimed.setdefault(name, set())
+            rows = self.store.query(
+                "SELECT p.id, p.messages FROM prompts p WHERE p.set_name = ?"
+                " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.campaign = ? AND t.prompt_id = p.id)"
+                " ORDER BY p.position LIMIT ?",
+                [campaign["prompt_set"], name, deficit + len(claimed)],
+            )
+            prompts[name] = [r for r in rows if r["id"] not in claimed]
+            plan["version"] = resolve_model(self.store, campaign["model"])
+            plan["params"] = sampling_params(campaign)
+        if not prompts[name]:
+            return None
+        prompt = prompts[name].pop(0)
+        with self._lock:
+            self._claimed.setdefault(name, set()).add(prompt["id"])
+        version, params = plan["version"], plan["params"]
+
+        def job() -> str:
+            try:
+                self._make_task(name, version, params, prompt)
+            finally:
+                with self._lock:
+                    self._claimed[name].discard(prompt["id"])
+            return prompt["id"]
+
+        return job
+
+    def _finished(
+        self,
+        name: str,
+        cost: int,
+        future: Future[Any] | None,
+        started: float | None,
+    ) -> None:
+        with self._lock:
+            self._sequences -= cost
+            self._busy[name] = self._busy.get(name, 1) - 1
+        if future is not None and started is not None and not future.cancelled():
+            error = future.exception()
+            if error is None:
+                seconds = time.monotonic() - started
+                self._lead[name] = smooth(self._lead.get(name), seconds)
+                self._done.setdefault(name, deque()).append(time.monotonic())
+                result = future.result()
+                if isinstance(result, dict) and result.get("leak"):
+                    state = self.status.setdefault(name, {"error": None})
+                    state["leaks"] = state.get("leaks", 0) + 1
+            self._failed(name, None if error is None else (str(error) or type(error).__name__))
+        self._wake.set()
 
     def _make_task(self, campaign: str, version: str, params: Any, prompt: dict[str, Any]) -> None:
         messages = prompt["messages"]

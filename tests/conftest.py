@@ -108,7 +108,7 @@ class LiveStudio:
         from studio.config import Settings
 
         self.port = free_port()
-        self.settings = Settings(data_dir=data_dir, port=self.port)
+        self.settings = Settings(data_dir=data_dir, port=self.port, probe=False)
         self.app = create_app(self.settings)
         self.studio = self.app.state.studio
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")

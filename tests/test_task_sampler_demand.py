@@ -1,0 +1,175 @@
+"""The task sampler sizes buffers from demand and keeps in flight what the server's curve says.
+
+A real store file, the real Sampler and labeling code; the model server is a small in-process
+stand-in that answers chat requests after a delay, so the test is about the sampler's rules
+(the real vLLM is exercised by the live tests and benchmarks/sampling.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from studio import campaigns, labeling
+from studio.buffering import FLOOR_TASKS, pick_concurrency
+from studio.importer import ImportedPrompt, messages_hash
+from studio.labeling import Submission
+from studio.probe import probe_concurrency
+from studio.sampling import Sampler
+from studio.serving.client import ChatResult, Completion, SamplingParams
+from studio.store import Store
+from studio.task_sampler import TaskSampler
+from tests.helpers import add_sampled_task, make_users
+
+
+class SlowServer:
+    """Answers after `base + per_seq * sequences in flight` seconds per token: a batching
+    server whose throughput saturates as more sequences run at once."""
+
+    def __init__(self, base: float = 0.002, per_seq: float = 0.001, tokens: int = 8):
+        self.base, self.per_seq, self.tokens = base, per_seq, tokens
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+        self.requests: list[int] = []
+
+    def chat(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> ChatResult:
+        with self.lock:
+            self.now += params.n
+            self.most = max(self.most, self.now)
+            self.requests.append(params.n)
+            load = self.now
+        try:
+            tokens = min(params.max_tokens, self.tokens)
+            time.sleep(tokens * (self.base + self.per_seq * load))
+            completions = [Completion(i, f"answer {i}", "length", 5, tokens) for i in range(params.n)]
+            return ChatResult(completions, 1.0, {})
+        finally:
+            with self.lock:
+                self.now -= params.n
+
+
+def campaign(store: Store, name: str, prompts: int, n: int = 2, overlap: int = 1) -> None:
+    if not store.query("SELECT 1 FROM model_versions WHERE name = 'base'"):
+        store.register_model_version("base", path="/m", content_hash="h" * 64, source="test")
+        campaigns.ensure_policy_alias(store, "base")
+    items = []
+    for i in range(prompts):
+        msgs = [{"role": "user", "content": f"{name} question {i}?"}]
+        items.append(ImportedPrompt(f"row {i}", msgs, messages_hash(msgs)))
+    store.import_prompts(f"{name}-set", items, source="test")
+    campaigns.create_campaign(store, name, prompt_set=f"{name}-set", n=n, overlap=overlap)
+
+
+def judged_recently(store: Store, name: str, annotators: int, seconds: float) -> None:
+    """Each annotator took a task of the campaign and judged it just now, after `seconds` on it."""
+    people = [f"{name}-ann{a}" for a in range(annotators)]
+    make_users(store, *[(p, "annotator") for p in people])
+    for prompt in store.prompts(f"{name}-set")[:annotators]:
+        add_sampled_task(store, name, prompt, ["one", "two"])
+    for p in people:
+        task = labeling.next_task(store, name, p)
+        assert task is not None
+        labeling.submit(store, p, Submission(task["assignment_id"], ranks=[1, 2]), time.time() - seconds)
+
+
+@pytest.fixture()
+def server() -> SlowServer:
+    return SlowServer()
+
+
+@pytest.fixture()
+def running(store: Store, server: SlowServer) -> Iterator[list[TaskSampler]]:
+    made: list[TaskSampler] = []
+    yield made
+    for ts in made:
+        ts.stop()
+
+
+def start(store: Store, server: SlowServer, made: list[TaskSampler], **kwargs) -> TaskSampler:
+    ts = TaskSampler(store, Sampler(store, server), interval=0.05, **kwargs)
+    made.append(ts)
+    ts.start()
+    return ts
+
+
+def settle(ts: TaskSampler, names: list[str], timeout: float = 30.0) -> dict:
+    """Wait until every campaign's buffer is at its target and nothing is in flight."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = ts.overview()
+        camps = state["campaigns"]
+        if (
+            all(
+                n in camps and "target" in camps[n] and camps[n]["ready"] >= camps[n]["target"] for n in names
+            )
+            and state["in_flight_now"] == 0
+        ):
+            time.sleep(0.3)  # one more round: nothing more may be sampled
+            return ts.overview()
+        time.sleep(0.05)
+    raise AssertionError(f"buffers did not fill: {ts.overview()}")
+
+
+def test_the_buffer_follows_active_annotators_and_their_pace(
+    store: Store, server: SlowServer, running: list[TaskSampler]
+) -> None:
+    campaign(store, "busy", prompts=40)
+    campaign(store, "cold", prompts=40)
+    judged_recently(store, "busy", annotators=6, seconds=20)
+    ts = start(store, server, running, in_flight=8)
+    camps = settle(ts, ["busy", "cold"])["campaigns"]
+    assert camps["busy"]["workers"] == 6 and camps["busy"]["pace_s"] == pytest.approx(20, abs=0.5)
+    assert camps["cold"]["workers"] == 0 and camps["cold"]["target"] == FLOOR_TASKS
+    assert camps["busy"]["target"] >= 6  # one in hand for each active annotator
+    assert camps["busy"]["ready"] >= camps["busy"]["target"]  # (more while the lead time was unknown)
+    assert camps["cold"]["ready"] == FLOOR_TASKS
+    assert camps["busy"]["expected_wait_s"] == 0.0  # the stand-in server outpaces 6 annotators
+    assert store.count("tasks") == 6 + camps["busy"]["ready"] + camps["cold"]["ready"]  # 6 judged
+
+
+def test_two_campaigns_share_a_memory_cap_by_demand(
+    store: Store, server: SlowServer, running: list[TaskSampler]
+) -> None:
+    campaign(store, "big", prompts=60)
+    campaign(store, "small", prompts=60)
+    judged_recently(store, "big", annotators=30, seconds=10)
+    judged_recently(store, "small", annotators=10, seconds=10)
+    ts = start(store, server, running, in_flight=8, memory_cap=64)  # 32 tasks of n=2
+    camps = settle(ts, ["big", "small"])["campaigns"]
+    big, small = camps["big"]["target"], camps["small"]["target"]
+    assert 2 * (big + small) <= 64
+    assert big + small >= 30  # the cap is used
+    # past the floors, three times the demand has three times the buffer: 2 + 21 and 2 + 7
+    assert big - FLOOR_TASKS == pytest.approx(3 * (small - FLOOR_TASKS), abs=1), repr(camps)
+
+
+def test_in_flight_stays_at_the_level_and_n_goes_in_one_request(
+    store: Store, server: SlowServer, running: list[TaskSampler]
+) -> None:
+    campaign(store, "wide", prompts=30, n=4)
+    judged_recently(store, "wide", annotators=20, seconds=5)
+    ts = start(store, server, running, in_flight=8)
+    settle(ts, ["wide"])
+    assert server.most <= 8
+    assert server.most == 8  # it does fill the level: two requests of 4 at once
+    assert set(server.requests) == {4}  # one request per prompt carries its n completions
+
+
+def test_the_probe_curve_sets_the_level(store: Store, server: SlowServer, running: list[TaskSampler]) -> None:
+    curve = probe_concurrency(server, "base", levels=(1, 2, 4, 8, 16, 32, 64), max_tokens=8)
+    rates = [p["tok_s"] for p in curve]
+    assert [p["in_flight"] for p in curve] == [1, 2, 4, 8, 16, 32, 64]
+    assert rates[3] > 2 * rates[0]  # batching pays at first...
+    assert rates[-1] < 1.5 * rates[-2]  # ...and saturates
+    campaign(store, "c", prompts=10)
+    ts = start(store, server, running, probe=lambda: curve)
+    deadline = time.monotonic() + 10
+    while ts.curve is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    expected = pick_concurrency([(p["in_flight"], p["tok_s"]) for p in curve])
+    assert ts.in_flight == expected and 1 < expected < 64
+    assert ts.overview()["curve"] == curve
