@@ -38,7 +38,10 @@ from studio.store import Store
 
 DEFAULT_IN_FLIGHT = 16  # sequences in flight until the backend's curve is measured
 MAX_IN_FLIGHT = 64
-ACTIVE_WINDOW_S = 300  # a worker who judged or took a task this recently is active
+# Active workers: those who hold a task now (not yet expired), or finished one this recently
+# (between two tasks, or working through the UI, which takes the next task a moment later).
+ACTIVE_WINDOW_S = 120
+HELD_BATTLE_S = 1800  # an assigned battle counts as held this long (arena.next_battle's timeout)
 DEMAND_EVERY_S = 5.0  # how often the demand queries run (they scan recent judgments and votes)
 SUPPLY_WINDOW_S = 120.0  # sampled tasks per second are counted over this window
 BACKOFF_S = 5.0  # a campaign whose sampling failed waits this long: the backend may be restarting
@@ -255,20 +258,23 @@ class TaskSampler:
         }
 
     def _measure_demand(self) -> dict[str, tuple[int, float | None]]:
-        """Per campaign: workers active in the last ACTIVE_WINDOW_S (they judged, voted or hold
-        a task) and their median seconds per task over that window (None: none finished)."""
+        """Per campaign: workers active now (they hold a task, or judged or voted in the last
+        ACTIVE_WINDOW_S) and their median seconds per task over that window (None: none finished)."""
         window = f"INTERVAL {ACTIVE_WINDOW_S} SECOND"
         rows = self.store.query(
             "WITH label AS ("
-            "  SELECT campaign, annotator AS who, epoch(submitted_at) - epoch(shown_at) AS s FROM judgments"
-            f"  WHERE submitted_at > now() - {window}"
+            # time per task: from when it was shown (when the client says) or handed out
+            "  SELECT j.campaign, j.annotator AS who,"
+            "  epoch(j.submitted_at) - epoch(coalesce(j.shown_at, a.assigned_at)) AS s"
+            "  FROM judgments j LEFT JOIN assignments a ON a.id = j.assignment_id"
+            f"  WHERE j.submitted_at > now() - {window}"
             "  UNION ALL SELECT t.campaign, a.annotator, NULL FROM assignments a"
             "  JOIN tasks t ON t.id = a.task_id"
-            f"  WHERE a.status = 'open' AND a.assigned_at > now() - {window}"
+            "  WHERE a.status = 'open' AND a.expires_at > now()"
             "  UNION ALL SELECT campaign, expert, duration_ms / 1000.0 FROM votes"
             f"  WHERE created_at > now() - {window}"
             "  UNION ALL SELECT campaign, expert, NULL FROM battles"
-            f"  WHERE status = 'assigned' AND assigned_at > now() - {window})"
+            f"  WHERE status = 'assigned' AND assigned_at > now() - INTERVAL {HELD_BATTLE_S} SECOND)"
             " SELECT campaign, count(DISTINCT who) AS workers, median(s) AS pace FROM label GROUP BY campaign"
         )
         out: dict[str, tuple[int, float | None]] = {}

@@ -133,6 +133,24 @@ def test_the_buffer_follows_active_annotators_and_their_pace(
     assert store.count("tasks") == 6 + camps["busy"]["ready"] + camps["cold"]["ready"]  # 6 judged
 
 
+def test_holding_a_task_counts_and_pace_falls_back_to_the_hand_out_time(
+    store: Store, server: SlowServer, running: list[TaskSampler]
+) -> None:
+    campaign(store, "held", prompts=40)
+    people = [f"held-ann{a}" for a in range(5)]
+    make_users(store, *[(p, "annotator") for p in people])
+    for prompt in store.prompts("held-set")[:5]:
+        add_sampled_task(store, "held", prompt, ["one", "two"])
+    tasks = {p: labeling.next_task(store, "held", p) for p in people}
+    time.sleep(1.5)
+    # two judge without saying when the task was shown (the time it was handed out counts)
+    for p in people[:2]:
+        labeling.submit(store, p, Submission(tasks[p]["assignment_id"], ranks=[1, 2]))
+    camps = settle(start(store, server, running, in_flight=8), ["held"])["campaigns"]
+    assert camps["held"]["workers"] == 5  # 3 hold a task, 2 just judged
+    assert 1.0 <= camps["held"]["pace_s"] < 10
+
+
 def test_two_campaigns_share_a_memory_cap_by_demand(
     store: Store, server: SlowServer, running: list[TaskSampler]
 ) -> None:
