@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +207,38 @@ def test_the_probe_curve_sets_the_level(store: Store, server: SlowServer, runnin
     expected = pick_concurrency([(p["in_flight"], p["tok_s"]) for p in curve])
     assert ts.in_flight == expected and 1 < expected < 64
     assert ts.overview()["curve"] == curve
+
+
+def test_the_admin_tab_shows_buffer_rate_and_wait(tmp_path: Path, server: SlowServer) -> None:
+    import gradio as gr
+
+    from studio import services as svc
+    from studio.ui import build_ui
+
+    ctx = svc.OfflineContext(tmp_path)
+    store = ctx.store
+    assert store is not None
+    make_users(store, ("boss", "admin"), ("ann", "annotator"))
+    campaign(store, "shown", prompts=20)
+    judged_recently(store, "shown", annotators=3, seconds=30)
+    demo = build_ui(ctx)
+    ctx.task_sampler = TaskSampler(store, Sampler(store, server), interval=0.05, in_flight=4)
+    ctx.task_sampler.start()
+    try:
+        settle(ctx.task_sampler, ["shown"])
+        fn = next(f for f in demo.fns.values() if f.api_name == "admin_sampler")
+        summary, table = fn.fn(gr.Request(username="boss"))
+        row = table.set_index("campaign").loc["shown"]
+        assert row["workers"] == 3 and row["pace_s"] == pytest.approx(30, abs=1)
+        assert row["ready"] >= row["buffer_target"] >= 3
+        assert row["demand_tasks_min"] == pytest.approx(6.0) and row["expected_wait_s"] == 0.0
+        assert row["supply_tasks_min"] > 0 and row["sampler"] == "ok"
+        assert "Sequences in flight" in summary and "of 4" in summary
+        with pytest.raises(gr.Error, match="may not admin"):
+            fn.fn(gr.Request(username="ann"))
+        measure = next(f for f in demo.fns.values() if f.api_name == "admin_measure_serving")
+        with pytest.raises(gr.Error, match="needs a running studio"):
+            measure.fn(gr.Request(username="boss"))  # no model server here
+    finally:
+        ctx.task_sampler.stop()
+        ctx.close()
