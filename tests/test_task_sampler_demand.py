@@ -242,3 +242,18 @@ def test_the_admin_tab_shows_buffer_rate_and_wait(tmp_path: Path, server: SlowSe
     finally:
         ctx.task_sampler.stop()
         ctx.close()
+
+
+def test_a_measured_curve_is_kept_per_server_model_and_lora(tmp_path: Path) -> None:
+    from studio.probe import curve_file, curve_key, load_curve, save_curve
+
+    path = curve_file(tmp_path)
+    plain, lora = curve_key(None, "h1", False), curve_key(None, "h1", True)
+    assert load_curve(path, plain) is None  # nothing measured yet
+    save_curve(path, plain, [{"in_flight": 1, "tok_s": 10.0}])
+    save_curve(path, lora, [{"in_flight": 1, "tok_s": 7.0}])
+    assert load_curve(path, plain) == [{"in_flight": 1, "tok_s": 10.0}]
+    assert load_curve(path, lora) == [{"in_flight": 1, "tok_s": 7.0}]
+    assert load_curve(path, curve_key("http://gpu:8000", "h1", False)) is None
+    path.write_text("{not json")
+    assert load_curve(path, plain) is None  # a broken file means: measure again
