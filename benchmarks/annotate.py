@@ -62,7 +62,8 @@ def prepare(data_dir: Path, annotators: int, tasks: int) -> dict[str, str]:
 
     store = Store(data_dir / "studio.duckdb")
     tokens = make_users(store, *[(f"ann{i:02d}", "annotator") for i in range(annotators)])
-    seed_campaign(store, name="bench", prompts=tasks, n=4, overlap=annotators)
+    # every annotator may take every task, up to the campaign limit of 50 per task
+    seed_campaign(store, name="bench", prompts=tasks, n=4, overlap=min(annotators, 50))
     store.close()
     return tokens
 
