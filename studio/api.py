@@ -14,20 +14,32 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import duckdb
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from studio import services as svc
 from studio import users
+from studio.errors import StorageFullError, storage_full
 from studio.runtime import Studio
-from studio.serving.client import BackendError
+from studio.serving.client import BackendError, BackendRequestError
+from studio.textcheck import shorten
 from studio.users import AuthError, User
 
 
 def studio_of(request: Request) -> Studio:
     return request.app.state.studio
+
+
+async def maybe_authenticated(request: Request) -> User | None:
+    """Dependency for public routes: None without an Authorization header, else `authenticated`
+    (so a wrong token is a 401 there too, never taken for an anonymous call)."""
+    if not request.headers.get("authorization"):
+        return None
+    return await authenticated(request)
 
 
 async def authenticated(request: Request) -> User:
@@ -55,7 +67,12 @@ async def authenticated(request: Request) -> User:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Refused -> 403; bad input (nothing stored) -> 422 with the message; a part down -> 503."""
+    """Refused -> 403; bad input (nothing stored) -> 422 with the message; a part down -> 503;
+    the data directory's disk full (nothing stored) -> 507.
+
+    A request the model server refused (a prompt or max_tokens beyond its context) is bad input,
+    not a part down: 422 with what to shorten. Starlette picks the handler of the nearest class
+    in the exception's MRO, so BackendRequestError's wins over BackendError's."""
 
     def answer(status: int) -> Any:
         async def handler(request: Request, exc: Exception) -> JSONResponse:
@@ -63,9 +80,34 @@ def install_error_handlers(app: FastAPI) -> None:
 
         return handler
 
+    async def disk_full(request: Request, exc: Exception) -> JSONResponse:
+        full = storage_full(exc)
+        if full is None:
+            raise exc  # a fault: Starlette logs it and answers 500
+        return JSONResponse({"detail": str(full)}, status_code=507)
+
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes each bad input whole: a 50 MB prompt would come back, and a
+        # lone surrogate in it could not even be encoded. Name the field and show a short input.
+        errors = [
+            {
+                "loc": [shorten(part) if isinstance(part, str) else part for part in e.get("loc", ())],
+                "msg": e.get("msg", ""),
+                "type": e.get("type", ""),
+                **({"input": shorten(e["input"])} if "input" in e else {}),
+            }
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(AuthError, answer(403))
+    # the disk under the data directory is full: a DuckDB commit or a file write refused
+    for error in (StorageFullError, duckdb.Error, OSError):
+        app.add_exception_handler(error, disk_full)
     # StoreError and PromptFileError are ValueErrors
     app.add_exception_handler(ValueError, answer(422))
+    app.add_exception_handler(BackendRequestError, answer(422))
     app.add_exception_handler(BackendError, answer(503))
 
 
@@ -76,8 +118,8 @@ def build_router() -> APIRouter:
     router = APIRouter(prefix="/api/v1")
 
     @router.get("/health")
-    def health(request: Request) -> JSONResponse:
-        report = svc.health(studio_of(request))
+    def health(request: Request, user: User | None = Depends(maybe_authenticated)) -> JSONResponse:
+        report = svc.health(studio_of(request), user)
         return JSONResponse(report, status_code=200 if report["studio"] == "ok" else 503)
 
     @router.get("/me")
@@ -209,14 +251,36 @@ def build_router() -> APIRouter:
     def model_lineage(name: str, request: Request, user: User = Me) -> list[dict[str, Any]]:
         return svc.lineage(studio_of(request), user, name)
 
+    @router.get("/models/{name}/card")
+    def model_card(name: str, request: Request, user: User = Me) -> dict[str, Any]:
+        """The version card: metrics beside the parent's, re-battle, gate, promotions, lineage."""
+        return svc.model_card(studio_of(request), user, name)
+
     @router.post("/models/{name}/promote")
     def promote(name: str, body: svc.PromoteSpec, request: Request, user: User = Me) -> dict[str, Any]:
+        """Refused (422, naming each failing gate rule) unless the gate passed or `force` is true."""
         return svc.promote(studio_of(request), user, name, body)
 
     @router.post("/models/{alias}/rollback")
     def rollback(alias: str, request: Request, user: User = Me) -> dict[str, Any]:
         """Point the alias back at the parent of the version it points at now."""
         return svc.rollback(studio_of(request), user, alias)
+
+    # evaluation ---------------------------------------------------------------------
+    @router.post("/evals")
+    def start_eval(body: svc.EvalSpec, request: Request, user: User = Me) -> dict[str, Any]:
+        """Answers at once with the queued record (its `id`); the evaluation worker runs it."""
+        return svc.start_eval(studio_of(request), user, body)
+
+    @router.get("/evals")
+    def list_evals(request: Request, version: str | None = None, user: User = Me) -> list[dict[str, Any]]:
+        return svc.list_evals(studio_of(request), user, version)
+
+    @router.get("/evals/{eval_id}")
+    def get_eval(eval_id: str, request: Request, user: User = Me) -> dict[str, Any]:
+        """The record; its `result` is {version, against, metrics: {NAME: {version, against, delta,
+        ci}}, gate: {passed, reasons}} once the status is 'succeeded'."""
+        return svc.get_eval(studio_of(request), user, eval_id)
 
     # training -----------------------------------------------------------------------
     @router.get("/train/recipes")
@@ -254,6 +318,18 @@ def build_router() -> APIRouter:
     ) -> FileResponse:
         spec = svc.ExportSpec(**svc.given(kind=kind, format=format, campaign=campaign))
         result = svc.export_download(studio_of(request), user, spec)
+        path = Path(result["path"])
+        return FileResponse(
+            path,
+            filename=path.name,
+            background=BackgroundTask(shutil.rmtree, path.parent, ignore_errors=True),
+        )
+
+    # backup -------------------------------------------------------------------------
+    @router.get("/backup")
+    def backup(request: Request, user: User = Me) -> FileResponse:
+        """A consistent copy of the database, taken while the studio runs (studio/backup.py)."""
+        result = svc.backup_download(studio_of(request), user)
         path = Path(result["path"])
         return FileResponse(
             path,

@@ -31,6 +31,7 @@ from studio.names import check_name
 from studio.ratings import PROVISIONAL_BATTLES, Battles, fit, leaderboard, style_controlled, win_matrix
 from studio.serving.client import SamplingParams
 from studio.store import Store, StoreError, new_id
+from studio.textcheck import MAX_KEY_CHARS, MAX_RATIONALE_CHARS, check_text, listing, shorten
 
 WINNERS = ("a", "b", "tie", "both_bad")
 # A letters-only version name at least this common in English (wordfreq's Zipf scale: 4 is ten
@@ -55,6 +56,11 @@ DEFAULT_LEAK_WORDS = (
     "gemini",
     "qwen",
 )
+# Limits of a battle campaign's settings: a leak word or a criterion is a short phrase.
+MAX_WORD_CHARS = 100
+MAX_VERSION_CHARS = 128  # a version or alias name (a served model id may have 128: studio.names)
+MAX_WORDS = 1000
+MAX_CRITERIA = 20
 FASTCHAT_WINNER = {"a": "model_a", "b": "model_b", "tie": "tie", "both_bad": "tie (bothbad)"}
 
 
@@ -73,18 +79,26 @@ def create_battle_campaign(
     criteria: list[str] | None = None,
     created_by: str | None = None,
     alpha: float = sequential.ALPHA,
+    max_model_len: int | None = None,
 ) -> dict[str, Any]:
-    """`alpha`: the error level of a two-version duel's verdict. The duel is looked at after
+    """Store a battle campaign (its `campaigns` row and its `battle_campaigns` row, in one
+    transaction: the task sampler never sees one without the other). Everything is checked
+    first; a refused campaign stores nothing.
+
+    `alpha`: the error level of a two-version duel's verdict. The duel is looked at after
     every vote and stops the first time its confidence sequence excludes an even split; the
-    chance that it names a winner between two equally good versions is at most alpha."""
+    chance that it names a winner between two equally good versions is at most alpha.
+    `max_model_len`: the served context in tokens, when known (see campaigns.create_campaign)."""
     check_name("campaign", name)
+    for i, v in enumerate(versions):
+        check_text(v, f"versions[{i}]", max_chars=MAX_VERSION_CHARS)
     versions = list(dict.fromkeys(v.strip() for v in versions if v.strip()))
     if len(versions) < 2:
         raise StoreError("versions: a battle campaign needs at least two different versions or aliases")
     resolved = {camp.resolve_policy(store, v) for v in versions}
     if len(resolved) < 2:
         raise StoreError(
-            f"versions: {', '.join(versions)} all resolve to {resolved.pop()}; "
+            f"versions: {listing(versions)} all resolve to {resolved.pop()}; "
             "a battle campaign needs at least two different versions"
         )
 
@@ -94,7 +108,9 @@ def create_battle_campaign(
         raise StoreError(
             f"alpha={alpha}: the duel's error level must be between 0.001 and 0.2 (default 0.05)"
         )
-    camp.create_campaign(
+    words = _checked_words(leak_words if leak_words is not None else DEFAULT_LEAK_WORDS)
+    criteria = _checked_criteria(criteria or [])
+    row = camp.checked_campaign(
         store,
         name,
         prompt_set=prompt_set,
@@ -104,19 +120,49 @@ def create_battle_campaign(
         temperature=temperature,
         top_p=top_p,
         max_tokens=max_tokens,
+        seed=None,
+        task_timeout_s=1800,
+        guidelines="",
         created_by=created_by,
-        status="paused",
+        status="active",
         kind="battle",
+        max_model_len=max_model_len,
     )
-    words = [w.lower() for w in (leak_words if leak_words is not None else DEFAULT_LEAK_WORDS) if w]
     with store.transaction() as cur:
+        camp.insert_campaign(cur, row)
         cur.execute(
             "INSERT INTO battle_campaigns (name, versions, budget, both_bad_as_tie, leak_words, criteria,"
             " alpha) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [name, versions, budget, both_bad_as_tie, words, list(criteria or []), alpha],
+            [name, versions, budget, both_bad_as_tie, words, criteria, alpha],
         )
-    camp.set_status(store, name, "active")
     return battle_campaign(store, name)
+
+
+def _checked_words(words: Any) -> list[str]:
+    """Leak words, lower-cased, each storable text of at most MAX_WORD_CHARS, at most MAX_WORDS."""
+    if not isinstance(words, list | tuple):
+        raise StoreError(f"leak_words: expected a list of words, got {type(words).__name__}")
+    if len(words) > MAX_WORDS:
+        raise StoreError(f"leak_words: {len(words)} words, over the limit of {MAX_WORDS}")
+    for i, w in enumerate(words):
+        check_text(w, f"leak_words[{i}]", max_chars=MAX_WORD_CHARS)
+    return list(dict.fromkeys(w.strip().lower() for w in words if w.strip()))
+
+
+def _checked_criteria(criteria: Any) -> list[str]:
+    """Criteria to score 1-5: distinct non-empty storable texts of at most MAX_WORD_CHARS."""
+    if not isinstance(criteria, list | tuple):
+        raise StoreError(f"criteria: expected a list of names, got {type(criteria).__name__}")
+    if len(criteria) > MAX_CRITERIA:
+        raise StoreError(f"criteria: {len(criteria)} criteria, over the limit of {MAX_CRITERIA}")
+    for i, c in enumerate(criteria):
+        check_text(c, f"criteria[{i}]", max_chars=MAX_WORD_CHARS)
+        if not c.strip():
+            raise StoreError(f"criteria[{i}]: empty; name each criterion, e.g. 'helpful'")
+    out = [c.strip() for c in criteria]
+    if len(set(out)) < len(out):
+        raise StoreError(f"criteria: {listing(out)} names one criterion twice")
+    return out
 
 
 def battle_campaign(store: Store, name: str) -> dict[str, Any]:
@@ -270,6 +316,7 @@ def _payload(store: Store, battle_id: str) -> dict[str, Any]:
 def next_battle(
     store: Store, campaign_name: str, expert: str, timeout_s: int = 1800
 ) -> dict[str, Any] | None:
+    camp.require_kind(store, campaign_name, "battle")
     campaign = battle_campaign(store, campaign_name)
     if campaign["status"] != "active":
         raise StoreError(
@@ -312,7 +359,10 @@ def vote(
     also when they race the first attempt: the check and the insert share one write transaction,
     and the store lets one write transaction run at a time, so the second sees the first's row."""
     if winner not in WINNERS:
-        raise StoreError(f"winner {winner!r}: use one of {', '.join(WINNERS)}")
+        raise StoreError(f"winner {shorten(winner)!r}: use one of {', '.join(WINNERS)}")
+    check_text(battle_id, "battle_id", max_chars=MAX_KEY_CHARS)
+    check_text(idempotency_key, "idempotency_key", max_chars=MAX_KEY_CHARS, optional=True)
+    check_text(rationale, "rationale", max_chars=MAX_RATIONALE_CHARS, optional=True)
     key = idempotency_key or f"{battle_id}:{expert}"
     rows = store.query("SELECT * FROM battles WHERE id = ?", [battle_id])
     if not rows:
@@ -349,7 +399,10 @@ def vote(
             f"INSERT INTO votes ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", list(row.values())
         )
         cur.execute("UPDATE battles SET status = 'voted' WHERE id = ?", [battle_id])
-    check_stop(store, battle["campaign"])
+    if check_stop(store, battle["campaign"]) is not None:
+        from studio import promotion  # it reads this module: imported when a verdict needs it
+
+        promotion.after_verdict_quietly(store, battle["campaign"])  # a re-battle's verdict: the gate decides
     return _reveal(battle, row)
 
 

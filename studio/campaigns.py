@@ -96,6 +96,49 @@ def create_campaign(
     `max_model_len`: the served model's context in tokens (OpenAIChatBackend.max_model_len),
     when known: max_tokens must leave room in it for the prompt.
     """
+    row = checked_campaign(
+        store,
+        name,
+        prompt_set=prompt_set,
+        model=model,
+        n=n,
+        overlap=overlap,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        seed=seed,
+        task_timeout_s=task_timeout_s,
+        guidelines=guidelines,
+        created_by=created_by,
+        status=status,
+        kind=kind,
+        max_model_len=max_model_len,
+    )
+    with store.transaction() as cur:
+        insert_campaign(cur, row)
+    return get_campaign(store, name)
+
+
+def checked_campaign(
+    store: Store,
+    name: str,
+    *,
+    prompt_set: str,
+    model: str,
+    n: int,
+    overlap: int,
+    temperature: float,
+    top_p: float,
+    max_tokens: int,
+    seed: int | None,
+    task_timeout_s: int,
+    guidelines: str,
+    created_by: str | None,
+    status: str,
+    kind: str,
+    max_model_len: int | None,
+) -> dict[str, Any]:
+    """The `campaigns` row of a new campaign, every setting checked (nothing is written)."""
     check_name("campaign", name)
     if not 2 <= n <= 8:
         raise StoreError(f"n={n}: a labeling task shows 2 to 8 completions to rank")
@@ -132,28 +175,28 @@ def create_campaign(
         "max_tokens": params.max_tokens,
         "seed": params.seed,
     }
-    with store.transaction() as cur:
-        if cur.execute("SELECT 1 FROM campaigns WHERE name = ?", [name]).fetchone():
-            raise StoreError(f"campaign '{name}' already exists; pick another name")
-        cur.execute(
-            "INSERT INTO campaigns (name, kind, prompt_set, model, n, sampling, overlap,"
-            " task_timeout_s, guidelines, created_by, status)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                name,
-                kind,
-                prompt_set,
-                model,
-                n,
-                json.dumps(sampling),
-                overlap,
-                task_timeout_s,
-                guidelines,
-                created_by,
-                status,
-            ],
-        )
-    return get_campaign(store, name)
+    return {
+        "name": name,
+        "kind": kind,
+        "prompt_set": prompt_set,
+        "model": model,
+        "n": n,
+        "sampling": json.dumps(sampling),
+        "overlap": overlap,
+        "task_timeout_s": task_timeout_s,
+        "guidelines": guidelines,
+        "created_by": created_by,
+        "status": status,
+    }
+
+
+def insert_campaign(cur: Any, row: dict[str, Any]) -> None:
+    """Insert a `checked_campaign` row in the caller's write transaction (refused if the name is taken)."""
+    if cur.execute("SELECT 1 FROM campaigns WHERE name = ?", [row["name"]]).fetchone():
+        raise StoreError(f"campaign '{row['name']}' already exists; pick another name")
+    cur.execute(
+        f"INSERT INTO campaigns ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", list(row.values())
+    )
 
 
 def get_campaign(store: Store, name: str) -> dict[str, Any]:
@@ -167,8 +210,8 @@ def get_campaign(store: Store, name: str) -> dict[str, Any]:
     seen = store.memo.get(("campaign-generation", name), 0)
     rows = store.query("SELECT * FROM campaigns WHERE name = ?", [name])
     if not rows:
-        known = ", ".join(c["name"] for c in list_campaigns(store)) or "none"
-        raise StoreError(f"campaign '{name}' does not exist (known: {known})")
+        known = listing([c["name"] for c in list_campaigns(store)]) or "none"
+        raise StoreError(f"campaign '{shorten(name)}' does not exist (known: {known})")
     row = rows[0]
     row["sampling"] = json.loads(row["sampling"])
     with _MEMO_LOCK:
@@ -213,6 +256,7 @@ def sampling_params(campaign: dict[str, Any]) -> SamplingParams:
 
 
 def set_guidelines(store: Store, name: str, text: str) -> None:
+    check_text(text, "guidelines", max_chars=MAX_GUIDELINES_CHARS)
     get_campaign(store, name)
     with store.transaction() as cur:
         cur.execute("UPDATE campaigns SET guidelines = ? WHERE name = ?", [text, name])
@@ -226,3 +270,25 @@ def set_status(store: Store, name: str, status: str) -> None:
     with store.transaction() as cur:
         cur.execute("UPDATE campaigns SET status = ? WHERE name = ?", [status, name])
     _changed(store, name)
+
+
+KIND_WORDS = {"label": "labeling", "battle": "battle"}
+KIND_WAYS = {
+    "label": "annotators take its tasks (the Label tab, POST /campaigns/NAME/next)",
+    "battle": "experts judge its battles (the Side by side tab, POST /arena/NAME/next)",
+}
+
+
+def require_kind(store: Store, name: str, kind: str) -> dict[str, Any]:
+    """The campaign, if it is of `kind` ('label' or 'battle'); else a StoreError naming both.
+
+    A labeling task must never be asked of a battle campaign (or the reverse): its tasks are
+    sampled differently, and a request for one must not make the task sampler work for the other."""
+    campaign = get_campaign(store, name)
+    if campaign["kind"] != kind:
+        have = campaign["kind"]
+        raise StoreError(
+            f"campaign '{shorten(name)}' is a {KIND_WORDS.get(have, have)} campaign (kind '{have}'), "
+            f"not a {KIND_WORDS[kind]} campaign: {KIND_WAYS.get(have, 'see its kind')}"
+        )
+    return campaign

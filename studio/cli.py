@@ -12,7 +12,6 @@ import argparse
 import getpass
 import json
 import signal
-import socket
 import sys
 import threading
 import time
@@ -22,13 +21,15 @@ from typing import Any
 
 from studio import users
 from studio.client import SERVER_FILE, Client, CLIError, api_token, connect, studio_url
-from studio.config import DEFAULT_PORT, Settings, default_data_dir
+from studio.config import DEFAULT_PORT, LORA_MODES, Settings, default_data_dir
 from studio.export import FORMATS as EXPORT_FORMATS
 from studio.export import KINDS
 from studio.importer import FORMATS, PromptFileError, read_prompts
+from studio.launchers import LAUNCHERS
 from studio.services import (
     BattleCampaignSpec,
     CampaignSpec,
+    EvalSpec,
     ExportSpec,
     LeaderboardSpec,
     PromoteSpec,
@@ -60,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from studio.app import create_app
     from studio.model_prep import ModelError
+    from studio.ports import PortError, listen_sockets
     from studio.runtime import Studio
     from studio.serving.vllm_server import ServingError
 
@@ -71,22 +73,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model=args.model,
             model_name=args.model_name,
             backend_url=args.backend_url,
+            shared_dir=args.shared_dir,
             vllm_port=args.vllm_port,
             ui=not args.no_ui,
-            lora=not args.no_lora,
+            lora="off" if args.no_lora else args.lora,
+            max_servers=args.max_servers,
             probe=not args.no_probe,
             max_runs=args.max_runs,
+            auto_eval=not args.no_auto_eval,
+            launcher=args.launcher,
+            num_processes=args.num_processes,
+            accelerate_config=args.accelerate_config,
+            ray_address=args.ray_address,
+            ray_gpus_per_process=args.ray_gpus_per_process,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    with socket.socket() as probe:  # fail now, not after a minute of loading the model
-        try:
-            probe.bind((settings.host, settings.port))
-        except OSError:
-            raise CLIError(
-                f"--port {settings.port}: already in use on {settings.host}; "
-                "stop what uses it or pick another port"
-            ) from None
+    # Bind now, not after a minute of loading the model: a busy port is told at once (naming
+    # who holds it), and nothing can take it meanwhile. uvicorn listens on these sockets.
+    try:
+        sockets = listen_sockets(settings.host, settings.port)
+    except PortError as exc:
+        raise CLIError(str(exc)) from None
     studio = Studio(settings)
 
     def interrupt(signum: int, frame: object) -> None:
@@ -99,6 +107,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         studio.start()
     except (ModelError, ServingError, StoreError) as exc:
         raise CLIError(str(exc)) from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     config = uvicorn.Config(
@@ -113,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             studio.announce()
 
     threading.Thread(target=announce_when_listening, daemon=True).start()
-    server.run()
+    server.run(sockets=sockets)
     return 0
 
 
@@ -235,6 +247,11 @@ def _print_run(run: dict[str, Any]) -> None:
     line = f"{run['id']}  {stages:<8} {run['status']:<9} parent={run['parent']} versions={versions}"
     if run.get("rebattle"):
         line += f" rebattle={run['rebattle']}"
+    elif run.get("rebattle_prompts"):
+        line += f" rebattle-prompts={run['rebattle_prompts']}"
+    launch = run.get("launch") or {}
+    if launch.get("launcher"):
+        line += f" launcher={launch['launcher']}x{launch.get('num_processes', 1)}"
     if run.get("reason"):
         line += f"\n    reason: {run['reason']}"
     print(line)
@@ -253,11 +270,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             reward_model=args.reward_model,
             annotators=args.annotator or None,
             min_strength=args.min_strength,
+            eval_prompt_set=args.eval_prompt_set,
+            launcher=args.launcher,
+            num_processes=args.num_processes,
         ),
     )
     with client_for(args) as client:
         run = client.start_run(spec)
         _print_run(run)
+        for note in run.get("notes") or []:
+            print(f"note: {note}")
         if run["status"] == "queued" and client.offline:
             print("queued: it starts when the studio runs (`studio serve`)")
         if not args.wait:
@@ -314,9 +336,113 @@ def cmd_models_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
+    spec = PromoteSpec(**given(alias=args.alias, force=True if args.force else None))
     with client_for(args) as client:
-        done = client.promote(args.name, PromoteSpec(**given(alias=args.alias)))
+        done = client.promote(args.name, spec)
     print(f"'{done['alias']}' now points at {done['version']}")
+    if done.get("forced"):
+        print(
+            "forced (recorded): the gate did not pass:\n" + "".join(f"  - {r}\n" for r in done["reasons"]),
+            end="",
+        )
+    return 0
+
+
+def print_eval(result: dict[str, Any]) -> None:
+    """An evaluation's result as a table: each metric, the other version's value beside this
+    one's, the change and its 95% paired-bootstrap interval; then the gate's answer."""
+    version, against = result["version"], result["against"]
+    width = max([len("METRIC"), *(len(m) for m in result["metrics"])])
+    print(f"{'METRIC':<{width}}  {against[:12]:>12}  {version[:12]:>12}  {'CHANGE':>8}  95% INTERVAL")
+    for name, m in sorted(result["metrics"].items()):
+        lo, hi = m["ci"]
+        print(
+            f"{name:<{width}}  {m['against']:>12.3f}  {m['version']:>12.3f}  {m['delta']:>+8.3f}"
+            f"  [{lo:+.3f}, {hi:+.3f}]"
+        )
+    gate = result["gate"]
+    print("gate: " + ("passed" if gate["passed"] else "did not pass"))
+    for reason in gate["reasons"]:
+        print(f"  - {reason}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    spec = EvalSpec(
+        args.version,
+        **given(
+            against=args.against,
+            suites=args.suite or None,
+            seed=args.seed,
+            limit=args.limit,
+            judge_url=args.judge_url,
+            judge_model=args.judge_model,
+            temperature=args.temperature,
+            waive_rebattle=True if args.waive_rebattle else None,
+        ),
+    )
+    with client_for(args) as client:
+        record = client.start_eval(spec)
+        if args.no_wait:
+            print(f"{record['id']}: {record['status']}; GET /api/v1/evals/{record['id']} reads it")
+            return 0
+        print(
+            f"{record['id']}: {record['version']} against {record['against']}, {record['status']}",
+            file=sys.stderr,
+        )
+        started = shown = time.monotonic()
+        while record["status"] in ("queued", "running"):
+            time.sleep(2)
+            record = client.get_eval(record["id"])
+            if time.monotonic() - shown >= 30:  # a full evaluation takes minutes on a CPU
+                shown = time.monotonic()
+                print(f"  {record['status']}, {shown - started:.0f} s", file=sys.stderr, flush=True)
+    if record["status"] != "succeeded":
+        raise CLIError(f"evaluation {record['id']} {record['status']}: {record['error']}")
+    if args.json:
+        print(json.dumps(record["result"], indent=2))
+    else:
+        print_eval(record["result"])
+    return 0
+
+
+def cmd_models_card(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        card = client.model_card(args.name)
+    if args.json:
+        print(json.dumps(card, indent=2, default=str))
+        return 0
+    print(f"{card['version']} ({card['kind']}), parent {card['parent'] or '-'}", end="")
+    print(f", aliases: {', '.join(card['aliases'])}" if card["aliases"] else "")
+    evaluation = card["evaluation"]
+    if evaluation is None:
+        print("evaluation: none yet" + (f"; `studio eval {card['version']}`" if card["parent"] else ""))
+    else:
+        print(f"evaluation {evaluation['id']}: {evaluation['status']}")
+        if card["metrics"]:
+            print_eval(
+                {
+                    "version": card["version"],
+                    "against": card["parent"],
+                    "metrics": {m["metric"]: m for m in card["metrics"]},
+                    "gate": {"passed": card["gate"]["passed"], "reasons": []},
+                }
+            )
+    battle = card["rebattle"]
+    if battle is not None:
+        line = f"re-battle {battle['campaign']} ({battle['status']}): {battle['votes']} votes"
+        if battle.get("win_rate") is not None:
+            lo, hi = battle["interval"]
+            line += f", wins {battle['win_rate']:.2f} of decisive votes [{lo:.2f}, {hi:.2f}]"
+        print(line + (f"\n  verdict: {battle['verdict']}" if battle["verdict"] else ""))
+    gate = card["gate"]
+    if not gate.get("root"):
+        state = "passed" if gate["passed"] else "does not pass"
+        print(f"gate: {state}" + ("" if gate["ready"] else " (waiting for evidence)"))
+        for reason in gate["reasons"]:
+            print(f"  - {reason}")
+    for p in card["promotions"]:
+        who = p["decided_by"] + (" (forced)" if p["forced"] else "")
+        print(f"{str(p['decided_at'])[:19]}  {p['action']:<8} {p['alias']} -> {p['version']}  by {who}")
     return 0
 
 
@@ -336,6 +462,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"exported {result['kind']} rows as {result['format']} to {result['path']}"
         + (f" ({counts})" if counts else "")
     )
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        result = client.backup(args.out)
+    print(f"backed up the database to {result['path']} ({result['bytes']:,} bytes)")
     return 0
 
 
@@ -499,7 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model",
         type=Path,
-        help="a local Hugging Face model folder to serve instead of the packaged SmolLM2-135M-Instruct",
+        help="a local Hugging Face model folder to serve instead of the packaged SmolLM2-135M-Instruct; "
+        "with --backend-url, the served model's weights (training starts from them; checked to be "
+        "the servers' model by config and tokenizer)",
     )
     serve.add_argument(
         "--model-name",
@@ -508,16 +643,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--backend-url",
-        help="use this running OpenAI-compatible server "
-        "(e.g. vLLM on a GPU machine) instead of starting vLLM here",
+        metavar="URL[,URL...]",
+        help="use these running OpenAI-compatible servers (e.g. a vLLM fleet on GPU machines) "
+        "instead of starting vLLM here: sampling spreads over them, adapters are hot-loaded into "
+        "each (and again after one restarts), a server that is down is skipped",
     )
-    serve.add_argument("--vllm-port", type=int, help="port for the managed vLLM (default: a free one)")
+    serve.add_argument(
+        "--shared-dir",
+        type=Path,
+        help="a folder the studio and the external servers (and training launchers) see at the same "
+        "path; adapters loaded into external servers are read from there (default: the data dir)",
+    )
+    serve.add_argument(
+        "--vllm-port",
+        type=int,
+        help="port of the first managed vLLM (default: a free one; a replacement takes a free one)",
+    )
     serve.add_argument("--no-ui", action="store_true", help="serve the REST API only")
     serve.add_argument(
-        "--no-lora",
-        action="store_true",
-        help="start vLLM without runtime LoRA: faster sampling on the CPU, but "
-        "trained adapters cannot be hot-loaded",
+        "--lora",
+        choices=LORA_MODES,
+        default=Settings.lora,
+        help="runtime LoRA in the managed vLLM: 'auto' serves without it (faster sampling on the "
+        "CPU) until the first adapter version exists, then switches to a server with it without "
+        "a failed request; 'on' always; 'off' never (adapters are refused) "
+        f"(default {Settings.lora})",
+    )
+    serve.add_argument("--no-lora", action="store_true", help="the same as --lora off")
+    serve.add_argument(
+        "--max-servers",
+        type=int,
+        default=Settings.max_servers,
+        help="managed vLLM processes at once: the base and full-weight versions, each 4-5 GB here; "
+        "beyond it the least recently used version nothing uses is stopped, and started again "
+        f"when asked for (default {Settings.max_servers})",
     )
     serve.add_argument(
         "--no-probe",
@@ -530,6 +689,44 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=Settings.max_runs,
         help=f"training runs at once (default {Settings.max_runs}: each takes all the CPU it can get)",
+    )
+    serve.add_argument(
+        "--no-auto-eval",
+        action="store_true",
+        help="do not evaluate each new version against its parent when its run finishes (the gate then "
+        "holds it until someone runs `studio eval`)",
+    )
+    launch = serve.add_argument_group(
+        "training launchers", "how the runner starts a training stage (docs/scaling.md); runs may pick"
+    )
+    launch.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default=Settings.launcher,
+        help="local: one process here; accelerate: `accelerate launch` with --num-processes here; "
+        f"ray: a Ray Job on the cluster at --ray-address (default {Settings.launcher})",
+    )
+    launch.add_argument(
+        "--num-processes",
+        type=int,
+        default=Settings.num_processes,
+        help=f"processes per stage under accelerate, data parallel (default {Settings.num_processes})",
+    )
+    launch.add_argument(
+        "--accelerate-config",
+        type=Path,
+        help="`accelerate launch --config_file` for GPUs: multi-GPU, DeepSpeed ZeRO or FSDP "
+        "(data/recipes/gpu/); without it accelerate runs on the CPU (gloo)",
+    )
+    launch.add_argument(
+        "--ray-address",
+        help="the Ray cluster's Jobs address, e.g. http://HEAD:8265 (needed by --launcher ray)",
+    )
+    launch.add_argument(
+        "--ray-gpus-per-process",
+        type=float,
+        default=Settings.ray_gpus_per_process,
+        help=f"GPUs a Ray job reserves per process (default {Settings.ray_gpus_per_process}: a CPU job)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -572,6 +769,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mprom.add_argument("name", help="model version")
     mprom.add_argument("--alias", help=f"alias to move (default: {PromoteSpec.alias})")
+    mprom.add_argument(
+        "--force",
+        action="store_true",
+        help="promote although the gate did not pass (its reasons are printed; who forced it is recorded)",
+    )
+    mcard = models_sub.add_parser(
+        "card",
+        help="a version's card: metrics against its parent, re-battle, gate, promotions",
+        description="A version's metrics beside its parent's (change and 95%% interval), its blind "
+        "re-battle, the gate's state and reasons, and every promotion decision about it.",
+    )
+    mcard.add_argument("name", help="model version or alias")
+    mcard.add_argument(
+        "--json", action="store_true", help="print the card as JSON (as GET /models/NAME/card)"
+    )
     mroll = models_sub.add_parser(
         "rollback",
         help="point the policy alias back at the parent of its version",
@@ -582,10 +794,49 @@ def build_parser() -> argparse.ArgumentParser:
         (mlin, cmd_models_lineage),
         (mprom, cmd_models_promote),
         (mroll, cmd_models_rollback),
+        (mcard, cmd_models_card),
     ):
         data_dir_arg(p)
         url_arg(p)
         p.set_defaults(func=func)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a version against its parent on the suites in data/evals",
+        description="Run the evaluation suites on a version and the version it is compared with (its "
+        "parent by default; stored runs of the same version, suite and seed are reused), print each "
+        "metric with the change and its 95%% paired-bootstrap interval, and the gate's answer. Needs a "
+        "running studio (the model server); waits until the evaluation ends.",
+    )
+    ev.add_argument("version", help="model version or alias")
+    ev.add_argument("--against", help="version to compare with (default: its parent)")
+    ev.add_argument(
+        "--suite", action="append", default=[], help="a suite (repeat; default: all in data/evals)"
+    )
+    ev.add_argument("--limit", type=int, help="only the first N items of each suite (default: all)")
+    ev.add_argument(
+        "--seed", type=int, help=f"seed of every request and of the bootstrap (default {EvalSpec.seed})"
+    )
+    ev.add_argument("--judge-url", help="an OpenAI-compatible server for the judge (default: the studio's)")
+    ev.add_argument("--judge-model", help="the judge's model (default: the served base model)")
+    ev.add_argument(
+        "--temperature", type=float, help="the consistency suite's temperature (default: the suite's)"
+    )
+    ev.add_argument(
+        "--waive-rebattle",
+        action="store_true",
+        help="let the gate pass without the blind re-battle's verdict (recorded with the evaluation)",
+    )
+    ev.add_argument(
+        "--json",
+        action="store_true",
+        help='print exactly {"version", "against", "metrics": {NAME: {"version", "against", "delta", '
+        '"ci"}}, "gate": {"passed", "reasons"}}',
+    )
+    ev.add_argument("--no-wait", action="store_true", help="print the evaluation's id and return at once")
+    data_dir_arg(ev)
+    url_arg(ev)
+    ev.set_defaults(func=cmd_eval)
 
     train = sub.add_parser(
         "train",
@@ -617,6 +868,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--min-strength", type=int, choices=[1, 2, 3], help="only judgments at least this strong"
+    )
+    train.add_argument(
+        "--eval-prompt-set",
+        help="a prompt set marked for evaluation: the blind re-battle samples it (less any prompt "
+        "trained on) instead of the prompts held out of the snapshot",
+    )
+    train.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        help="how to start each stage: local, accelerate or ray (default: the studio's --launcher)",
+    )
+    train.add_argument(
+        "--num-processes", type=int, help="processes per stage under accelerate (default: the studio's)"
     )
     train.add_argument("--wait", action="store_true", help="follow progress until the run ends")
     data_dir_arg(train)
@@ -797,6 +1061,20 @@ def build_parser() -> argparse.ArgumentParser:
         url_arg(p)
     acreate.set_defaults(func=cmd_arena_create)
     abattles.set_defaults(func=cmd_arena_battles)
+
+    bak = sub.add_parser(
+        "backup",
+        help="copy the database to a new file (safe while the studio runs)",
+        description="Write a consistent copy of the whole database (every table, users included) to a "
+        "new file. While a studio runs it makes the copy itself (DuckDB's COPY FROM DATABASE, one "
+        "snapshot while writes go on); never copy studio.duckdb with cp while a studio holds it. "
+        "To restore: stop the studio, put the copy in place of DATA_DIR/studio.duckdb (and remove "
+        "studio.duckdb.wal), start it. See docs/operations.md.",
+    )
+    bak.add_argument("out", type=Path, help="the new file to write, e.g. backups/studio-2026-12-01.duckdb")
+    data_dir_arg(bak)
+    url_arg(bak)
+    bak.set_defaults(func=cmd_backup)
 
     exp = sub.add_parser(
         "export",

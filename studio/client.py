@@ -78,6 +78,16 @@ class Client(ABC):
     def rollback(self, alias: str) -> dict[str, Any]: ...
 
     @abstractmethod
+    def model_card(self, version: str) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def start_eval(self, spec: svc.EvalSpec) -> dict[str, Any]:
+        """services.start_eval: the queued record (`id`, `status`)."""
+
+    @abstractmethod
+    def get_eval(self, eval_id: str) -> dict[str, Any]: ...
+
+    @abstractmethod
     def sample(self, spec: svc.SampleSpec) -> dict[str, Any]: ...
 
     @abstractmethod
@@ -124,6 +134,10 @@ class Client(ABC):
     def export(self, out: Path, spec: svc.ExportSpec) -> dict[str, Any]:
         """Write the export to `out` (on this machine): {path, format, kind, counts, ...}."""
 
+    @abstractmethod
+    def backup(self, out: Path) -> dict[str, Any]:
+        """Write a consistent copy of the database to the new file `out` (on this machine)."""
+
     def close(self) -> None:  # noqa: B027 (nothing to close for most clients)
         pass
 
@@ -153,6 +167,15 @@ class LocalClient(Client):
 
     def rollback(self, alias: str) -> dict[str, Any]:
         return svc.rollback(self.ctx, self.user, alias)
+
+    def model_card(self, version: str) -> dict[str, Any]:
+        return svc.model_card(self.ctx, self.user, version)
+
+    def start_eval(self, spec: svc.EvalSpec) -> dict[str, Any]:
+        return svc.start_eval(self.ctx, self.user, spec)
+
+    def get_eval(self, eval_id: str) -> dict[str, Any]:
+        return svc.get_eval(self.ctx, self.user, eval_id)
 
     def sample(self, spec: svc.SampleSpec) -> dict[str, Any]:
         return svc.sample(self.ctx, self.user, spec)
@@ -198,6 +221,9 @@ class LocalClient(Client):
 
     def export(self, out: Path, spec: svc.ExportSpec) -> dict[str, Any]:
         return svc.export(self.ctx, self.user, out, spec)
+
+    def backup(self, out: Path) -> dict[str, Any]:
+        return svc.backup(self.ctx, self.user, out)
 
 
 class RestClient(Client):
@@ -254,6 +280,15 @@ class RestClient(Client):
     def rollback(self, alias: str) -> dict[str, Any]:
         return self._json("POST", f"/models/{alias}/rollback")
 
+    def model_card(self, version: str) -> dict[str, Any]:
+        return self._json("GET", f"/models/{version}/card")
+
+    def start_eval(self, spec: svc.EvalSpec) -> dict[str, Any]:
+        return self._json("POST", "/evals", json=asdict(spec))
+
+    def get_eval(self, eval_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/evals/{eval_id}")
+
     def sample(self, spec: svc.SampleSpec) -> dict[str, Any]:
         return self._json("POST", "/sample", json=asdict(spec))
 
@@ -307,6 +342,15 @@ class RestClient(Client):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(resp.content)
         return {"path": str(out), "format": fmt, "kind": spec.kind, "counts": {}}
+
+    def backup(self, out: Path) -> dict[str, Any]:
+        if out.exists():
+            raise CLIError(f"{out}: already exists; a backup never overwrites a file, pick a new name")
+        resp = self._call("GET", "/backup")
+        partial = out.with_name(f".{out.name}.partial")
+        partial.write_bytes(resp.content)
+        partial.replace(out)
+        return {"path": str(out), "bytes": out.stat().st_size}
 
 
 def _record(p: ImportedPrompt) -> dict[str, Any]:

@@ -1,31 +1,29 @@
-"""The training runner: one subprocess per stage, queued, one run at a time by default.
+"""The training runner: one job per stage, queued, one run at a time by default.
 
-A run's stages execute as `python -m trainers.<stage>` in their own process group, with stdout
-and stderr in OUTPUT/run.log. Progress and curves come from OUTPUT/metrics.jsonl. A crash or a
+A run's stages execute as `python -m trainers.<stage>`, started by the run's launcher
+(studio/launchers.py: a local process group, `accelerate launch` with N processes, or a Ray Job),
+with stdout and stderr in OUTPUT/run.log. Progress and curves come from OUTPUT/metrics.jsonl. A crash or a
 cancel marks the run failed or cancelled with the reason and changes nothing else: only a stage
 that exits 0 with its meta.json written registers a version. A finished policy version is
-hot-loaded into vLLM and sent into a blind re-battle against its parent.
+hot-loaded into vLLM, sent into a blind re-battle against its parent on the run's held-out prompts
+and evaluated against it; the promotion gate (studio/promotion.py) decides what follows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from studio import arena
+from studio import arena, promotion
+from studio import launchers as ln
 from studio import training as tr
 from studio.model_prep import folder_hash
-from studio.serving.vllm_server import die_with_parent
-from studio.store import Store, StoreError, decode_json_columns
+from studio.store import Store, StoreError
 from trainers.common import META_FILE, METRICS_FILE
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -86,10 +84,13 @@ class Runner:
         register: Callable[[dict, str, Path, dict], str],
         max_parallel: int = 1,
         python: str = sys.executable,
+        launch: ln.LaunchSettings | None = None,
     ):
         self.store, self.data_dir, self.register = store, data_dir, register
         self.max_parallel, self.python = max_parallel, python
-        self._procs: dict[str, subprocess.Popen] = {}
+        self.launch = launch or ln.LaunchSettings(shared_dir=data_dir)
+        self.launcher = ln.Launcher(self.launch, python=python, cwd=data_dir)
+        self._procs: dict[str, ln.Job] = {}
         self._cancel: dict[str, str] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -99,7 +100,11 @@ class Runner:
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        # a run that was running when the studio died did not finish: say so, keep the queue
+        # a run that was running when the studio died did not finish: say so, keep the queue.
+        # Its local processes died with the studio; a Ray job lives on the cluster: stop it.
+        for row in self.store.query("SELECT launch FROM runs WHERE status = 'running'"):
+            launch = json.loads(row["launch"]) if isinstance(row["launch"], str) else row["launch"]
+            self.launcher.stop_ray_jobs((launch or {}).get("ray_jobs", []))
         with self.store.transaction() as cur:
             cur.execute(
                 "UPDATE runs SET status = 'failed', finished_at = now(), reason = "
@@ -134,14 +139,15 @@ class Runner:
             if proc is None and run["status"] == "queued":
                 self._finish(run_id, "cancelled", reason)
         if proc is not None:
-            _terminate(proc)
+            proc.cancel()
         return tr.get_run(self.store, run_id)
 
     def process_group(self, run_id: str) -> int | None:
-        """The process group of a running run's trainer (it leads its own session), else None."""
+        """The process group of a running run's trainer here (it leads its own session), else None
+        (not running, or a Ray job on the cluster)."""
         with self._lock:
-            proc = self._procs.get(run_id)
-        return None if proc is None else proc.pid
+            job = self._procs.get(run_id)
+        return getattr(job, "pid", None)
 
     # -------------------------------------------------------------- the loop
     def _run(self) -> None:
@@ -190,33 +196,44 @@ class Runner:
         ]
         parent = run["parent"]
         metrics: dict[str, Any] = {}
+        launch = ln.resolve(self.launch, run.get("launch"))
+        self._set_launch(run_id, launch)
         for index, stage in enumerate(run["stages"]):
             folder = out / f"{index + 1}-{stage}"
-            cmd = [
-                self.python,
-                "-m",
-                f"trainers.{stage}",
+            recipe = ln.freeze_recipe(Path(run["recipes"][stage]), out / "recipes" / f"{index + 1}-{stage}")
+            paths = {
+                "the snapshot": snapshot,
+                "the parent's folder": self.store.model_version(parent)["path"],
+                "the run's folder": str(out),
+            }
+            args = [
                 "--config",
-                run["recipes"][stage],
+                str(recipe),
                 "--snapshot",
                 snapshot,
                 "--parent",
-                self.store.model_version(parent)["path"],
+                paths["the parent's folder"],
                 "--output",
                 str(folder),
                 "--parent-version",
                 parent,
             ]
             if stage == "ppo":
-                cmd += ["--reward-model", self.store.model_version(run["reward_model"])["path"]]
+                paths["the reward model"] = self.store.model_version(run["reward_model"])["path"]
+                args += ["--reward-model", paths["the reward model"]]
             for key, value in run["overrides"].get(stage, {}).items():
-                cmd += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-            code = self._spawn(run_id, cmd, out / "run.log")
+                args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+            outcome = self._spawn(run_id, f"{run_id}-{index + 1}-{stage}", stage, args, launch, out, paths)
             if run_id in self._cancel:
                 self._finish(run_id, "cancelled", self._cancel[run_id])
                 return
-            if code != 0 or not (folder / META_FILE).is_file():
-                self._finish(run_id, "failed", failure_reason(stage, code, tail(out / "run.log", 400)))
+            if outcome.stopped:
+                self._finish(run_id, "cancelled", f"stage {stage}: {outcome.reason}")
+                return
+            if outcome.code != 0 or not (folder / META_FILE).is_file():
+                self._finish(
+                    run_id, "failed", stage_failure(stage, outcome, folder, tail(out / "run.log", 400))
+                )
                 return
             meta = json.loads((folder / META_FILE).read_text())
             metrics[stage] = meta.get("metrics", {})
@@ -230,36 +247,41 @@ class Runner:
                 parent = version
         self._finish(run_id, "succeeded", None)
 
-    def _spawn(self, run_id: str, cmd: list[str], log: Path) -> int:
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        with log.open("ab") as fh:
-            fh.write(("$ " + " ".join(cmd) + "\n").encode())
-            fh.flush()
+    def _spawn(
+        self,
+        run_id: str,
+        job_id: str,
+        stage: str,
+        args: list[str],
+        launch: dict[str, Any],
+        out: Path,
+        paths: dict[str, str],
+    ) -> ln.Outcome:
+        """Start one stage through the run's launcher and wait for it to end."""
+        with self._lock:
+            if run_id in self._cancel:
+                return ln.Outcome(-signal.SIGTERM)
+        try:  # outside the lock: submitting a Ray job waits on the cluster's answer
+            job, ray_job = self.launcher.start(job_id, stage, args, launch, out / "run.log", paths)
+        except ln.LaunchError as exc:
+            return ln.Outcome(1, reason=str(exc))
+        with self._lock:
+            self._procs[run_id] = job
+            cancelled_meanwhile = run_id in self._cancel
+        if cancelled_meanwhile:
+            job.cancel()
+        if ray_job is not None:  # a restarted studio stops what its predecessor left on the cluster
+            launch.setdefault("ray_jobs", []).append(ray_job)
+            self._set_launch(run_id, launch)
+        try:
+            return job.wait()
+        finally:
             with self._lock:
-                if run_id in self._cancel:
-                    return -signal.SIGTERM
-                # own session and process group (a cancel reaches every process the trainer
-                # starts), and a SIGTERM from the kernel if this thread's studio dies outright
-                proc = subprocess.Popen(
-                    cmd,
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    preexec_fn=die_with_parent,
-                    cwd=str(self.data_dir),
-                )
-                self._procs[run_id] = proc
-            try:
-                return proc.wait()
-            finally:
-                with self._lock:
-                    self._procs.pop(run_id, None)
+                self._procs.pop(run_id, None)
+
+    def _set_launch(self, run_id: str, launch: dict[str, Any]) -> None:
+        with self.store.transaction() as cur:
+            cur.execute("UPDATE runs SET launch = ? WHERE id = ?", [json.dumps(launch), run_id])
 
     def _finish(self, run_id: str, status: str, reason: str | None) -> None:
         with self.store.transaction() as cur:
@@ -267,6 +289,17 @@ class Runner:
                 "UPDATE runs SET status = ?, reason = ?, finished_at = now() WHERE id = ?",
                 [status, reason, run_id],
             )
+
+
+def stage_failure(stage: str, outcome: ln.Outcome, folder: Path, log_tail: str) -> str:
+    """Why a stage did not produce a version: its launcher's account, else its exit code and log."""
+    if outcome.code == 0:  # it ended well but its meta.json is not where the studio looks
+        return (
+            f"stage {stage} finished but {folder / META_FILE} is not visible to the studio: the stage's "
+            "machine must write to the same shared directory (--shared-dir) at the same path"
+        )
+    reason = failure_reason(stage, outcome.code, log_tail)
+    return f"stage {stage}: {outcome.reason}; {reason}" if outcome.reason else reason
 
 
 def failure_reason(stage: str, code: int, log_tail: str) -> str:
@@ -290,45 +323,39 @@ def failure_reason(stage: str, code: int, log_tail: str) -> str:
     return f"stage {stage} exited with code {code}: {detail}"
 
 
-def _terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def version_name(run: dict[str, Any], stage: str) -> str:
     return f"{stage}-{run['id'][4:]}"
 
 
 def register_stage(studio: Any, run: dict[str, Any], stage: str, folder: Path, meta: dict[str, Any]) -> str:
-    """A finished stage becomes a version; a policy adapter is hot-loaded and re-battled vs its parent."""
+    """A finished stage becomes a version; a policy is served, then stored, re-battled against its
+    parent on the run's held-out prompts, and evaluated against it (studio.promotion).
+
+    A LoRA adapter is hot-loaded into the servers of its base; full weights (`lora: false`) get
+    their own vLLM, started and health-checked before the version is stored (the parent stays
+    served). A version the servers cannot load is not stored, and the run fails saying why.
+    """
     store: Store = studio.store
     name = version_name(run, stage)
     parent = meta["parent_version"]
     source = f"run:{run['id']}"
-    if stage == "reward" or meta.get("kind") != "lora":
-        # a reward model is kept for PPO; full weights are registered, and serving them needs a
-        # restart with --model (vLLM swaps only LoRA adapters live)
+    if stage == "reward":  # kept for PPO, never served
         store.register_model_version(
             name,
             path=str(folder.resolve()),
             content_hash=folder_hash(folder),
             source=source,
-            kind="reward" if stage == "reward" else "full",
+            kind="reward",
             parent=parent,
             meta=meta,
         )
         return name
-    studio.add_adapter(name, folder, source=source, meta=meta, parent=parent)
+    if meta.get("kind") == "lora":
+        studio.add_adapter(name, folder, source=source, meta=meta, parent=parent)
+    else:
+        studio.add_full_version(name, folder, source=source, meta=meta, parent=parent)
     rebattle = f"rebattle-{name}"
-    prompt_set = _prompt_set_for(store, run)
+    prompt_set = run.get("rebattle_prompts")  # held-out prompts (training.rebattle_plan), never trained on
     if prompt_set is not None:
         arena.create_battle_campaign(
             store,
@@ -342,16 +369,7 @@ def register_stage(studio: Any, run: dict[str, Any], stage: str, folder: Path, m
             cur.execute("UPDATE runs SET rebattle = ? WHERE id = ?", [rebattle, run["id"]])
         if studio.task_sampler is not None:
             studio.task_sampler.poke(rebattle)
+    # measured against its parent; the gate decides when this and the re-battle's verdict are in
+    if getattr(getattr(studio, "settings", None), "auto_eval", True):
+        promotion.evaluate_new_version(studio, name, parent, created_by=f"auto:{run['id']}")
     return name
-
-
-def _prompt_set_for(store: Store, run: dict[str, Any]) -> str | None:
-    """The prompt set of the run's data (its first labeling campaign), else the first one imported."""
-    snap = decode_json_columns(
-        store.query("SELECT filter FROM snapshots WHERE id = ?", [run["snapshot_id"]])[0], "filter"
-    )
-    names = snap["filter"].get("campaigns")
-    if isinstance(names, list) and names:
-        return store.query("SELECT prompt_set FROM campaigns WHERE name = ?", [names[0]])[0]["prompt_set"]
-    sets = store.prompt_sets()
-    return sets[0]["name"] if sets else None

@@ -311,4 +311,41 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "008_promotions",
+        """
+        -- Every move of an alias and every gate decision (studio/promotion.py): promotions by the
+        -- gate or a person (forced or not), holds with the gate's reasons, roll-backs.
+        CREATE TABLE promotions (
+            id              VARCHAR PRIMARY KEY,
+            action          VARCHAR NOT NULL,    -- promote | hold | rollback
+            alias           VARCHAR NOT NULL,    -- the alias concerned (policy by default)
+            version         VARCHAR NOT NULL,    -- the version decided on (promote, hold) or moved back to
+            from_version    VARCHAR,             -- where the alias pointed before
+            decided_by      VARCHAR NOT NULL,    -- 'gate', or the user who acted
+            forced          BOOLEAN NOT NULL DEFAULT false,  -- promoted although the gate did not pass
+            passed          BOOLEAN,             -- the gate's answer at the time (NULL: rollback)
+            reasons         JSON NOT NULL,       -- the gate's reasons, each failing rule with its numbers
+            eval_id         VARCHAR,             -- the evaluation the gate read
+            battle_campaign VARCHAR,             -- the re-battle whose verdict it read
+            verdict         VARCHAR,             -- better | worse | undecided | none
+            decided_at      TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE INDEX promotions_version ON promotions(version);
+        -- Which prompts a run's re-battle may use: never one the version (or an ancestor) trained on.
+        ALTER TABLE runs ADD COLUMN eval_prompt_set VARCHAR;    -- a prompt set marked for evaluation
+        ALTER TABLE runs ADD COLUMN rebattle_prompts VARCHAR;   -- what the re-battle samples: heldout-<run>
+        ALTER TABLE runs ADD COLUMN trained_prompts VARCHAR[];  -- content hashes of the prompts trained on
+        ALTER TABLE runs ADD COLUMN notes VARCHAR[];            -- what the run said when it was submitted
+        """,
+    ),
+    (
+        "009_run_launch",
+        """
+        -- How a run's stages are started (studio/launchers.py): {"launcher": local | accelerate |
+        -- ray, "num_processes": N} as the run asked (NULL: the studio's default), replaced by what
+        -- it started with once it runs, plus the Ray job ids ("ray_jobs") it submitted.
+        ALTER TABLE runs ADD COLUMN launch JSON;
+        """,
+    ),
 ]

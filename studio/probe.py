@@ -55,7 +55,7 @@ def curve_file(data_dir: Path) -> Path:
     return data_dir / "cache" / "serving-curve.json"
 
 
-def curve_key(backend_url: str | None, content_hash: str | None, lora: bool) -> str:
+def curve_key(backend_url: str | None, content_hash: str | None, lora: bool | str) -> str:
     """What a curve depends on: the server (ours or an external one), the model, runtime LoRA
     (it costs throughput on the CPU) and the machine's cores."""
     return f"{backend_url or 'managed'}|{content_hash}|lora={lora}|cpus={os.cpu_count()}"

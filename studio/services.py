@@ -42,8 +42,9 @@ from studio.export import FORMATS as EXPORT_FORMATS
 from studio.export import KINDS, write_export
 from studio.importer import ImportedPrompt, normalize_messages, read_prompts, to_prompt
 from studio.labeling import Submission
-from studio.serving.client import BackendError, SamplingParams
+from studio.serving.client import BackendError, OpenAIChatBackend, SamplingParams
 from studio.store import Store, StoreError
+from studio.textcheck import MAX_EDIT_CHARS, MAX_KEY_CHARS, MAX_RATIONALE_CHARS, check_text
 from studio.users import AuthError, User
 
 # `arena` (and `jobs`, which imports it) are imported by the actions that use them: they bring
@@ -71,6 +72,7 @@ class Context(Protocol):
 
     settings: Settings
     store: Store | None
+    backend: OpenAIChatBackend | None
     sampler: Sampler | None
     task_sampler: TaskSampler | None
     runner: Runner | None
@@ -87,6 +89,8 @@ class Context(Protocol):
 
     def health(self) -> dict[str, Any]: ...
 
+    def serving_state(self) -> dict[str, Any] | None: ...
+
 
 class OfflineContext:
     """A studio's database and data directory while no studio runs (for the CLI).
@@ -94,6 +98,7 @@ class OfflineContext:
     Opening it takes the database file: it raises `StoreLockedError` while a studio holds it.
     """
 
+    backend = None
     sampler = None
     task_sampler = None
     runner = None
@@ -115,6 +120,9 @@ class OfflineContext:
 
     def health(self) -> dict[str, Any]:
         return {"studio": "offline", "store": {"path": str(self.settings.db_path), "ok": True}}
+
+    def serving_state(self) -> dict[str, Any] | None:
+        return None  # no model server here
 
     def close(self) -> None:
         if self.store is not None:
@@ -142,6 +150,8 @@ def _db(ctx: Context) -> Store:
 
 
 # -- the capability check ---------------------------------------------------------------------
+EXPERT_QUALITY = "admin"  # who may read quality per person (names, agreement, biases)
+HEALTH_DETAIL = "train"  # who may read where the studio's files, ports and processes are
 F = TypeVar("F", bound=Callable[..., Any])
 ACTIONS: dict[str, Callable[..., Any]] = {}  # every action by name, for doors and tests that list them
 
@@ -262,6 +272,16 @@ class RunSpec:
     reward_model: Annotated[str | None, doc("ppo: a reward version (the newest by default)")] = None
     annotators: Annotated[list[str] | None, doc("only these annotators' judgments (all if unset)")] = None
     min_strength: Annotated[int | None, doc("only judgments stated at least this strong (1-3)")] = None
+    eval_prompt_set: Annotated[
+        str | None,
+        doc("a prompt set marked for evaluation: the re-battle samples it (less any prompt trained on)"),
+    ] = None
+    launcher: Annotated[
+        str | None, doc("local, accelerate or ray (unset: the studio's --launcher; ray needs --ray-address)")
+    ] = None
+    num_processes: Annotated[
+        int | None, doc("processes per stage under accelerate (the studio's --num-processes if unset)")
+    ] = None
 
 
 @dataclass
@@ -287,6 +307,37 @@ class UserSpec:
 @dataclass
 class PromoteSpec:
     alias: Annotated[str, doc("the alias to point at this version")] = camp.POLICY
+    force: Annotated[bool, doc("promote although the gate did not pass (who forced it is recorded)")] = False
+
+
+@dataclass
+class EvalSpec:
+    """An evaluation of a version against another (`POST /evals`, `studio eval`, the Models tab)."""
+
+    version: Annotated[str, doc("the version (or alias) to evaluate")]
+    against: Annotated[str | None, doc("the version to compare with (its parent by default)")] = None
+    suites: Annotated[list[str] | None, doc("suite names in data/evals (all by default)")] = None
+    seed: Annotated[int, doc("seeds every request and the bootstrap: same seed, same numbers")] = 0
+    limit: Annotated[
+        int | None, doc("only the first N items of each suite (a quick look: the gate reads full runs)")
+    ] = None
+    judge_url: Annotated[
+        str | None, doc("an OpenAI-compatible server for the judge (the studio's own by default)")
+    ] = None
+    judge_model: Annotated[str | None, doc("the judge's model (the served base model by default)")] = None
+    temperature: Annotated[
+        float | None, doc("the consistency suite's temperature (the suite's own by default)")
+    ] = None
+    waive_rebattle: Annotated[
+        bool, doc("an engineer's waiver: the gate passes without the re-battle's verdict (recorded)")
+    ] = False
+
+    def judge(self) -> dict[str, Any] | None:
+        if self.judge_url is None and self.judge_model is None:
+            return None
+        if not self.judge_model:
+            raise StoreError("judge_url: give the judge's model too (judge_model / --judge-model)")
+        return {"model": self.judge_model, "url": self.judge_url}
 
 
 @dataclass
@@ -349,6 +400,15 @@ def public(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
 
 
+def _json(value: Any) -> Any:
+    """A nested answer as JSON carries it: times as ISO 8601 text, at any depth."""
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
 def _fields(spec: Any) -> dict[str, Any]:
     return {f.name: getattr(spec, f.name) for f in fields(spec)}
 
@@ -358,15 +418,46 @@ def _wake_tasks(ctx: Context, campaign: str | None = None, starved: bool = False
         ctx.task_sampler.poke(campaign, starved=starved)
 
 
+def _context_of(ctx: Context, store: Store, models: list[str]) -> int | None:
+    """The smallest context (tokens, prompt and answer together) of the served models a campaign
+    samples from, so that its max_tokens is checked when it is created, not found wrong by the
+    sampler later. None without a model server (offline) or while it does not answer (it is
+    restarting): the campaign is then checked by the domain's own bounds only."""
+    backend = getattr(ctx, "backend", None)
+    if backend is None:
+        return None
+    lengths = []
+    for model in models:
+        try:
+            version = camp.resolve_policy(store, model)
+        except (StoreError, TypeError):
+            continue  # the domain function names the bad model
+        length = backend.max_model_len(version)
+        if length is not None:
+            lengths.append(length)
+    return min(lengths) if lengths else None
+
+
 def _sampler_error(ctx: Context, campaign: str) -> str | None:
     """Why the task sampler last failed to sample for the campaign (None while it samples, or offline)."""
     return ctx.task_sampler.last_error(campaign) if ctx.task_sampler is not None else None
 
 
 # -- the studio ----------------------------------------------------------------------------------
-def health(ctx: Context) -> dict[str, Any]:
-    """Store and model server state; public (no login), as a load balancer asks for it."""
-    return ctx.health()
+# Services anyone may call, logged in or not; every other public function taking a user is an
+# action with a capability (ACTIONS).
+PUBLIC = ("health",)
+
+
+def health(ctx: Context, user: User | None = None) -> dict[str, Any]:
+    """Whether the studio is up ({"studio": "ok" | "degraded" | "offline"}); public (no login),
+    as a load balancer asks for it. Users who may see the detail (HEALTH_DETAIL: engineers and
+    admins) also get the store's and the model server's state: the database path, vLLM's URL,
+    port, pid and log, which tell an outsider where things are."""
+    report = ctx.health()
+    if user is not None and user.can(HEALTH_DETAIL):
+        return report
+    return {"studio": report["studio"]}
 
 
 @requires("view")
@@ -447,8 +538,24 @@ def sample(ctx: Context, user: User, spec: SampleSpec) -> dict[str, Any]:
 
 @requires("train")
 def add_adapter(ctx: Context, user: User, spec: AdapterSpec) -> dict[str, Any]:
-    """Register a LoRA adapter folder as a version over the base and hot-load it."""
+    """Hot-load a LoRA adapter folder into the servers of the base, then register it as a version.
+
+    All or nothing: a folder the servers refuse (bad config, bad weights) is never stored (422);
+    the answer comes once every server of the base serves it."""
     return public(ctx.add_adapter(spec.name, Path(spec.path), source=f"upload:{user.name}"))
+
+
+@requires("admin")
+def model_servers(ctx: Context, user: User) -> dict[str, Any]:
+    """Every model server (managed or external): its state, what it serves, requests in flight
+    and last error; and the versions that could not be served, with why."""
+    backend = ctx.health().get("backend") or {}
+    return {
+        "healthy": bool(backend.get("healthy")),
+        "servers": backend.get("servers", []),
+        "failed": backend.get("failed", {}),
+        "max_servers": backend.get("max_servers"),
+    }
 
 
 @requires("train")
@@ -459,24 +566,77 @@ def lineage(ctx: Context, user: User, version: str) -> list[dict[str, Any]]:
 
 @requires("train")
 def promote(ctx: Context, user: User, version: str, spec: PromoteSpec | None = None) -> dict[str, Any]:
-    """Point an alias (policy by default) at a version: new labeling samples from it."""
-    alias = (spec or PromoteSpec()).alias
-    camp.set_alias(_db(ctx), alias, version)
-    return {"alias": alias, "version": version}
+    """Point an alias (policy by default) at a version: new labeling samples from it. Refused
+    while the version's gate does not pass (every reason named with its numbers) unless
+    `spec.force`; recorded with the user, and whether it was forced."""
+    from studio import promotion  # the gate brings the evaluation engine: see the imports at the top
+
+    spec = spec or PromoteSpec()
+    return promotion.promote(_db(ctx), version, spec.alias, user.name, force=spec.force)
 
 
 @requires("train")
 def rollback(ctx: Context, user: User, alias: str = camp.POLICY) -> dict[str, Any]:
-    """Point an alias back at the parent of the version it points at now."""
+    """Point an alias back at the parent of the version it points at now; recorded."""
+    from studio import promotion  # the gate brings the evaluation engine: see the imports at the top
+
+    return promotion.rollback(_db(ctx), alias, user.name)
+
+
+@requires("train")
+def model_card(ctx: Context, user: User, version: str) -> dict[str, Any]:
+    """A version's card: its metrics beside its parent's (delta, interval), the re-battle (votes,
+    win rate with its interval, verdict), the gate's state and decisions, the promotion history
+    and the lineage. Engineers' reading: the card shows a running re-battle's tally."""
+    from studio import promotion  # the gate brings the evaluation engine: see the imports at the top
+
+    return _json(promotion.card(_db(ctx), version))
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+@requires("train")
+def start_eval(ctx: Context, user: User, spec: EvalSpec) -> dict[str, Any]:
+    """Check the request and queue the evaluation on the studio's evaluation worker (one at a time);
+    answers at once with its record (status 'queued'). When it succeeds against the version's
+    parent, the gate decides on the version. Needs the model server; a bad input is told first."""
+    from studio import promotion
+    from studio.evals import engine
+
     store = _db(ctx)
-    known = camp.aliases(store)
-    if alias not in known:
-        raise StoreError(f"alias '{alias}' does not exist (known: {', '.join(known) or 'none'})")
-    current = store.model_version(known[alias])
-    if not current["parent"]:
-        raise StoreError(f"{alias} is at '{current['name']}', which has no parent to roll back to")
-    camp.set_alias(store, alias, current["parent"])
-    return {"alias": alias, "version": current["parent"], "previous": current["name"]}
+    judge = spec.judge()
+    options = {
+        "suites": spec.suites,
+        "seed": spec.seed,
+        "judge": judge,
+        "temperature": spec.temperature,
+        "limit": spec.limit,
+        "waived": spec.waive_rebattle,
+    }
+    backend = getattr(ctx, "backend", None)
+    if backend is None:
+        engine.plan_eval(store, None, spec.version, spec.against, **options)  # input errors first
+        raise _needs_studio("evaluating runs the suites on the model server")
+    return _json(
+        promotion.start_evaluation(
+            store, backend, spec.version, spec.against, created_by=user.name, **options
+        )
+    )
+
+
+@requires("train")
+def get_eval(ctx: Context, user: User, eval_id: str) -> dict[str, Any]:
+    """One evaluation: request, status, `result` ({version, against, metrics, gate}) and details."""
+    from studio.evals import engine
+
+    return _json(engine.get_eval(_db(ctx), eval_id))
+
+
+@requires("train")
+def list_evals(ctx: Context, user: User, version: str | None = None) -> list[dict[str, Any]]:
+    """Evaluations, newest first (of one version when given)."""
+    from studio.evals import engine
+
+    return [_json(e) for e in engine.list_evals(_db(ctx), version)]
 
 
 # -- users ---------------------------------------------------------------------------------------
@@ -508,8 +668,12 @@ def new_token(ctx: Context, user: User, name: str) -> dict[str, Any]:
 @requires("admin")
 def create_campaign(ctx: Context, user: User, spec: CampaignSpec) -> dict[str, Any]:
     """Create a labeling campaign; the task sampler starts filling its buffer."""
+    store = _db(ctx)
     fields_ = _fields(spec)
-    created = camp.create_campaign(_db(ctx), fields_.pop("name"), created_by=user.name, **fields_)
+    context = _context_of(ctx, store, [spec.model])
+    created = camp.create_campaign(
+        store, fields_.pop("name"), created_by=user.name, max_model_len=context, **fields_
+    )
     _wake_tasks(ctx)
     return public(created)
 
@@ -581,17 +745,47 @@ def campaign_quality(ctx: Context, user: User, name: str) -> dict[str, Any]:
 
 # -- labeling ------------------------------------------------------------------------------------
 def _with_progress(ctx: Context, campaign: str, user: User, task: dict[str, Any] | None) -> dict[str, Any]:
+    """The next-task answer: the task, the progress, and a `status` with a `note` saying why there
+    is no task when there is none (a task: "task"; none: "done", "preparing", "restarting",
+    "server_down", "no_server", "sampler_failing"), so that a client never sees a quiet
+    `task: null`."""
     status = labeling.progress(_db(ctx), campaign, user.name)
     if task is None and status["remaining"]:
         _wake_tasks(ctx, campaign, starved=True)  # the buffer ran dry for this annotator
     status["sampler_error"] = _sampler_error(ctx, campaign)  # why no task is ready, if sampling fails
-    return {"task": task, "progress": status}
+    state, note = _why_no_task(ctx, status) if task is None else ("task", None)
+    return {"task": task, "progress": status, "status": state, "note": note}
+
+
+def _why_no_task(ctx: Context, progress: dict[str, Any]) -> tuple[str, str]:
+    if not progress.get("remaining"):
+        return "done", "no tasks left for you in this campaign"
+    serving = ctx.serving_state() if hasattr(ctx, "serving_state") else None
+    state = serving.get("state") if serving else None
+    if serving and state in ("starting", "restarting"):
+        restart = f" (restart {serving['restarts']})" if serving.get("restarts") else ""
+        return "restarting", f"the model server is restarting{restart}; tasks resume when it is back"
+    if serving and state in ("failed", "stopped"):
+        why = f": {serving['last_error']}" if serving.get("last_error") else ""
+        return "server_down", f"the model server is down{why}; tell an admin (the studio's log says more)"
+    if progress.get("sampler_error"):
+        return "sampler_failing", (
+            f"sampling answers for this campaign is failing ({progress['sampler_error']}); "
+            "it is retried by itself: tell an admin if this stays"
+        )
+    if serving is None:
+        return "no_server", (
+            "no model server runs here: tasks are sampled only while a studio serves (`studio serve`)"
+        )
+    return "preparing", f"the model is sampling answers ({progress.get('ready', 0)} ready); try again shortly"
 
 
 @requires("label")
 def next_task(ctx: Context, user: User, campaign: str) -> dict[str, Any]:
     """The user's open task in the campaign, or a new one (None when none is ready), and progress."""
-    return _with_progress(ctx, campaign, user, labeling.next_task(_db(ctx), campaign, user.name))
+    store = _db(ctx)
+    camp.require_kind(store, campaign, "label")  # a battle campaign's sampling is never the annotators'
+    return _with_progress(ctx, campaign, user, labeling.next_task(store, campaign, user.name))
 
 
 def _judged(
@@ -604,6 +798,15 @@ def _judged(
     return out
 
 
+def _check_judgment_text(spec: JudgmentSpec) -> None:
+    """The free text of a judgment is storable text within its limit (a lone surrogate such as a
+    JSON "\\ud800" escape cannot be stored): checked before the pool takes the judgment."""
+    check_text(spec.assignment_id, "assignment_id", max_chars=MAX_KEY_CHARS)
+    check_text(spec.idempotency_key, "idempotency_key", max_chars=MAX_KEY_CHARS, optional=True)
+    check_text(spec.rationale, "rationale", max_chars=MAX_RATIONALE_CHARS, optional=True)
+    check_text(spec.edited_text, "edited_text", max_chars=MAX_EDIT_CHARS, optional=True)
+
+
 @requires("label")
 def begin_judgment(
     ctx: Context, user: User, spec: JudgmentSpec
@@ -612,6 +815,7 @@ def begin_judgment(
     future (the group commit, written on the loop), then call the second part for the answer; it
     raises what the commit raised, after taking the change back. With `spec.next` the next task
     is taken in the same step. The capability check reads the in-memory user: no query."""
+    _check_judgment_text(spec)
     committed, finish = labeling.begin_submit(
         _db(ctx), user.name, spec, shown_at=spec.shown_at, then_next=spec.next
     )
@@ -628,6 +832,7 @@ def submit_judgment(ctx: Context, user: User, spec: JudgmentSpec) -> dict[str, A
     """Store one judgment and answer once it is committed (retries with the same idempotency key
     store it once); with `spec.next` the answer also carries the user's next task."""
     store = _db(ctx)
+    _check_judgment_text(spec)
     judgment = labeling.submit(store, user.name, spec, shown_at=spec.shown_at)
     task = labeling.next_task(store, judgment["campaign"], user.name) if spec.next else None
     return _judged(ctx, user, spec, judgment, task)
@@ -636,6 +841,7 @@ def submit_judgment(ctx: Context, user: User, spec: JudgmentSpec) -> dict[str, A
 @requires("label")
 def skip(ctx: Context, user: User, assignment_id: str) -> dict[str, Any]:
     """Give a task back; the user is never offered it again."""
+    check_text(assignment_id, "assignment_id", max_chars=MAX_KEY_CHARS)
     labeling.skip(_db(ctx), user.name, assignment_id)
     return {"skipped": assignment_id}
 
@@ -646,8 +852,12 @@ def create_battle_campaign(ctx: Context, user: User, spec: BattleCampaignSpec) -
     """Create a blind battle campaign; the task sampler starts sampling its battles."""
     from studio import arena  # scipy: see the imports at the top
 
+    store = _db(ctx)
     fields_ = _fields(spec)
-    created = arena.create_battle_campaign(_db(ctx), fields_.pop("name"), created_by=user.name, **fields_)
+    context = _context_of(ctx, store, spec.versions if isinstance(spec.versions, list) else [])
+    created = arena.create_battle_campaign(
+        store, fields_.pop("name"), created_by=user.name, max_model_len=context, **fields_
+    )
     _wake_tasks(ctx)
     return public(created)
 
@@ -696,7 +906,8 @@ def regenerate(ctx: Context, user: User, battle_id: str) -> dict[str, Any]:
 
 @requires("view")
 def battle_stats(ctx: Context, user: User, name: str) -> dict[str, Any]:
-    """A battle campaign with its ratings, matrices, two-version interval and expert quality."""
+    """A battle campaign with its ratings, matrices and two-version interval; with expert quality
+    (`experts`) for those who may see it (admins), else `experts` is None."""
     from studio import arena  # scipy: see the imports at the top
 
     store = _db(ctx)
@@ -706,7 +917,8 @@ def battle_stats(ctx: Context, user: User, name: str) -> dict[str, Any]:
         "campaign": public(campaign),
         **arena.campaign_leaderboard(store, name),
         "two_version_interval": interval,
-        "experts": arena.expert_quality(store, name),
+        # quality per person (names, agreement, position bias) is for admins only
+        "experts": arena.expert_quality(store, name) if user.can(EXPERT_QUALITY) else None,
     }
 
 
@@ -745,9 +957,10 @@ def rate_battle_log(
     return rate(battles, rounds=spec.rounds, min_battles=spec.min_battles)
 
 
-@requires("view")
+@requires(EXPERT_QUALITY)
 def expert_quality(ctx: Context, user: User, campaign: str | None = None) -> list[dict[str, Any]]:
-    """Per expert: agreement with the majority of the others, and position bias."""
+    """Per expert: agreement with the majority of the others, and position bias (admins only:
+    it names people and grades them)."""
     from studio import arena  # scipy: see the imports at the top
 
     return arena.expert_quality(_db(ctx), campaign)
@@ -776,11 +989,23 @@ def advice(ctx: Context, user: User) -> dict[str, Any]:
 
 @requires("train")
 def start_run(ctx: Context, user: User, spec: RunSpec) -> dict[str, Any]:
-    """Validate, snapshot the data, queue the run and wake the runner (nothing stored on a bad input)."""
-    run = training.submit_run(_db(ctx), ctx.settings.data_dir, created_by=user.name, **_fields(spec))
+    """Validate, snapshot the data, queue the run and wake the runner (nothing stored on a bad input).
+    The run fixes the prompts of its blind re-battle (`rebattle_prompts`: held out of the snapshot,
+    or the spec's `eval_prompt_set`, never trained on); its `notes` say when there are none."""
+    from studio import launchers
+
+    run = training.submit_run(
+        _db(ctx),
+        ctx.settings.data_dir,
+        created_by=user.name,
+        # a running studio knows its launchers; offline, a ray choice is checked when the run starts
+        launch_defaults=launchers.LaunchSettings.from_settings(ctx.settings) if ctx.runner else None,
+        shared_dir=launchers.shared_root(ctx.settings),
+        **_fields(spec),
+    )
     if ctx.runner is not None:
         ctx.runner.poke()
-    return public(run)
+    return public(run)  # `notes` says when the re-battle has no held-out prompts
 
 
 @requires("train")
@@ -811,6 +1036,28 @@ def cancel_run(ctx: Context, user: User, run_id: str) -> dict[str, Any]:
     if ctx.runner is None:
         raise _needs_studio("cancelling a run stops its process, which needs the training runner")
     return public(ctx.runner.cancel(run_id, f"cancelled by {user.name}"))
+
+
+# -- backup --------------------------------------------------------------------------------------
+@requires("admin")
+def backup(ctx: Context, user: User, out: Path | str) -> dict[str, Any]:
+    """A consistent copy of the whole database (every table, the users' hashes too) written to the
+    new file `out` on the studio's machine, while the studio runs (studio/backup.py)."""
+    from studio.backup import backup_database
+
+    return backup_database(_db(ctx), out)
+
+
+@requires("admin")
+def backup_download(ctx: Context, user: User) -> dict[str, Any]:
+    """`backup` into a new temporary folder, as one file to download. The caller removes the
+    folder (the parent of the returned `path`) once it is served."""
+    folder = Path(tempfile.mkdtemp(prefix="studio-backup-"))
+    try:
+        return backup(ctx, user, folder / "studio.duckdb")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 # -- export --------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ The limits, chosen well above real use and well below what hurts:
   8,192 tokens, about 33,000 characters); campaign guidelines: MAX_GUIDELINES_CHARS.
 - one JSONL line (or one CSV/Parquet record's metadata): MAX_RECORD_BYTES.
 - nesting of JSON values: MAX_JSON_DEPTH.
+- an id or idempotency key sent by a client: MAX_KEY_CHARS.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MAX_EDIT_CHARS = 100_000
 MAX_GUIDELINES_CHARS = 100_000
 MAX_RECORD_BYTES = 2 * 1024 * 1024
 MAX_JSON_DEPTH = 64
+MAX_KEY_CHARS = 200  # an id or an idempotency key a client sends back (ours are 32 hex digits)
 SHOWN_CHARS = 40
 
 

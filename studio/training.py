@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from studio import campaigns as camp
+from studio import launchers
 from studio.export import build_rows
 from studio.quality import campaign_agreement
-from studio.store import Store, StoreError, decode_json_columns, new_id
+from studio.store import ImportedPrompt, Store, StoreError, decode_json_columns, new_id
 from trainers import configs
-from trainers.common import STAGES, rows_hash
+from trainers.common import STAGES, TrainerError, held_out_keys, prompt_key, rows_hash
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "data" / "recipes"
 PIPELINES = {"ppo_then_dpo": ["ppo", "dpo"]}
@@ -41,8 +43,10 @@ def stages_for(stage: str) -> list[str]:
 
 
 def recipes(extra_dir: Path | None = None) -> dict[str, Path]:
-    """Shipped recipes, plus the studio's own (DATA_DIR/recipes) which win on a name clash."""
+    """Shipped recipes (the GPU ones as gpu/NAME), plus the studio's own (DATA_DIR/recipes) which
+    win on a name clash."""
     found = {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+    found |= {f"gpu/{p.stem}": p for p in sorted((RECIPES_DIR / "gpu").glob("*.yaml"))}
     if extra_dir is not None and extra_dir.is_dir():
         found |= {p.stem: p for p in sorted(extra_dir.glob("*.yaml"))}
     return found
@@ -149,10 +153,43 @@ def submit_run(
     reward_model: str | None = None,
     annotators: list[str] | None = None,
     min_strength: int | None = None,
+    eval_prompt_set: str | None = None,
+    launcher: str | None = None,
+    num_processes: int | None = None,
+    launch_defaults: launchers.LaunchSettings | None = None,
+    shared_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Validate everything, take the snapshot, queue the run. Nothing is stored when a check fails."""
+    """Validate everything, take the snapshot, queue the run. Nothing is stored when a check fails.
+
+    The run also fixes the prompts its blind re-battle may use (`rebattle_prompts`, a prompt set
+    `heldout-<run>`): the prompts every policy stage holds out of this snapshot, or those of
+    `eval_prompt_set` (a set an engineer marks for evaluation); never a prompt the new version or
+    one of its ancestors trained on. When there are none, the run says so in its `notes` (the
+    version is then held by the gate unless the re-battle is waived).
+
+    Snapshots and the run's folder go under `shared_dir` (default `data_dir`), which the machines
+    that train must also see. `launcher`/`num_processes` are the run's own launch choice, checked
+    against `launch_defaults`, the running studio's launch settings (None: no studio runs, so
+    whether it has a Ray cluster is checked when the run starts)."""
     stages = stages_for(stage)
+    try:
+        launch = launchers.check_choice(launch_defaults, launcher, num_processes)
+    except ValueError as exc:
+        raise StoreError(str(exc)) from None
+    processes = (
+        launchers.resolve(launch_defaults, launch)["num_processes"]
+        if launch_defaults is not None or launch
+        else None
+    )
     parent_version = store.model_version(camp.resolve_policy(store, parent))
+    if eval_prompt_set is not None and not store.query(
+        "SELECT 1 FROM prompts WHERE set_name = ? LIMIT 1", [eval_prompt_set]
+    ):
+        known = ", ".join(s["name"] for s in store.prompt_sets()) or "none yet"
+        raise StoreError(
+            f"eval_prompt_set '{eval_prompt_set}': no such prompt set, or it holds no prompts "
+            f"(prompt sets: {known}); import the evaluation prompts first"
+        )
     if recipe and len(stages) > 1:
         raise StoreError(
             f"recipe {recipe!r}: a pipeline runs each stage with its own recipe ({', '.join(stages)}); "
@@ -168,6 +205,7 @@ def submit_run(
     if steps is not None and not 1 <= steps <= 100_000:
         raise StoreError(f"steps {steps}: use a whole number from 1 to 100000")
     per_stage: dict[str, dict[str, Any]] = {}
+    shares: dict[str, float] = {}  # each stage's held-out share, as its trainer will read it
     try:
         for key in overrides or {}:  # in a pipeline a key goes to the stages that have it
             configs.check_key(stages, str(key), "override")
@@ -183,6 +221,14 @@ def submit_run(
             except configs.ConfigError as exc:
                 raise configs.ConfigError(f"{s}: {exc}" if len(stages) > 1 else str(exc)) from None
             per_stage[s] = {key: configs.get(config, key) for key in o}  # as the trainer reads them
+            shares[s] = float(getattr(config, "held_out", 0.0))  # PPO rolls out on every prompt
+            if s == "ppo" and processes and processes > 1:
+                ppo = config.ppo  # type: ignore[attr-defined]
+                if ppo.batch_size % processes or ppo.mini_batch_size % processes:
+                    raise configs.ConfigError(
+                        f"ppo.batch_size {ppo.batch_size} and ppo.mini_batch_size {ppo.mini_batch_size}"
+                        f" are shared among {processes} processes: use multiples of {processes}"
+                    )
     except configs.ConfigError as exc:
         raise StoreError(str(exc)) from None
     rm = None
@@ -198,13 +244,20 @@ def submit_run(
                 f"{', '.join(v['name'] for v in reward_models(store)) or 'none yet'}"
             )
     kinds = {SNAPSHOT_KIND[s] for s in stages}
-    snapshot = take_snapshot(store, data_dir, kinds.pop(), campaigns, created_by, annotators, min_strength)
+    shared = shared_dir or data_dir
+    snapshot = take_snapshot(store, shared, kinds.pop(), campaigns, created_by, annotators, min_strength)
+    plan = rebattle_plan(store, snapshot, stages, shares, parent_version["name"], eval_prompt_set)
     run_id = "run-" + new_id()[:10]
-    out = data_dir / "runs" / run_id
+    out = shared / "runs" / run_id
+    rebattle_set = None
+    if plan.prompts:
+        rebattle_set = f"heldout-{run_id}"
+        store.import_prompts(rebattle_set, plan.prompts, source=plan.source)
     with store.transaction() as cur:
         cur.execute(
             "INSERT INTO runs (id, stages, status, parent, reward_model, recipes, overrides, snapshot_id,"
-            " output_dir, versions, created_by) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, [], ?)",
+            " output_dir, versions, created_by, eval_prompt_set, rebattle_prompts, trained_prompts, notes,"
+            " launch) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, [], ?, ?, ?, ?, ?, ?)",
             [
                 run_id,
                 stages,
@@ -215,21 +268,164 @@ def submit_run(
                 snapshot["id"],
                 str(out),
                 created_by,
+                eval_prompt_set,
+                rebattle_set,
+                plan.trained,
+                plan.notes,
+                json.dumps(launch) if launch is not None else None,
             ],
         )
     return get_run(store, run_id)
+
+
+# ---------------------------------------------------------------- the re-battle's prompts
+
+
+@dataclass
+class RebattlePlan:
+    """What a run's blind re-battle may sample, decided when the run is submitted."""
+
+    trained: list[str]  # content hashes of the prompts this run's policy stages train on
+    prompts: list[ImportedPrompt]  # the re-battle's prompts (none: no re-battle)
+    source: str  # where they come from, kept as the prompt set's source
+    notes: list[str]  # what the run says about it when it is submitted
+
+
+def _snapshot_prompts(store: Store, snapshot_id: str) -> dict[str, dict[str, Any]]:
+    """judgment id -> {prompt id, content hash, messages} of the prompts a snapshot's rows came from."""
+    rows = store.query(
+        "SELECT sj.judgment_id, p.id, p.content_hash, p.messages FROM snapshot_judgments sj"
+        " JOIN judgments j ON j.id = sj.judgment_id JOIN tasks t ON t.id = j.task_id"
+        " JOIN prompts p ON p.id = t.prompt_id WHERE sj.snapshot_id = ?",
+        [snapshot_id],
+    )
+    return {r["judgment_id"]: r for r in rows}
+
+
+def ancestors_trained(store: Store, version: str) -> set[str]:
+    """Content hashes of every prompt that `version` or any of its ancestors was trained on
+    (as far as the studio knows: runs it queued; a run from before the split was recorded
+    counts with its whole snapshot)."""
+    hashes: set[str] = set()
+    seen: set[str] = set()
+    name: str | None = version
+    while name is not None and name not in seen:
+        seen.add(name)
+        v = store.model_version(name)
+        run_id = (v.get("meta") or {}).get("run_id")
+        if run_id:
+            run = store.query("SELECT snapshot_id, trained_prompts FROM runs WHERE id = ?", [run_id])
+            if run and run[0]["trained_prompts"] is not None:
+                hashes |= set(run[0]["trained_prompts"])
+            elif run:
+                every = _snapshot_prompts(store, run[0]["snapshot_id"]).values()
+                hashes |= {p["content_hash"] for p in every}
+        name = v["parent"]
+    return hashes
+
+
+def rebattle_plan(
+    store: Store,
+    snapshot: dict[str, Any],
+    stages: list[str],
+    shares: dict[str, float],
+    parent: str,
+    eval_prompt_set: str | None = None,
+) -> RebattlePlan:
+    """The prompts the run's re-battle may use, split exactly as the trainers split the snapshot
+    (trainers.common.held_out_keys over the Parquet rows they read): a prompt is held out only
+    when every policy stage of the run holds it out, and never when the parent's lineage trained
+    on it. With `eval_prompt_set`, that set's prompts instead, less any trained on."""
+    import pyarrow.parquet as pq
+
+    policy = [s for s in stages if s in POLICY_STAGES]
+    if not policy:  # a reward model: no version to re-battle
+        return RebattlePlan([], [], "", [])
+    rows = pq.read_table(snapshot["path"]).to_pylist()  # what trainers.common.read_snapshot reads
+    try:
+        held: set[str] | None = None
+        for s in policy:
+            keys = held_out_keys(rows, shares.get(s, 0.0))
+            held = keys if held is None else held & keys
+    except TrainerError as exc:
+        raise StoreError(str(exc)) from None
+    held = held or set()
+    source_of = _snapshot_prompts(store, snapshot["id"])
+    trained: set[str] = set()
+    kept: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        prompt = source_of.get(row.get("judgment_id"))
+        if prompt is None:
+            continue
+        if prompt_key(row) in held:
+            kept[prompt["content_hash"]] = prompt
+        else:
+            trained.add(prompt["content_hash"])
+    seen_before = trained | ancestors_trained(store, parent)
+    if eval_prompt_set is not None:
+        marked = store.query(
+            "SELECT id, content_hash, messages FROM prompts WHERE set_name = ? ORDER BY position",
+            [eval_prompt_set],
+        )
+        fresh = [p for p in marked if p["content_hash"] not in seen_before]
+        if not fresh:
+            raise StoreError(
+                f"eval_prompt_set '{eval_prompt_set}': all {len(marked)} of its prompts are trained on by "
+                "this run or the versions it starts from; mark a set of prompts the model has not seen"
+            )
+        dropped = len(marked) - len(fresh)
+        source = f"prompt set {eval_prompt_set} (marked for evaluation)" + (
+            f", less {dropped} prompt(s) trained on" if dropped else ""
+        )
+        return RebattlePlan(sorted(trained), _as_imported(fresh, eval_prompt_set), source, [])
+    fresh = [p for h, p in sorted(kept.items()) if h not in seen_before]
+    if not fresh:
+        split = ", ".join(f"{s} {shares.get(s, 0.0):g}" for s in policy)
+        why = (
+            "ppo rolls out on every prompt of the snapshot"
+            if "ppo" in policy
+            else f"held_out is {split}"
+            if not held
+            else "every held-out prompt was trained on by an ancestor version"
+        )
+        note = (
+            f"no held-out prompts for the blind re-battle ({why}): the new version gets no re-battle, "
+            "so the gate holds it unless an engineer waives the re-battle. Set held_out above 0, or "
+            "pass eval_prompt_set (a prompt set marked for evaluation)."
+        )
+        return RebattlePlan(sorted(trained), [], "", [note])
+    split = ", ".join(f"{s} held_out {shares.get(s, 0.0):g}" for s in policy)
+    source = f"held out of snapshot {snapshot['id']} ({split})"
+    return RebattlePlan(sorted(trained), _as_imported(fresh, None), source, [])
+
+
+def _as_imported(prompts: list[dict[str, Any]], set_name: str | None) -> list[ImportedPrompt]:
+    out = []
+    for p in prompts:
+        messages = json.loads(p["messages"]) if isinstance(p["messages"], str) else p["messages"]
+        where = f"prompt {p['id']}" + (f" of set {set_name}" if set_name else "")
+        out.append(ImportedPrompt(where, messages, p["content_hash"], metadata={"from_prompt": p["id"]}))
+    return out
 
 
 def get_run(store: Store, run_id: str) -> dict[str, Any]:
     rows = store.query("SELECT * FROM runs WHERE id = ?", [run_id])
     if not rows:
         raise StoreError(f"run '{run_id}' does not exist; `studio runs list` shows the runs")
-    return decode_json_columns(rows[0], "recipes", "overrides", "metrics")
+    return _run(rows[0])
 
 
 def list_runs(store: Store, limit: int = 50) -> list[dict[str, Any]]:
     rows = store.query("SELECT * FROM runs ORDER BY created_at DESC, id LIMIT ?", [limit])
-    return [decode_json_columns(r, "recipes", "overrides", "metrics") for r in rows]
+    return [_run(r) for r in rows]
+
+
+def _run(row: dict[str, Any]) -> dict[str, Any]:
+    run = decode_json_columns(row, "recipes", "overrides", "metrics", "launch")
+    trained = run.pop("trained_prompts", None)  # hashes: their count is what a person reads
+    run["trained_prompt_count"] = None if trained is None else len(trained)
+    run["notes"] = list(run.get("notes") or [])
+    return run
 
 
 def reward_models(store: Store) -> list[dict[str, Any]]:

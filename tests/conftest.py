@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -101,14 +102,18 @@ def data_dir_with_model(model_cache: Path, target: Path) -> Path:
 class LiveStudio:
     """The real app (store + managed vLLM + REST + UI) served by uvicorn in this process."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, **settings: Any):
         import uvicorn
 
         from studio.app import create_app
         from studio.config import Settings
 
         self.port = free_port()
-        self.settings = Settings(data_dir=data_dir, port=self.port, probe=False)
+        # no automatic evaluation of trained versions unless asked: minutes of every suite on the
+        # shared vLLM behind each later test (tests/test_promotion*.py evaluate on purpose)
+        # nor the throughput probe at start: half a minute of the shared vLLM per studio
+        quiet = {"auto_eval": False, "probe": False}
+        self.settings = Settings(data_dir=data_dir, port=self.port, **{**quiet, **settings})
         self.app = create_app(self.settings)
         self.studio = self.app.state.studio
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -140,7 +145,7 @@ class NoModelStudio:
     (a poke only marks them; a queued run is cancelled at once). Served by uvicorn in a thread,
     with the `server.json` a studio writes, so a CLI process finds it."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, ui: bool = False):
         import uvicorn
 
         from studio.app import create_app
@@ -151,15 +156,24 @@ class NoModelStudio:
         from studio.task_sampler import TaskSampler
 
         self.port = free_port()
-        self.settings = Settings(data_dir=data_dir, port=self.port, ui=False)
+        self.settings = Settings(data_dir=data_dir, port=self.port, ui=ui)
         studio = self.studio = Studio(self.settings)
         studio.store = Store(self.settings.db_path)
         studio.task_sampler = TaskSampler(studio.store, None)  # type: ignore[arg-type]
         studio.runner = Runner(studio.store, data_dir, register=lambda *a: "")
         studio.sampler = None
+        # The app's lifespan would start a model server; Gradio's mount needs the lifespan to run
+        # its own start-up (the event queue), so with the UI the studio's start is skipped instead.
+        studio.start = lambda: None  # type: ignore[method-assign]
         self.app = create_app(self.settings, studio)
         self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+            uvicorn.Config(
+                self.app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="on" if ui else "off",
+            )
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -182,7 +196,10 @@ class NoModelStudio:
 
 @pytest.fixture(scope="session")
 def live_studio(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStudio]:
-    studio = LiveStudio(data_dir_with_model(model_cache, tmp_path_factory.mktemp("studio")))
+    # runtime LoRA from the start: the live tests hot-load adapters, and a studio serving without
+    # it would switch servers at the first one (a second vLLM start; tests/test_pool_live.py
+    # covers that switch)
+    studio = LiveStudio(data_dir_with_model(model_cache, tmp_path_factory.mktemp("studio")), lora="on")
     studio.start()
     yield studio
     studio.stop()

@@ -6,8 +6,16 @@ made up here, so the task pool, judgments and exports run for real.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -338,3 +346,164 @@ def tiny_model(folder: Path, tokenizer_from: Path, seed: int = 0, init_range: fl
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class Traffic:
+    """Requests sent without pause from `threads` threads until the block ends, to each model in
+    `models` in turn (append to it to add one). `send(model)` raises on a failed request; every
+    failure is kept with its message."""
+
+    def __init__(self, send: Callable[[str], object], models: list[str], threads: int = 2):
+        import threading
+
+        self.send = send
+        self.models = models
+        self.ok: dict[str, int] = {}
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, offset: int) -> None:
+        turn = offset
+        while not self._stop.is_set():
+            model = self.models[turn % len(self.models)]
+            turn += 1
+            try:
+                self.send(model)
+            except Exception as exc:
+                self.failed.append(f"{model}: {exc}")
+            else:
+                self.ok[model] = self.ok.get(model, 0) + 1
+
+    def wait_for(self, model: str, answers: int, timeout: float = 300.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.ok.get(model, 0) < answers:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{model}: {self.ok.get(model, 0)} answers in {timeout} s; {self.failed[:3]}"
+                )
+            time.sleep(0.1)
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+
+def rest_sender(url: str, token: str, max_tokens: int = 8) -> Callable[[str], object]:
+    """`Traffic`'s send over the studio's REST API: one stored sample per call, 200 or raise."""
+    client = httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=600)
+
+    def send(model: str) -> object:
+        resp = client.post(
+            "/sample", json={"prompt": "Say one word.", "model": model, "max_tokens": max_tokens}
+        )
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
+
+    return send
+
+
+def random_adapter(base_model: Path, out: Path, seed: int = 0, rank: int = 8) -> Path:
+    """A PEFT LoRA adapter over `base_model` with small random weights: what a trained one costs
+    to load and serve, in seconds instead of a training run."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.01)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@contextlib.contextmanager
+def local_ray_head(num_cpus: int = 2) -> Iterator[str]:
+    """A Ray head on loopback with its job server (dashboard); yields its Jobs address.
+
+    `ray start --block` stays in the foreground as the parent of the head's processes, in a
+    session of its own: stopping it by its process group stops this head and nothing else on the
+    machine (`ray stop` would stop every Ray on it). The head's `python` is this interpreter and
+    PYTHONPATH this checkout, as on a cluster whose image has the project installed. Anything of
+    the head that outlives it names its temp folder and is ended by its pid."""
+    from ray.job_submission import JobSubmissionClient
+
+    root = Path(__file__).resolve().parents[1]
+    # a short folder: Ray's socket paths must fit the 107 bytes of a Unix socket name
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    dashboard = _free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(root),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        str(_free_port()),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--num-cpus",
+        str(num_cpus),
+        "--include-dashboard",
+        "true",
+        "--temp-dir",
+        str(temp),
+        "--disable-usage-stats",
+    ]
+    log_path = temp.parent / f"{temp.name}.log"
+    with log_path.open("w") as log:
+        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        address = f"http://127.0.0.1:{dashboard}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    JobSubmissionClient(address)
+                    break
+                except Exception:
+                    if head.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"the Ray head did not start; see {log_path}") from None
+                    time.sleep(1)
+            yield address
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(head.pid, signal.SIGKILL)
+            time.sleep(1)
+            left = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

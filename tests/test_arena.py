@@ -360,3 +360,73 @@ def test_two_identical_votes_at_once_get_the_same_reveal(
     assert all(isinstance(r, dict) for r in results), results
     assert results[0] == results[1]
     assert store.count("votes") == 1
+
+
+# ---------------------------------------------------------------- issue 14: settings and text
+
+
+def test_a_battle_campaign_is_stored_in_one_transaction(store: Store) -> None:
+    # The task sampler reads campaigns without the write lock: with the campaigns row and the
+    # battle_campaigns row in two transactions it could meet a battle campaign without settings.
+    seed_battles(store, "b0", [])  # the versions and a prompt set
+    opened = []
+    transaction = store.transaction
+
+    def counted() -> Any:
+        opened.append(1)
+        return transaction()
+
+    store.transaction = counted  # type: ignore[method-assign]
+    try:
+        made = arena.create_battle_campaign(store, "b1", prompt_set="b0-set", versions=["base", "other"])
+    finally:
+        del store.transaction
+    assert len(opened) == 1
+    assert made["status"] == "active" and made["versions"] == ["base", "other"]
+    assert made["kind"] == "battle" and made["budget"] == 200
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"leak_words": ["fine", "bad \ud800"]}, r"leak_words\[1\]: character 5 is a lone surrogate"),
+        ({"leak_words": ["x" * 101]}, r"leak_words\[0\]: 101 characters, over the limit of 100"),
+        ({"leak_words": [7]}, r"leak_words\[0\]: expected text, got int"),
+        ({"leak_words": "smollm"}, "leak_words: expected a list of words, got str"),
+        ({"criteria": ["helpful", "\udfff"]}, r"criteria\[1\]: character 1 is a lone surrogate"),
+        ({"criteria": ["helpful", " "]}, r"criteria\[1\]: empty"),
+        ({"criteria": ["helpful", "helpful"]}, "names one criterion twice"),
+        ({"criteria": [f"c{i}" for i in range(21)]}, "21 criteria, over the limit of 20"),
+        ({"versions": ["base", "\ud800"]}, r"versions\[1\]: character 1 is a lone surrogate"),
+        ({"max_tokens": 4096, "max_model_len": 2048}, "the served model's context is 2048 tokens"),
+    ],
+)
+def test_bad_battle_campaign_settings_are_refused_and_store_nothing(
+    store: Store, settings: dict[str, Any], message: str
+) -> None:
+    seed_battles(store, "b0", [])
+    before = store.count("campaigns"), store.count("battle_campaigns")
+    with pytest.raises(StoreError, match=message):
+        arena.create_battle_campaign(
+            store, "b1", prompt_set="b0-set", **{"versions": ["base", "other"], **settings}
+        )
+    assert (store.count("campaigns"), store.count("battle_campaigns")) == before
+
+
+def test_a_vote_with_a_lone_surrogate_in_its_rationale_is_refused_and_stores_nothing(store: Store) -> None:
+    seed_battles(store, "b1", [("base", "other", "x1", "y1")])
+    battle = arena.next_battle(store, "b1", "exp1")
+    with pytest.raises(StoreError, match="rationale: character 4 is a lone surrogate"):
+        arena.vote(store, "exp1", battle["battle_id"], "a", rationale="abc\ud800")
+    with pytest.raises(StoreError, match="rationale: 10,001 characters"):
+        arena.vote(store, "exp1", battle["battle_id"], "a", rationale="r" * 10_001)
+    assert store.count("votes") == 0
+    assert arena.vote(store, "exp1", battle["battle_id"], "a", rationale="fine")["winner"] == "a"
+
+
+def test_the_next_battle_of_a_labeling_campaign_is_refused_naming_its_kind(store: Store) -> None:
+    from tests.helpers import seed_campaign
+
+    seed_campaign(store, "c1", prompts=1)
+    with pytest.raises(StoreError, match=r"campaign 'c1' is a labeling campaign \(kind 'label'\)"):
+        arena.next_battle(store, "c1", "exp1")

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from studio import arena, users
-from studio.store import Store
 from studio.importer import read_prompts
+from studio.store import Store
 from tests.conftest import LiveStudio
 from tests.helpers import PASSWORD, gradio_call, login
 
@@ -56,7 +56,10 @@ def battle_ready(live_studio: LiveStudio, model_cache: Path, tmp_path_factory: p
 def without_texts(raw: str, store: Store) -> str:
     """The payload with every prompt and completion text cut out: a completion may well say
     "business model" or "the base of", which names nothing; the check is for what the studio adds."""
-    texts = [r["text"] for r in store.query("SELECT text FROM generations UNION ALL SELECT text FROM prompts")]
+    texts = [r["text"] for r in store.query("SELECT text FROM generations")]
+    for row in store.query("SELECT messages FROM prompts"):
+        messages = json.loads(row["messages"]) if isinstance(row["messages"], str) else row["messages"]
+        texts += [m["content"] for m in messages]
     for text in sorted((t for t in texts if t), key=len, reverse=True):
         for form in (json.dumps(text)[1:-1], html.escape(text), html.escape(text, quote=False), text):
             raw = raw.replace(form, "")

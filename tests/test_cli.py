@@ -203,7 +203,14 @@ def test_commands_in_process_then_over_rest_say_the_same(
     assert code == 0 and "budget 200 votes" in out
     code, out, _ = run_cli(capsys, "models", "rollback", *data)
     assert (code, out) == (0, "'policy' now points at base (rolled back from other)\n")
-    assert run_cli(capsys, "models", "promote", "other", *data)[1] == "'policy' now points at other\n"
+    code, _, err = run_cli(capsys, "models", "promote", "other", *data)  # not evaluated yet: the gate refuses
+    assert (
+        code == 1 and "its gate did not pass: evaluation: no complete evaluation" in err and "--force" in err
+    )
+    code, out, _ = run_cli(capsys, "models", "promote", "other", "--force", *data)
+    assert code == 0 and out.startswith(
+        "'policy' now points at other\nforced (recorded): the gate did not pass:"
+    )
     code, out, _ = run_cli(capsys, "train", "dpo", "--campaign", "easy", *data)
     assert code == 0 and "queued: it starts when the studio runs" in out
     run_id = out.split()[0]
@@ -254,3 +261,47 @@ def test_commands_in_process_then_over_rest_say_the_same(
         assert listed.stdout == offline["campaigns list"][1]
         refused = studio("campaigns", "list", *data, env={**os.environ, "STUDIO_TOKEN": "wrong"})
         assert refused.returncode == 1 and "(HTTP 401)" in refused.stderr
+
+
+def test_backup_while_the_studio_runs_and_restore(tmp_path: Path) -> None:
+    """`studio backup` through a running studio (it holds the file) while judgments are written,
+    and on the database itself; the copy opens as a studio database with everything in it."""
+    import threading
+
+    from studio import labeling
+    from studio.labeling import Submission
+    from tests.conftest import NoModelStudio
+    from tests.helpers import make_users, seed_campaign
+
+    data = tmp_path / "data"
+    with NoModelStudio(data) as running:
+        store = running.studio.store
+        seed_campaign(store, "c1", prompts=300, n=2, overlap=1)
+        token = make_users(store, ("ann", "annotator"), ("boss", "admin"))["boss"]
+        done = threading.Event()
+
+        def judge() -> None:  # writes going on during the backup
+            while not done.is_set() and (task := labeling.next_task(store, "c1", "ann")) is not None:
+                labeling.submit(store, "ann", Submission(task["assignment_id"], ranks=[1, 2]))
+
+        writer = threading.Thread(target=judge)
+        writer.start()
+        env = {**os.environ, "STUDIO_TOKEN": token}
+        out = studio("backup", str(tmp_path / "copy.duckdb"), "--data-dir", str(data), env=env)
+        done.set()
+        writer.join()
+        assert out.returncode == 0, out.stderr
+        assert "backed up the database to" in out.stdout
+        again = studio("backup", str(tmp_path / "copy.duckdb"), "--data-dir", str(data), env=env)
+        assert again.returncode == 1 and "already exists" in again.stderr
+        final = store.count("judgments")
+    copy = Store(tmp_path / "copy.duckdb")  # opens as a studio database: its migrations all there
+    assert copy.count("tasks") == 300 and copy.count("users") == 2
+    assert 0 <= copy.count("judgments") <= final
+    copy.close()
+    # no studio running: the CLI copies the database itself
+    out = studio("backup", str(tmp_path / "offline.duckdb"), "--data-dir", str(data))
+    assert out.returncode == 0, out.stderr
+    offline = Store(tmp_path / "offline.duckdb")
+    assert offline.count("judgments") == final
+    offline.close()

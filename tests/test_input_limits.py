@@ -332,3 +332,50 @@ def test_the_probes_rest_requests_get_a_4xx_naming_the_input(tmp_path: Path) -> 
         "c0-set"
     ]
     studio.store.close()
+
+
+# ---------------------------------------------------------------- judgments and guidelines
+
+
+def test_a_judgment_with_a_lone_surrogate_is_refused_and_the_task_stays_open(tmp_path: Path) -> None:
+    from studio import services as svc
+    from studio.users import User
+
+    with svc.OfflineContext(tmp_path) as ctx:
+        seed_campaign(ctx.store, "c1", prompts=1, n=2, overlap=1)
+        ann = User("ann", "annotator")
+        task = svc.next_task(ctx, ann, "c1")["task"]
+        for field, message in (
+            ("rationale", "rationale: character 5 is a lone surrogate"),
+            ("edited_text", "edited_text: character 5 is a lone surrogate"),
+        ):
+            spec = svc.JudgmentSpec(task["assignment_id"], ranks=[1, 2], **{field: "good\ud800"})
+            with pytest.raises(StoreError, match=message):
+                svc.submit_judgment(ctx, ann, spec)
+            with pytest.raises(StoreError, match=message):  # the REST route's two-step form
+                svc.begin_judgment(ctx, ann, spec)
+        with pytest.raises(StoreError, match="rationale: 10,001 characters"):
+            too_long = svc.JudgmentSpec(task["assignment_id"], ranks=[1, 2], rationale="r" * 10_001)
+            svc.submit_judgment(ctx, ann, too_long)
+        assert ctx.store.count("judgments") == 0
+        fine = svc.JudgmentSpec(task["assignment_id"], ranks=[1, 2], rationale="ok")
+        done = svc.submit_judgment(ctx, ann, fine)
+        assert done["judgment"]["rationale"] == "ok" and ctx.store.count("judgments") == 1
+
+
+def test_guidelines_are_checked_and_unknown_campaign_messages_stay_short(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.duckdb")
+    seed_campaign(store, "c0", prompts=1)
+    for i in range(30):
+        campaigns.create_campaign(store, f"camp-{i:02d}-" + "x" * 50, prompt_set="c0-set")
+    with pytest.raises(StoreError, match="guidelines: character 2 is a lone surrogate"):
+        campaigns.set_guidelines(store, "c0", "a\ud800")
+    with pytest.raises(StoreError, match="guidelines: 100,001 characters"):
+        campaigns.set_guidelines(store, "c0", "g" * 100_001)
+    assert campaigns.get_campaign(store, "c0")["guidelines"] == ""
+    with pytest.raises(StoreError) as err:
+        campaigns.get_campaign(store, "y" * 20_000)
+    message = str(err.value)
+    assert message.startswith("campaign 'yyyyyyyy") and "… (11 more)" in message
+    assert len(message) < 1_200
+    store.close()

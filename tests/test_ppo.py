@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from argparse import Namespace
 from pathlib import Path
@@ -150,3 +151,59 @@ def test_short_ppo_run_on_the_packaged_model_shortens_answers_under_a_brevity_re
     assert mean("reward", history[-3:]) > mean("reward", history[:3])
     assert all(math.isfinite(h["kl"]) for h in history) and history[-1]["kl"] > 0
     assert result["moved_tensors"] == result["trainable_tensors"]
+
+
+def test_one_process_computes_what_the_single_process_trainer_did(model_cache: Path, tmp_path: Path) -> None:
+    """Data parallelism left one process unchanged: the same seed gives the same numbers as the
+    trainer before it (figures recorded from trainers/ppo.py at commit fa6fc8e on this test's
+    setup). A change of PPO's maths, its RNG use or its batching shows up here."""
+    from tests.helpers import easy_preference_rows, tiny_model, write_parquet
+
+    tiny = tiny_model(tmp_path / "tiny", model_cache / "smollm2-135m-instruct")
+    config = validate(
+        "ppo",
+        Path(__file__).resolve().parents[1] / "data" / "recipes" / "ppo.yaml",
+        {
+            "ppo.iterations": 2,
+            "ppo.max_new_tokens": 8,
+            "lora.target_modules": [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        },
+    )
+    args = Namespace(
+        snapshot=write_parquet(easy_preference_rows(12), tmp_path / "pref.parquet"),
+        parent=tiny,
+        output=tmp_path / "out",
+        reward_model="rule:spaces",
+    )
+    history = train_ppo(args, config)["history"]
+    recorded = [
+        {
+            "reward": 0.75,
+            "kl": 0.0,
+            "policy_loss": -0.001254574628546834,
+            "value_loss": 0.3577625835314393,
+            "response_length": 8.0,
+            "beta": 0.05,
+            "approx_kl": 2.3026241571244555e-06,
+        },
+        {
+            "reward": 0.625,
+            "kl": -0.002743959426879883,
+            "policy_loss": -0.000524766743183136,
+            "value_loss": 0.3913045469671488,
+            "response_length": 8.0,
+            "beta": 0.049992,
+            "approx_kl": 6.840001436358989e-07,
+        },
+    ]
+    for got, want in zip(history, recorded, strict=True):
+        assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["processes"] == 1

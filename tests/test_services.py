@@ -15,6 +15,7 @@ import pytest
 from studio import arena, training, users
 from studio import campaigns as camp
 from studio import services as svc
+from studio.evals import engine
 from studio.importer import messages_hash
 from studio.jobs import Runner
 from studio.serving.client import SamplingParams
@@ -75,9 +76,14 @@ ARGS: dict[str, Callable[[svc.OfflineContext, Path], tuple[Any, ...]]] = {
     "list_models": lambda c, t: (),
     "sample": lambda c, t: (svc.SampleSpec(prompt="hi"),),
     "add_adapter": lambda c, t: (svc.AdapterSpec("evil-adapter", str(t)),),
+    "model_servers": lambda c, t: (),
     "lineage": lambda c, t: ("other",),
     "promote": lambda c, t: ("base", svc.PromoteSpec()),
     "rollback": lambda c, t: (camp.POLICY,),
+    "model_card": lambda c, t: ("other",),
+    "start_eval": lambda c, t: (svc.EvalSpec("other"),),
+    "get_eval": lambda c, t: ("eval-x",),
+    "list_evals": lambda c, t: (),
     "add_user": lambda c, t: (svc.UserSpec("mallory", "admin", "password123"),),
     "list_users": lambda c, t: (),
     "set_password": lambda c, t: ("ann", "another-password"),
@@ -111,6 +117,8 @@ ARGS: dict[str, Callable[[svc.OfflineContext, Path], tuple[Any, ...]]] = {
     "cancel_run": lambda c, t: ("run-x",),
     "export": lambda c, t: (t / "out.jsonl",),
     "export_download": lambda c, t: (),
+    "backup": lambda c, t: (t / "backup.duckdb",),
+    "backup_download": lambda c, t: (),
 }
 
 REFUSED = [
@@ -135,7 +143,7 @@ def test_every_action_has_a_capability_and_a_case_here() -> None:
     for name, fn in vars(svc).items():
         if inspect.isfunction(fn) and not name.startswith("_") and fn.__module__ == svc.__name__:
             params = list(inspect.signature(fn).parameters)
-            if params[:2] == ["ctx", "user"]:
+            if params[:2] == ["ctx", "user"] and name not in svc.PUBLIC:
                 assert name in svc.ACTIONS, f"{name} takes a user but checks no capability"
 
 
@@ -149,7 +157,7 @@ def test_an_action_refuses_a_role_without_its_capability_before_doing_anything(
     with pytest.raises(AuthError, match=f"user 'someone' \\({role}\\) may not"):
         svc.ACTIONS[name](ctx, User("someone", role), *args)
     assert state(ctx.store) == before
-    assert not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "backup.duckdb").exists()
 
 
 @pytest.mark.parametrize("name", sorted(ARGS))
@@ -226,8 +234,22 @@ def test_offline_actions_that_need_the_running_studio_say_how_to_start_it(ctx: s
 
 def test_rollback_moves_the_alias_to_the_parent_and_says_when_there_is_none(ctx: svc.OfflineContext) -> None:
     eng = User("eng", "engineer")
-    assert svc.rollback(ctx, eng) == {"alias": "policy", "version": "base", "previous": "other"}
+    done = svc.rollback(ctx, eng)
+    assert {k: done[k] for k in ("alias", "version", "previous")} == {
+        "alias": "policy",
+        "version": "base",
+        "previous": "other",
+    }
     assert camp.aliases(ctx.store)["policy"] == "base"
+    # recorded like a promotion: who, from where, to where
+    (row,) = ctx.store.query("SELECT * FROM promotions WHERE id = ?", [done["record"]])
+    assert (row["action"], row["alias"], row["version"], row["from_version"], row["decided_by"]) == (
+        "rollback",
+        "policy",
+        "base",
+        "other",
+        "eng",
+    )
     with pytest.raises(StoreError, match="policy is at 'base', which has no parent to roll back to"):
         svc.rollback(ctx, eng)
     with pytest.raises(StoreError, match="alias 'ghost' does not exist"):
@@ -264,8 +286,9 @@ def defaults_of(fn: Callable[..., Any]) -> dict[str, Any]:
         (svc.CampaignSpec, camp.create_campaign),
         (svc.BattleCampaignSpec, arena.create_battle_campaign),
         (svc.RunSpec, training.submit_run),
+        (svc.EvalSpec, engine.start_eval),
     ],
-    ids=["campaign", "battle", "run"],
+    ids=["campaign", "battle", "run", "eval"],
 )
 def test_spec_defaults_are_the_domain_functions_defaults(spec: type, domain: Callable[..., Any]) -> None:
     # the domain functions keep defaults for internal callers (tests, the re-battle after a
@@ -289,7 +312,7 @@ DOORS = ["studio/api.py", "studio/cli.py", "studio/client.py"]
 # The UI joins this list once its handlers call the services (issue 10, item 3).
 SPEC_FIELDS = {
     f
-    for spec in (svc.CampaignSpec, svc.BattleCampaignSpec, svc.SampleSpec, svc.RunSpec)
+    for spec in (svc.CampaignSpec, svc.BattleCampaignSpec, svc.SampleSpec, svc.RunSpec, svc.EvalSpec)
     for f in svc.spec_defaults(spec)
 } | {"task_timeout", "rounds", "min_battles"}
 

@@ -48,7 +48,10 @@ def test_reward_then_ppo_then_dpo_on_the_packaged_model(
     assert metrics["heldout_pairs"] >= 8 and metrics["heldout_accuracy"] >= 0.9, metrics
     assert metrics["moved_tensors"] == metrics["trainable_tensors"]
 
-    # the pipeline: PPO against the newest reward model, then DPO on the same snapshot
+    # the pipeline: PPO against the newest reward model, then DPO on the same snapshot. PPO rolls
+    # out on every prompt, so the re-battle samples a prompt set marked for evaluation
+    fresh = [{"prompt": f"Tell me one fact about the number {i}."} for i in range(6)]
+    api.post("/prompt-sets/easy-eval/prompts", json={"records": fresh}).raise_for_status()
     pipe = api.post(
         "/runs",
         json={
@@ -56,9 +59,11 @@ def test_reward_then_ppo_then_dpo_on_the_packaged_model(
             "campaigns": [easy],
             "held_out": 0.25,
             "overrides": {"ppo.iterations": 2, "ppo.batch_size": 4, "ppo.max_new_tokens": 24},
+            "eval_prompt_set": "easy-eval",
         },
     ).json()
     assert pipe["reward_model"] == rm and pipe["stages"] == ["ppo", "dpo"]
+    assert pipe["rebattle_prompts"] == f"heldout-{pipe['id']}" and pipe["notes"] == []
     pipe = wait_run(api, pipe["id"])
     ppo_version, dpo_version = pipe["versions"]
     ppo_m, dpo_m = pipe["metrics"]["ppo"], pipe["metrics"]["dpo"]
@@ -92,9 +97,13 @@ def test_reward_then_ppo_then_dpo_on_the_packaged_model(
         "SELECT versions FROM battle_campaigns WHERE name = ?", [pipe["rebattle"]]
     )
     assert sorted(battle[0]["versions"]) == sorted([dpo_version, ppo_version])
+    campaign = api.get(f"/campaigns/{pipe['rebattle']}").json()
+    assert campaign["prompt_set"] == pipe["rebattle_prompts"]  # never a prompt trained on
 
-    # promote, then roll back
-    assert api.post(f"/models/{dpo_version}/promote", json={}).json()["version"] == dpo_version
+    # not evaluated (this studio runs with auto_eval off): the gate refuses; forced, it is recorded
+    refused = api.post(f"/models/{dpo_version}/promote", json={})
+    assert refused.status_code == 422 and "no complete evaluation" in refused.json()["detail"]
+    assert api.post(f"/models/{dpo_version}/promote", json={"force": True}).json()["version"] == dpo_version
     assert api.get("/models").json()["aliases"]["policy"] == dpo_version
     assert api.post("/models/base/promote", json={}).json()["version"] == "base"
     refused = api.post(f"/models/{rm}/promote", json={})

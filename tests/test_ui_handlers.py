@@ -214,3 +214,52 @@ def test_plots_escape_names_and_draw_every_series() -> None:
     assert list(common.frame([], ["a", "b"]).columns) == ["a", "b"]
     assert list(common.frame([{"b": 1, "c": 2}], ["a", "b"], others=True).columns) == ["a", "b", "c"]
     assert isinstance(common.matrix({}), pd.DataFrame) and list(common.matrix({}).columns) == ["version"]
+
+
+def test_the_label_tab_says_when_the_model_server_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from studio.config import Settings
+    from studio.runtime import Studio
+    from studio.serving.vllm_server import VLLMServer
+    from studio.store import Store
+
+    studio = Studio(Settings(data_dir=tmp_path, ui=False))
+    studio.store = Store(studio.settings.db_path)
+    try:
+        seed_campaign(studio.store, "c1", prompts=2, n=2, overlap=1)
+        studio.store.write("DELETE FROM tasks")  # nothing sampled yet
+        make_users(studio.store, ("annotator", "annotator"))
+        # the managed server as its watchdog leaves it while it brings vLLM back (not started here)
+        server = VLLMServer(tmp_path, "base", tmp_path / "vllm.log", port=1)
+        server.state, server.restarts = "restarting", 2
+        # the base's managed server as the pool finds it (no pool is started here)
+        monkeypatch.setattr(Studio, "server", property(lambda self: server))
+        demo = build_ui(studio)
+        out = call(demo, "label_next", "annotator", "c1")
+        status = out[by_id(event(demo, "label_next"), "label-status")]
+        assert "No task is ready: the model server is restarting (restart 2)" in status
+        assert "tasks resume when it is back" in status
+        server.state = "failed"
+        server.last_error = "vLLM exited with code 1 during start-up"
+        status = call(demo, "label_next", "annotator", "c1")[by_id(event(demo, "label_next"), "label-status")]
+        assert "the model server is down: vLLM exited with code 1" in status
+    finally:
+        studio.store.close()
+
+
+def test_the_leaderboard_shows_the_experts_table_to_admins_only(
+    demo: gr.Blocks, ctx: svc.OfflineContext
+) -> None:
+    seed_battles(ctx.store, "duel", [("base", "other", "one", "two")])
+    from studio import arena
+
+    battle = arena.next_battle(ctx.store, "duel", "expert")
+    arena.vote(ctx.store, "expert", battle["battle_id"], "a")
+    fn = event(demo, "leaderboard")
+    experts = next(i for i, c in enumerate(fn.outputs) if "Experts" in str(getattr(c, "label", "")))
+    for role in ("annotator", "expert", "engineer"):
+        shown = call(demo, "leaderboard", role, "duel", False)[experts]
+        assert shown["visible"] is False and shown["value"].empty, role
+    shown = call(demo, "leaderboard", "admin", "duel", False)[experts]
+    assert shown["visible"] is True and list(shown["value"]["expert"]) == ["expert"]

@@ -38,6 +38,25 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+# ---------------------------------------------------------------- processes (data parallel)
+
+
+def rank() -> int:
+    """This process's rank among the stage's processes: 0 when run alone. `accelerate launch`
+    (and torchrun under it) sets RANK for every process it starts."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """How many processes train this stage together (WORLD_SIZE, set by the launcher; 1 alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """Only the main process writes what the studio reads: metrics.jsonl, the model, meta.json."""
+    return rank() == 0
+
+
 # ---------------------------------------------------------------- command line and recipe
 
 
@@ -122,15 +141,27 @@ def prompt_key(row: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()
 
 
-def split_held_out(rows: list[dict[str, Any]], share: float) -> tuple[list[dict], list[dict]]:
-    """Split by prompt, so that no held-out prompt was seen in training; the same rows give the same split."""
+def held_out_keys(rows: list[dict[str, Any]], share: float) -> set[str]:
+    """The prompt keys (`prompt_key`) held out of training: the first ceil(share x prompts) in
+    key order. Pure, so the studio computes the same split the trainer will (its re-battle
+    samples only these prompts); raises TrainerError for a share that leaves nothing to train on."""
     if not 0 <= share < 1:
-        fail(f"held_out {share}: use a share in [0, 1)")
+        raise TrainerError(f"held_out {share}: use a share in [0, 1)")
     keys = sorted({prompt_key(r) for r in rows})
     n_eval = math.ceil(share * len(keys)) if share else 0
     if share and n_eval >= len(keys):
-        fail(f"held_out {share}: the snapshot has just {len(keys)} prompt(s); none would be left to train on")
-    eval_keys = set(keys[:n_eval])
+        raise TrainerError(
+            f"held_out {share}: the snapshot has just {len(keys)} prompt(s); none would be left to train on"
+        )
+    return set(keys[:n_eval])
+
+
+def split_held_out(rows: list[dict[str, Any]], share: float) -> tuple[list[dict], list[dict]]:
+    """Split by prompt, so that no held-out prompt was seen in training; the same rows give the same split."""
+    try:
+        eval_keys = held_out_keys(rows, share)
+    except TrainerError as exc:
+        fail(str(exc))
     train = [r for r in rows if prompt_key(r) not in eval_keys]
     held = [r for r in rows if prompt_key(r) in eval_keys]
     return train, held
@@ -226,13 +257,19 @@ def save_policy_adapter(model: Any, parent: Path, output: Path, max_rank: int = 
     delta and the new one are summed per module and re-factored by SVD: exact while the summed
     rank fits `max_rank` (the served maximum), the best rank-`max_rank` approximation beyond.
     """
+    model.save_pretrained(output)
+    return stack_on_parent(parent, output, max_rank)
+
+
+def stack_on_parent(parent: Path, output: Path, max_rank: int = 16) -> dict[str, Any]:
+    """The second half of `save_policy_adapter`, on an adapter already saved in `output`: when the
+    parent is an adapter, rewrite `output` as one adapter over the base (see there)."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    model.save_pretrained(output)
-    if not is_adapter(parent):
-        return {"rank": model.peft_config["default"].r, "stacked_on": None}
     new_cfg = json.loads((output / "adapter_config.json").read_text())
+    if not is_adapter(parent):
+        return {"rank": new_cfg["r"], "stacked_on": None}
     deltas: dict[str, torch.Tensor] = {}
     for folder in (parent, output):
         cfg = json.loads((folder / "adapter_config.json").read_text())
@@ -265,16 +302,23 @@ def save_policy_adapter(model: Any, parent: Path, output: Path, max_rank: int = 
 
 
 class Reporter:
-    """Writes one JSON line per event to OUTPUT/metrics.jsonl (and echoes it to stdout for the log)."""
+    """Writes one JSON line per event to OUTPUT/metrics.jsonl (and echoes it to stdout for the log).
+
+    In a data-parallel run only rank 0 reports: the other ranks' reporters write nothing, so the
+    file has one line per step whatever the number of processes."""
 
     def __init__(self, output: Path, stage: str, max_steps: int):
-        output.mkdir(parents=True, exist_ok=True)
+        self.active = is_main()
         self.path = output / METRICS_FILE
-        self.path.write_text("")
+        if self.active:
+            output.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
         self.stage, self.max_steps, self.t0 = stage, max_steps, time.monotonic()
-        self.emit("start", step=0)
+        self.emit("start", step=0, processes=world_size())
 
     def emit(self, event: str, **values: Any) -> None:
+        if not self.active:
+            return
         record = {
             "event": event,
             "stage": self.stage,
@@ -335,6 +379,8 @@ def write_meta(
     metrics: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict:
+    """meta.json, written last by rename; in a data-parallel run by rank 0 only (the others return
+    the same record without writing it)."""
     meta = {
         "stage": stage,
         "parent": str(args.parent.resolve()),
@@ -345,9 +391,12 @@ def write_meta(
         "snapshot_rows": len(rows),
         "config": configs.to_dict(config),
         "metrics": metrics,
+        "processes": world_size(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
+    if not is_main():
+        return meta
     tmp = output / (META_FILE + ".partial")
     tmp.write_text(json.dumps(meta, indent=2, default=float))
     os.replace(tmp, output / META_FILE)  # meta.json appears whole or not at all: it marks a finished run
@@ -436,14 +485,27 @@ def train_policy(
     before = trainable_copy(trainer.model)
     result = trainer.train()
     moved = moved_report(trainer.model, before)
-    evaluation = trainer.evaluate() if evaluate else {}
-    if lora:
-        saved = {"kind": "lora", **save_policy_adapter(trainer.model, args.parent, args.output)}
-    else:
-        trainer.model.save_pretrained(args.output)
-        tokenizer.save_pretrained(args.output)
-        saved = {"kind": "full"}
+    evaluation = trainer.evaluate() if evaluate else {}  # every rank: TRL's evaluation is distributed
+    saved: dict[str, Any] = {"kind": "lora" if lora else "full"}
+    save_trained(trainer, args.output)
+    if is_main():
+        if lora:
+            saved |= stack_on_parent(args.parent, args.output)
+        else:
+            tokenizer.save_pretrained(args.output)
     return result, moved, evaluation, saved
+
+
+def save_trained(trainer: Any, output: Path) -> None:
+    """Save a TRL trainer's model (the adapter, or full weights) into `output`, once.
+
+    Called on every rank. Sharded weights (DeepSpeed ZeRO-3, FSDP) need every rank to gather
+    them, which the Trainer's save_model does (writing on the main process only); otherwise the
+    weights are whole on every rank and rank 0 writes them."""
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        trainer.save_model(str(output))
+    elif is_main():
+        trainer.model.save_pretrained(output)
 
 
 def trainable_copy(model: Any) -> dict[str, Any]:

@@ -523,9 +523,13 @@ class PPOSettings(Section):
     iterations: int = field(
         default=6, metadata={"help": "rollout-and-optimise rounds (the studio's step count sets this)"}
     )
-    batch_size: int = field(default=8, metadata={"help": "prompts sampled per rollout"})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "prompts sampled per rollout, in all (N processes sample batch_size / N each)"},
+    )
     mini_batch_size: int = field(
-        default=4, metadata={"help": "rollouts per gradient step; divides batch_size"}
+        default=4,
+        metadata={"help": "rollouts per gradient step, in all; divides batch_size (both divide by N)"},
     )
     epochs: int = field(default=4, metadata={"help": "optimisation passes over each rollout batch"})
     learning_rate: float = field(

@@ -14,6 +14,7 @@ import argparse
 from typing import Any
 
 from trainers.common import (
+    is_main,
     load_model,
     load_tokenizer,
     policy_trainer,
@@ -66,11 +67,13 @@ def train(args: argparse.Namespace, config: DPOStageConfig) -> dict[str, Any]:
     train_rows, held = split_held_out(rows, config.held_out)
     tokenizer = load_tokenizer(args.parent)
     model = load_model(args.parent, settings=config.model)
-    before = logp_margin(model, tokenizer, held)
+    before = logp_margin(model, tokenizer, held) if is_main() else None  # rank 0 reports it
     trainer, reporter, lora = policy_trainer(
         "dpo", DPOTrainer, DPOConfig, args, config, model, tokenizer, train_rows, held, COLUMNS
     )
     result, moved, evaluation, saved = train_policy(trainer, args, tokenizer, lora, evaluate=bool(held))
+    if not is_main():
+        return {}
     metrics = {
         "train_loss": result.training_loss,
         "steps": result.global_step,

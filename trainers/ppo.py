@@ -13,6 +13,16 @@ state of the token preceding it, so the value of the state after the last real t
 is 0 by construction: the log-prob and value masks are the same here, and GAE treats V past the
 end as 0 (what the "value mask one further" rule of padded implementations achieves).
 
+Data parallel (`accelerate launch --num_processes N`, see studio/launchers.py): `ppo.batch_size` and
+`ppo.mini_batch_size` are global; each of the N ranks samples and scores its 1/N share of every
+rollout batch, and optimises over its share in mini-batches of mini_batch_size / N. The policy and
+value head are one module prepared by accelerate (DDP: gloo on CPUs, NCCL on GPUs), so every
+backward averages the gradients over the ranks. Score normalisation, the KL controller, the
+advantage whitening and the logged metrics use statistics of the whole batch, gathered from the
+ranks, so N processes compute what one process computes on the whole batch (up to the sampling
+noise: each rank draws from its own random stream, seed + rank). Rank 0 writes metrics.jsonl, the
+adapter, the value head and meta.json. One process (no launcher) runs exactly as before.
+
     python -m trainers.ppo --config data/recipes/ppo.yaml --snapshot SNAP --parent MODEL \
         --reward-model RM_DIR --output DIR
 """
@@ -32,6 +42,8 @@ from torch import nn
 
 from trainers.common import (
     Reporter,
+    fail,
+    is_main,
     load_model,
     load_tokenizer,
     lora_config,
@@ -226,6 +238,52 @@ def forward(
     return logp, values, entropy
 
 
+class PolicyAndValue(nn.Module):
+    """The policy and its value head as one module: what accelerate wraps for data parallelism, so
+    that one backward reduces the gradients of both."""
+
+    def __init__(self, policy: Any, head: nn.Module):
+        super().__init__()
+        self.policy, self.head = policy, head
+
+    def forward(
+        self, ids: torch.Tensor, attn: torch.Tensor, n_prompt: int, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return forward(self.policy, self.head, ids, attn, n_prompt, temperature)
+
+
+class Ranks:
+    """Statistics over the whole batch when each rank holds a share of it. With one process every
+    method returns the local values unchanged, so a single process computes what it always did."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of `x`, concatenated in rank order."""
+        return self.accelerator.gather(x.contiguous()) if self.world > 1 else x
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`masked_whiten` with the mean and variance of every rank's real tokens."""
+        if self.world == 1:
+            return masked_whiten(x, mask)
+        sums = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum()]), "sum")
+        count = sums[1].clamp(min=1)
+        mean = sums[0] / count
+        var = self.accelerator.reduce(((x - mean) ** 2 * mask).sum(), "sum") / count
+        return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value averaged over the ranks."""
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        local = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        averaged = self.accelerator.reduce(local, "mean")
+        return {k: float(v) for k, v in zip(keys, averaged.tolist(), strict=True)}
+
+
 class _Both:
     """Policy and value head seen as one set of named parameters (for the moved-parameters check)."""
 
@@ -243,10 +301,21 @@ def train_ppo(
     reward: RewardFn | None = None,
     report: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
+    from accelerate import Accelerator
     from peft import get_peft_model
     from transformers import GenerationConfig
 
     cfg: PPOSettings = config.ppo
+    # one process: no distributed state, and the loop below computes exactly what it always did
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    ranks = Ranks(accelerator)
+    if cfg.batch_size % ranks.world or cfg.mini_batch_size % ranks.world:
+        fail(
+            f"ppo.batch_size {cfg.batch_size} and ppo.mini_batch_size {cfg.mini_batch_size} are shared "
+            f"among {ranks.world} processes: use multiples of {ranks.world}, or fewer processes"
+        )
+    local_batch, local_mini = cfg.batch_size // ranks.world, cfg.mini_batch_size // ranks.world
+    device = accelerator.device
     seed_everything(config.seed)
     rows = read_snapshot(args.snapshot)
     prompts = snapshot_prompts(rows, args.snapshot)
@@ -260,6 +329,11 @@ def train_ppo(
     head = nn.Linear(policy.config.hidden_size, 1)
     nn.init.zeros_(head.weight)  # values start at 0 (Huang et al. 2024)
     nn.init.zeros_(head.bias)
+    # DDP (more than one process) starts every rank from rank 0's weights; `policy` and `head`
+    # stay the plain modules for sampling and the no-grad passes
+    model = accelerator.prepare(PolicyAndValue(policy, head))
+    if ranks.rank:  # each rank samples its own rollouts; rank 0 keeps the seed's stream
+        torch.manual_seed(config.seed + ranks.rank)
     params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
     before_training = {
         **trainable_copy(policy),
@@ -287,12 +361,13 @@ def train_ppo(
         # 1. rollout (timed apart: on a CPU it dominates, see benchmarks/training.py)
         t0 = time.perf_counter()
         batch = []
-        for _ in range(cfg.batch_size):
+        for _ in range(cfg.batch_size):  # the same global batch on every rank (same seed)...
             if not order:
                 order = random.sample(range(len(prompts)), len(prompts))
             batch.append(prompts[order.pop()])
+        batch = batch[ranks.rank * local_batch : (ranks.rank + 1) * local_batch]  # ...and this rank's share
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         n_prompt = enc["input_ids"].shape[1]
         with torch.no_grad():
             out = policy.generate(**enc, generation_config=generation)
@@ -307,12 +382,12 @@ def train_ppo(
         ]
         t_rollout = time.perf_counter() - t0
         # 2. score
-        raw = torch.tensor(reward(batch, decoded, lengths.tolist()), dtype=torch.float32)
+        raw = torch.tensor(reward(batch, decoded, lengths.tolist()), dtype=torch.float32, device=device)
         scores = raw.clone()
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~ended).float()
         if cfg.normalize_scores:
-            moments.update(scores)
+            moments.update(ranks.gather(scores))  # the running moments of the whole batch
             scores = moments.normalise(scores)
         ids = torch.cat([enc["input_ids"], response], 1)
         attn = torch.cat([enc["attention_mask"], mask.long()], 1)
@@ -326,24 +401,26 @@ def train_ppo(
         kl = kl_per_token(old_logp, ref_logp, cfg.kl_estimator) * mask
         rewards = -kl_ctl.beta * kl
         last = (lengths - 1).clamp(min=0)
-        rewards[torch.arange(len(batch)), last] += scores
-        # 6. GAE, whitened advantages
+        rewards[torch.arange(len(batch), device=device), last] += scores
+        # 6. GAE, whitened advantages (over the whole batch)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = ranks.whiten(advantages, mask)
         t_optimise = time.perf_counter()
         # 7. optimise
         stats: dict[str, list[float]] = {
             k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")
         }
         for _ in range(cfg.epochs):
-            for mb in torch.randperm(len(batch)).split(cfg.mini_batch_size):
-                logp, values, entropy = forward(policy, head, ids[mb], attn[mb], n_prompt, cfg.temperature)
+            for mb in torch.randperm(len(batch)).split(local_mini):
+                # through the prepared module: with several processes its backward averages the
+                # gradients over the ranks
+                logp, values, entropy = model(ids[mb], attn[mb], n_prompt, cfg.temperature)
                 m = mask[mb]
                 pg, clipfrac = policy_loss(logp, old_logp[mb], advantages[mb], m, cfg.cliprange)
                 vf, vf_clipfrac = value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
                 loss = pg + cfg.vf_coef * vf
                 optimizer.zero_grad()
-                loss.backward()
+                accelerator.backward(loss)
                 nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 with torch.no_grad():
@@ -354,23 +431,28 @@ def train_ppo(
                     stats["approx_kl"].append(masked_mean(0.5 * (logp - old_logp[mb]) ** 2, m).item())
                     stats["entropy"].append(masked_mean(entropy, m).item())
         t_optimise = time.perf_counter() - t_optimise
-        # 8. KL control, on the mean summed KL of a response
-        seq_kl = kl.sum(-1).mean().item()
+        # 8. KL control, on the mean summed KL of a response over the whole batch
+        seq_kl = ranks.gather(kl.sum(-1)).mean().item()
         beta_used = kl_ctl.beta
         kl_ctl.update(seq_kl, cfg.batch_size)
         residual = (returns - old_values)[mask.bool()]
         explained = 1 - residual.var().item() / max(returns[mask.bool()].var().item(), 1e-8)
         row = {
-            "time_rollout": t_rollout,
-            "time_optimise": t_optimise,
-            "reward": raw.mean().item(),
-            "score": scores.mean().item(),
+            "reward": ranks.gather(raw).mean().item(),
+            "score": ranks.gather(scores).mean().item(),
             "kl": seq_kl,
             "beta": beta_used,
-            "response_length": lengths.float().mean().item(),
-            "eos_share": ended.float().mean().item(),
-            "explained_variance": explained,
-            **{k: sum(v) / len(v) for k, v in stats.items()},
+            "response_length": ranks.gather(lengths.float()).mean().item(),
+            "eos_share": ranks.gather(ended.float()).mean().item(),
+            # the ranks' own optimisation statistics and times, averaged over the ranks
+            **ranks.mean(
+                {
+                    "explained_variance": explained,
+                    "time_rollout": t_rollout,
+                    "time_optimise": t_optimise,
+                    **{k: sum(v) / len(v) for k, v in stats.items()},
+                }
+            ),
         }
         history.append(row)
         reporter.step(iteration, **row)
@@ -378,6 +460,12 @@ def train_ppo(
             report(row)
     head_now = {f"value_head.{k}": v for k, v in head.named_parameters()}
     moved = moved_report(_Both(policy, head_now), before_training)
+    if ranks.world > 1:
+        # the gradients were averaged, so every rank must hold the same weights: check it (cheap)
+        sums = ranks.gather(torch.stack([p.detach().double().sum() for p in params])[None])
+        moved["ranks_in_sync"] = bool((sums == sums[0]).all())
+    if not is_main():  # rank 0 writes the adapter, the value head and meta.json
+        return {**moved, "history": history}
     args.output.mkdir(parents=True, exist_ok=True)
     saved = save_policy_adapter(policy, args.parent, args.output)
     from safetensors.torch import save_file

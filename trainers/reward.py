@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainers.common import (
+    is_main,
     load_model,
     load_tokenizer,
     lora_config,
@@ -22,6 +23,7 @@ from trainers.common import (
     read_snapshot,
     require_columns,
     run_main,
+    save_trained,
     seed_everything,
     split_held_out,
     trainable_copy,
@@ -121,7 +123,9 @@ def train(args: argparse.Namespace, config: RewardStageConfig) -> dict[str, Any]
     before_training = trainable_copy(trainer.model)
     result = trainer.train()
     moved = moved_report(trainer.model, before_training)
-    trainer.model.save_pretrained(args.output)
+    save_trained(trainer, args.output)
+    if not is_main():  # rank 0 measures and writes what the studio reads
+        return {}
     metrics = {
         "train_loss": result.training_loss,
         "train_pairs": len(train_rows),

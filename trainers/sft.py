@@ -9,6 +9,7 @@ import argparse
 from typing import Any
 
 from trainers.common import (
+    is_main,
     load_model,
     load_tokenizer,
     policy_trainer,
@@ -36,6 +37,8 @@ def train(args: argparse.Namespace, config: SFTStageConfig) -> dict[str, Any]:
         "sft", SFTTrainer, SFTConfig, args, config, model, tokenizer, train_rows, held, ["messages"]
     )
     result, moved, evaluation, saved = train_policy(trainer, args, tokenizer, lora, evaluate=bool(held))
+    if not is_main():
+        return {}
     metrics = {
         "train_loss": result.training_loss,
         "steps": result.global_step,

@@ -520,11 +520,26 @@ class EvalWorker:
                 )
 
     def submit(
-        self, backend: OpenAIChatBackend, plan: Plan, eval_id: str, **kwargs: Any
+        self,
+        backend: OpenAIChatBackend,
+        plan: Plan,
+        eval_id: str,
+        on_done: Callable[[str], None] | None = None,
+        **kwargs: Any,
     ) -> Future[dict[str, Any]]:
-        future = self._pool.submit(
-            execute, self.store, backend, plan, eval_id, should_stop=self._stopping.is_set, **kwargs
-        )
+        """Queue one evaluation; `on_done(eval_id)` runs on the worker after it succeeded (the
+        promotion gate decides there); its failure is logged, the evaluation stays succeeded."""
+
+        def run() -> dict[str, Any]:
+            result = execute(self.store, backend, plan, eval_id, should_stop=self._stopping.is_set, **kwargs)
+            if on_done is not None:
+                try:
+                    on_done(eval_id)
+                except Exception:
+                    log.exception("after evaluation %s: the follow-up failed", eval_id)
+            return result
+
+        future = self._pool.submit(run)
         self.futures[eval_id] = future
         return future
 
@@ -559,12 +574,14 @@ def start_eval(
     concurrency: int = DEFAULT_CONCURRENCY,
     wait: bool = False,
     progress: Progress | None = None,
+    on_done: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Check the request, record it as queued and run it on the store's evaluation worker.
 
     Returns the evals record at once (status 'queued'), so a route can answer with its id; with
     `wait=True`, returns it when the evaluation has finished (status 'succeeded' or 'failed').
-    Bad input raises EvalError before anything is stored.
+    Bad input raises EvalError before anything is stored. `on_done(eval_id)` runs on the worker
+    once the evaluation succeeded (studio.promotion lets the gate decide there).
     """
     plan = plan_eval(
         store,
@@ -582,7 +599,7 @@ def start_eval(
     )
     worker = _worker(store)
     eval_id = _insert_eval(store, plan, "queued", created_by)
-    future = worker.submit(backend, plan, eval_id, concurrency=concurrency, progress=progress)
+    future = worker.submit(backend, plan, eval_id, on_done, concurrency=concurrency, progress=progress)
     if wait:
         with contextlib.suppress(Exception):  # a failure is recorded in the row, read below
             future.result()

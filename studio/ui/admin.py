@@ -60,6 +60,7 @@ SAMPLER_COLUMNS = (
     "expected_wait_s",
     "sampler",
 )
+SERVER_COLUMNS = ("server", "kind", "state", "serves", "in_flight", "last_error")
 # A download is fetched at once (Gradio copies it to its cache as the handler returns); its
 # folder is removed after this even when the session never exports again.
 DOWNLOAD_TTL_S = 600
@@ -110,6 +111,30 @@ def sampler_summary(overview: dict[str, Any]) -> str:
     )
     if overview.get("worker_error"):
         line += f" Sampler error: {overview['worker_error']}"
+    return line
+
+
+def server_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model servers table: one row per server, from `services.model_servers`."""
+    return [
+        {
+            "server": s["url"] if s["id"] == s["url"] else f"{s['id']} ({s['url']})",
+            "kind": s["kind"],
+            "state": s["state"],
+            "serves": ", ".join(s["serves"]),
+            "in_flight": s["in_flight"],
+            "last_error": (s["last_error"] or "")[:200],
+        }
+        for s in status["servers"]
+    ]
+
+
+def servers_note(status: dict[str, Any]) -> str:
+    """One line over the table: whether the base is served, and the versions that are not."""
+    line = "Serving." if status["healthy"] else "**The base model is not served right now.**"
+    failed = status["failed"]
+    if failed:
+        line += " Not served: " + "; ".join(f"**{text(k)}**: {text(v[:200])}" for k, v in failed.items())
     return line
 
 
@@ -179,6 +204,9 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
             with gr.Row():
                 s_refresh = gr.Button("Refresh sampler")
                 s_measure = gr.Button("Measure serving throughput (about 30 s)")
+        with gr.Accordion("Model servers", open=False):
+            servers_line = gr.Markdown()
+            servers_table = table(None, SERVER_COLUMNS, elem_id="admin-servers")
         with gr.Accordion("Battle campaigns", open=False):
             battles_table = table("Battle campaigns", BATTLE_COLUMNS, elem_id="admin-battles")
             with gr.Row():
@@ -244,6 +272,8 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
         users_table,
         b_set,
         battles_table,
+        servers_line,
+        servers_table,
     ]
 
     def overview(user: User) -> list[Any]:
@@ -276,6 +306,7 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
         ]
         names = [c["name"] for c in labeled]
         sets = [s["name"] for s in svc.list_prompt_sets(studio, user)]
+        servers = svc.model_servers(studio, user)
         return [
             frame(rows, CAMPAIGN_COLUMNS),
             gr.update(choices=sets),
@@ -285,6 +316,8 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
             frame(accounts, USER_COLUMNS),
             gr.update(choices=sets),
             frame(battles, BATTLE_COLUMNS),
+            servers_note(servers),
+            frame(server_rows(servers), SERVER_COLUMNS),
         ]
 
     def sampler(user: User) -> list[Any]:

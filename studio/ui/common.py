@@ -18,6 +18,7 @@ import pandas as pd
 
 from studio import services as svc
 from studio import users
+from studio.errors import storage_full
 from studio.serving.client import BackendError
 from studio.users import AuthError, User
 
@@ -69,6 +70,11 @@ def handler(studio: Studio) -> Callable[[Callable[..., Any]], Callable[..., Any]
                 return body(user, *values)
             except USER_ERRORS as exc:
                 raise error(str(exc)) from None
+            except Exception as exc:
+                full = storage_full(exc)  # the disk is full: say so, the user can retry later
+                if full is None:
+                    raise
+                raise error(str(full)) from None
 
         # Gradio reads the signature to count the inputs and to find where the request goes.
         request = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)
@@ -157,6 +163,55 @@ def forest_plot(rows: list[dict[str, Any]]) -> str:
         )
         parts.append(f'<circle cx="{x(r["rating"]):.1f}" cy="{y}" r="5" fill="#e8590c"/>')
         parts.append(f'<text x="{width - right + 8}" y="{y + 4}">{r["rating"]:.0f}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def interval_plot(
+    rows: list[dict[str, Any]],
+    *,
+    reference: float = 0.0,
+    domain: tuple[float, float] | None = None,
+    label: str = "values with 95% intervals",
+    fmt: str = "{:+.3f}",
+) -> str:
+    """Values with their intervals as an inline SVG (a forest plot), one row each
+    (`{label, value, lower, upper}`), with a dashed line at `reference` (no change: 0; an even
+    split: 0.5). `domain` fixes the axis; by default it spans the intervals and the reference."""
+    if not rows:
+        return ""
+    lo, hi = domain or (
+        min(reference, *(r["lower"] for r in rows)),
+        max(reference, *(r["upper"] for r in rows)),
+    )
+    pad = (hi - lo) * 0.05 or 0.05
+    lo, hi = (lo, hi) if domain else (lo - pad, hi + pad)
+    width, left, right, row_h = 700, 180, 80, 24
+
+    def x(v: float) -> float:
+        return left + (min(max(v, lo), hi) - lo) / (hi - lo) * (width - left - right - 10)
+
+    height = row_h * len(rows) + 34
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="sans-serif" font-size="12" role="img" aria-label="{html.escape(label)}">',
+        f'<line x1="{x(reference):.1f}" x2="{x(reference):.1f}" y1="8" y2="{height - 20}" '
+        'stroke="#444" stroke-dasharray="4 3"/>',
+        f'<text x="{x(reference):.1f}" y="{height - 6}" text-anchor="middle">{fmt.format(reference)}</text>',
+        f'<text x="{x(lo):.1f}" y="{height - 6}" text-anchor="start">{fmt.format(lo)}</text>',
+        f'<text x="{x(hi):.1f}" y="{height - 6}" text-anchor="end">{fmt.format(hi)}</text>',
+    ]
+    for i, r in enumerate(rows):
+        y = 18 + i * row_h
+        parts.append(
+            f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{html.escape(str(r["label"]))}</text>'
+        )
+        parts.append(
+            f'<line x1="{x(r["lower"]):.1f}" x2="{x(r["upper"]):.1f}" y1="{y}" y2="{y}" '
+            'stroke="#888" stroke-width="3"/>'
+        )
+        parts.append(f'<circle cx="{x(r["value"]):.1f}" cy="{y}" r="5" fill="#e8590c"/>')
+        parts.append(f'<text x="{width - right + 8}" y="{y + 4}">{fmt.format(r["value"])}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -133,19 +133,16 @@ def build(studio: Studio, demo: gr.Blocks) -> gr.Tab:
         done = f"{progress.get('done', 0)} done, {progress.get('remaining', 0)} remaining"
         if task is None:
             waiting = progress.get("remaining", 0) > 0
-            if waiting and progress.get("sampler_error"):
-                note = (
-                    f"No task is ready: sampling answers for this campaign is failing "
-                    f"({text(progress['sampler_error'])}). It is retried by itself; tell an admin "
-                    f"if this stays. ({done})"
-                )
-            elif waiting:
+            state = answer.get("status")
+            if not waiting:
+                note = f"No tasks left for you in this campaign. Thank you! ({done})"
+            elif state == "preparing" or not answer.get("note"):
                 note = (
                     f"Preparing tasks: the model is sampling answers ({progress.get('ready', 0)} "
                     f"ready). This page updates by itself. ({done})"
                 )
-            else:
-                note = f"No tasks left for you in this campaign. Thank you! ({done})"
+            else:  # restarting, down, or sampling failing: say so, the page keeps asking
+                note = f"No task is ready: {text(answer['note'])}. This page updates by itself. ({done})"
             out = [
                 {},
                 note,

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from studio import services as svc
-from studio.ui.common import forest_plot, frame, handler, matrix, table, text
-from studio.users import AuthError, User
+from studio.ui.common import forest_plot, frame, handler, matrix, may, table, text
+from studio.users import User
 
 if TYPE_CHECKING:
     from studio.runtime import Studio
@@ -33,7 +33,7 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
         summary = gr.Markdown(elem_id="leaderboard-summary")
         plot = gr.HTML(elem_id="leaderboard-plot")
         ratings = table(None, RATING_COLUMNS, elem_id="leaderboard-table")
-        with gr.Accordion("Win rates, battle counts, criteria and experts", open=False):
+        with gr.Accordion("Win rates, battle counts, criteria (and experts, for admins)", open=False):
             win_rate = table("Win rate of row over column (ties half)", ["version"])
             counts = table("Battles between row and column", ["version"])
             criteria = table("Mean score per criterion (1-5)", ["version"])
@@ -41,6 +41,7 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
                 "Experts: agreement with the majority, "
                 "position bias (share of decisive votes for side A; 0.5 is none)",
                 EXPERT_COLUMNS,
+                visible=False,  # shown on load to those who may see quality per person (admins)
             )
         timer = gr.Timer(10.0, active=False)
     outputs = [campaign, summary, plot, ratings, win_rate, counts, criteria, experts]
@@ -62,10 +63,9 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
             )
         if board.get("verdict"):
             note = f"**Verdict:** {text(board['verdict'])}\n\n{note}"
-        try:
-            people = svc.expert_quality(studio, user, name or None)
-        except AuthError:  # per-person quality may be kept for admins: the ratings still show
-            people = []
+        # per-person quality is the admins' (the service checks it): others see no experts table
+        shown = may(user, ["expert_quality"])
+        people = svc.expert_quality(studio, user, name or None) if shown else []
         return [
             gr.update(choices=choices),
             note,
@@ -74,7 +74,7 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
             matrix(board["win_rate"]),
             matrix(board["battle_count"]),
             matrix(board["criteria"], by="columns"),  # criterion -> version -> mean score
-            frame(people, EXPERT_COLUMNS, others=True),
+            gr.update(value=frame(people, EXPERT_COLUMNS, others=True), visible=shown),
         ]
 
     def opened(user: User, name: str | None, style_on: bool) -> list[Any]:

@@ -23,6 +23,12 @@ STAGES = [
     ("PPO then DPO", "ppo_then_dpo"),
 ]
 STRENGTHS = [("any", 0), ("slight", 1), ("clear", 2), ("strong", 3)]  # 0: no minimum
+LAUNCHER_CHOICES = [
+    ("the studio's default", ""),
+    ("local: one process here", "local"),
+    ("accelerate: N processes here", "accelerate"),
+    ("ray: a job on the Ray cluster", "ray"),
+]
 RUN_COLUMNS = ("id", "stages", "status", "parent", "versions", "by", "created")
 
 
@@ -47,12 +53,21 @@ def run_status(run: dict[str, Any]) -> str:
         out += f" · {info_['elapsed_s']:.0f} s"
         if info_.get("eta_s") is not None:
             out += f" · ETA {info_['eta_s']:.0f} s"
+    launch = run.get("launch") or {}
+    if launch.get("launcher"):
+        out += f" · {text(launch['launcher'])} x{launch.get('num_processes', 1)}"
+        if launch.get("ray_jobs"):
+            out += f" (Ray job {text(launch['ray_jobs'][-1])})"
     if run["reason"]:
         out += f"\n\nReason: {text(run['reason'])}"  # from the trainer's log
     if run["versions"]:
         out += f"\n\nVersions: {text(', '.join(run['versions']))}"
     if run["rebattle"]:
         out += f" · blind re-battle against the parent: campaign `{text(run['rebattle'])}`"
+    if run.get("rebattle_prompts"):
+        out += f"\n\nRe-battle prompts (never trained on): set `{text(run['rebattle_prompts'])}`"
+    for note in run.get("notes") or []:
+        out += f"\n\n**Note:** {text(note)}"
     return out
 
 
@@ -94,6 +109,26 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
                 overrides = gr.Textbox(
                     label="Recipe overrides, KEY=VALUE per line", lines=2, placeholder="train.beta=0.2"
                 )
+                eval_set = gr.Dropdown(
+                    label="Re-battle prompt set (empty: the prompts held out of the snapshot)",
+                    choices=[],
+                    value=SPEC.eval_prompt_set,
+                    allow_custom_value=True,
+                )
+                with gr.Row():
+                    launcher = gr.Dropdown(
+                        label="Launcher",
+                        choices=LAUNCHER_CHOICES,
+                        value=SPEC.launcher or "",
+                        elem_id="launcher",
+                    )
+                    processes = gr.Number(
+                        label="Processes per stage (accelerate; empty: the studio's)",
+                        value=SPEC.num_processes,
+                        precision=0,
+                        minimum=1,
+                        elem_id="num-processes",
+                    )
                 start = gr.Button("Start run", variant="primary", elem_id="start-run")
             with gr.Column(scale=3):
                 runs_table = table("Runs, newest first", RUN_COLUMNS, elem_id="runs-table")
@@ -133,6 +168,7 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
             gr.update(choices=[c["name"] for c in svc.list_campaigns(studio, user, kind="label")]),
             gr.update(choices=["", *svc.recipes(studio, user)]),
             gr.update(choices=["", *rewards]),
+            gr.update(choices=["", *(s["name"] for s in svc.list_prompt_sets(studio, user))]),
             *refresh(user, run_id),
             gr.Timer(active=True),
         ]
@@ -149,6 +185,9 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
         lines: str | None,
         who_v: str | None,
         strength_v: int | None,
+        eval_set_v: str | None,
+        launcher_v: str | None,
+        processes_v: float | None,
     ) -> list[Any]:
         # empty controls are "not given": the spec's defaults (the recipe's values) apply
         spec = svc.RunSpec(
@@ -163,17 +202,36 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
                 reward_model=rm or None,
                 annotators=[a.strip() for a in (who_v or "").split(",") if a.strip()] or None,
                 min_strength=int(strength_v) if strength_v else None,
+                eval_prompt_set=eval_set_v or None,
+                launcher=launcher_v or None,
+                num_processes=int(processes_v) if processes_v else None,
             ),
         )
         run = svc.start_run(studio, user, spec)
         info(f"run {run['id']} queued")
+        for note in run["notes"]:
+            gr.Warning(text(note))  # e.g. no held-out prompts: the version gets no re-battle
         return refresh(user, run["id"])
 
     def cancel_run(user: User, run_id: str | None) -> list[Any]:
         svc.cancel_run(studio, user, run_id or "")
         return refresh(user, run_id)
 
-    form = [stage, parent, data, held_out, recipe, steps, reward_model, overrides, who, strength]
+    form = [
+        stage,
+        parent,
+        data,
+        held_out,
+        recipe,
+        steps,
+        reward_model,
+        overrides,
+        who,
+        strength,
+        eval_set,
+        launcher,
+        processes,
+    ]
     start.click(on(start_run), form, shown, api_name="train_start")
     cancel.click(on(cancel_run), pick, shown, api_name="train_cancel")
     pick.change(on(refresh), pick, shown, api_name="train_pick", api_visibility="private")
@@ -181,7 +239,7 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
     tab.select(
         on(opened),
         pick,
-        [advice, stage, parent, data, recipe, reward_model, *shown, timer],
+        [advice, stage, parent, data, recipe, reward_model, eval_set, *shown, timer],
         api_name="train_open",
         api_visibility="private",
     )
