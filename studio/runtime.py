@@ -124,10 +124,13 @@ class Studio:
         s, store, backend = self.settings, self.store, self.backend
         assert store is not None and backend is not None
         version = self.base_version
-        key = curve_key(s.backend_url, store.model_version(version).get("content_hash"), s.lora)
         path = curve_file(s.data_dir)
 
         def run() -> list[dict[str, float]]:
+            # runtime LoRA as the base is served now ("auto" turns it on with the first adapter)
+            key = curve_key(
+                s.backend_url, store.model_version(version).get("content_hash"), self._base_lora()
+            )
             curve = None if fresh else load_curve(path, key)
             if curve is None:
                 say("measuring the model server's throughput against requests in flight (about 30 s)")
@@ -136,6 +139,12 @@ class Studio:
             return curve
 
         return run
+
+    def _base_lora(self) -> bool | str:
+        """Whether the base's servers run with runtime LoRA (the setting, without a pool)."""
+        if self.pool is None:
+            return self.settings.lora
+        return any(e.lora for e in self.pool.endpoints() if e.base == self.base_version)
 
     def announce(self) -> None:
         """Called once the HTTP server listens: tell the user, and tell CLI commands where we are."""
@@ -304,8 +313,14 @@ class Studio:
             parent = parent or self.base_version
             root = self._root_of(parent)
             served_path, copied = self._shared_path(name, path)
+            lora_before = self._base_lora()
             try:
                 self.pool.add_adapter(name, str(served_path), root)
+                if self.settings.probe and self.task_sampler is not None and self._base_lora() != lora_before:
+                    # the base now runs with runtime LoRA, which costs throughput on the CPU: take
+                    # its curve (kept from before, or measured now) in the background
+                    sampler, probe = self.task_sampler, self.serving_probe()
+                    threading.Thread(target=sampler.measure, args=(probe,), daemon=True).start()
                 return self.store.register_model_version(
                     name,
                     path=str(served_path),
