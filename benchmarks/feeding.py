@@ -121,7 +121,9 @@ async def phase(url: str, admin: str, tokens: list[str], campaign: str, args: ar
     headers = {"Authorization": f"Bearer {admin}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as adm:
         body = {"name": campaign, "prompt_set": "feed", "n": args.n, "max_tokens": args.max_tokens}
-        (await adm.post("/api/v1/campaigns", json=body)).raise_for_status()
+        made = await adm.post("/api/v1/campaigns", json=body)
+        if made.status_code != 200:
+            raise SystemExit(f"creating campaign {campaign}: HTTP {made.status_code}: {made.text[:500]}")
         log: dict = {"asks": [], "waits": [], "judgments": 0}
         started = time.monotonic()
         stop_at = started + args.seconds
@@ -203,10 +205,12 @@ def main() -> None:
                     raise SystemExit((data_dir / "server.log").read_text()[-3000:])
                 time.sleep(1)
             auth = {"Authorization": f"Bearer {admin}"}
-            records = [{"prompt": p} for p in prompts(3000)]
-            httpx.post(
+            records = [{"prompt": p} for p in prompts(1000)]
+            imported = httpx.post(
                 f"{url}/api/v1/prompt-sets/feed/prompts", json={"records": records}, headers=auth, timeout=120
             )
+            if imported.status_code != 200:
+                raise SystemExit(f"importing prompts: HTTP {imported.status_code}: {imported.text[:500]}")
             while httpx.get(f"{url}/api/v1/sampler", headers=auth, timeout=10).json()["curve"] is None:
                 time.sleep(2)  # the start-up throughput probe runs first
             curve = httpx.get(f"{url}/api/v1/sampler", headers=auth, timeout=10).json()
@@ -214,6 +218,9 @@ def main() -> None:
                 result = asyncio.run(phase(url, admin, people[:size], f"feed{size}", args))
                 print(json.dumps(result), flush=True)
                 results.append(result)
+        except BaseException:
+            print((data_dir / "server.log").read_text()[-4000:], file=sys.stderr)
+            raise
         finally:
             server.terminate()
             server.wait(60)
