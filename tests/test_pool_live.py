@@ -189,7 +189,8 @@ def test_a_restart_serves_every_version_and_reports_a_bad_stored_one(
     again = LiveStudio(data, watch_interval=1.0)
     again.start()
     try:
-        health = httpx.get(f"{again.url}/api/v1/health", timeout=30).json()
+        headers = {"Authorization": f"Bearer {local_token(again.settings.data_dir)}"}  # the detail
+        health = httpx.get(f"{again.url}/api/v1/health", headers=headers, timeout=30).json()
         assert health["studio"] == "ok"
         assert "stored-junk" in health["backend"]["failed"]
         (server,) = health["backend"]["servers"]  # the full-weight version waits until asked for
