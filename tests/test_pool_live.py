@@ -29,6 +29,12 @@ from tests.test_serving import process_alive
 
 pytestmark = pytest.mark.slow
 
+# Requests flow during a swap at an annotating team's pace, not flat out: on 2 cores a serving
+# vLLM kept saturated leaves a starting one a few percent of the CPU, and the swap then takes
+# many minutes (docs/architecture.md, "Full-weight versions get a vLLM each"). Two senders,
+# half a second apart.
+PAUSE_S = 0.5
+
 
 @pytest.fixture(scope="module")
 def pool_studio(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStudio]:
@@ -109,7 +115,7 @@ def test_a_full_weight_version_goes_live_while_requests_flow(
     studio = pool_studio.studio
     folder = tmp_path_factory.mktemp("full") / "full-copy"
     shutil.copytree(base_folder(pool_studio), folder, copy_function=os.link)  # the weights of a full run
-    with Traffic(rest_sender(pool_studio.url, token), ["base"]) as traffic:
+    with Traffic(rest_sender(pool_studio.url, token), ["base"], pause=PAUSE_S) as traffic:
         traffic.wait_for("base", 3)
         version = studio.add_full_version("full-copy", folder, source="test", parent="base")
         traffic.models.append("full-copy")
@@ -130,7 +136,7 @@ def test_the_first_adapter_switches_to_runtime_lora_without_a_failed_request(
     old = studio.server
     old_group = old.pid
     adapter = random_adapter(base_folder(pool_studio), tmp_path_factory.mktemp("first-lora"))
-    with Traffic(rest_sender(pool_studio.url, token), ["base", "full-copy"]) as traffic:
+    with Traffic(rest_sender(pool_studio.url, token), ["base", "full-copy"], pause=PAUSE_S) as traffic:
         traffic.wait_for("base", 2)
         with api(pool_studio, token) as client:
             resp = client.post("/models/adapters", json={"name": "first-lora", "path": str(adapter)})
