@@ -296,6 +296,10 @@ def promote(store: Store, version: str, alias: str, by: str, force: bool = False
     reason with its numbers, unless `force`; the record says who did it and whether it was forced."""
     with _DECIDE_LOCK:
         state = gate_state(store, version)
+        if store.model_version(state["version"])["kind"] == "reward":  # no gate or force changes this
+            raise StoreError(
+                f"version '{state['version']}' is a reward model; only policy versions can be promoted"
+            )
         if not state["passed"] and not force:
             raise PromotionRefused(
                 f"version '{state['version']}' may not be promoted to {alias}: its gate did not pass: "

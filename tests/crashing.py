@@ -33,6 +33,7 @@ from benchmarks.annotate import RawClient  # noqa: E402  (the benchmark's lean H
 
 def serve(data_dir: Path, port: int, *args: str, log: Path | None = None) -> subprocess.Popen:
     """`studio serve` on `port`, in a new session (its process group is the test's to kill)."""
+    data_dir.mkdir(parents=True, exist_ok=True)  # a first start: the studio makes the rest
     out = (log or data_dir / f"serve-{port}.log").open("ab")
     return subprocess.Popen(
         [

@@ -349,15 +349,18 @@ def tiny_model(folder: Path, tokenizer_from: Path, seed: int = 0, init_range: fl
 
 
 class Traffic:
-    """Requests sent without pause from `threads` threads until the block ends, to each model in
-    `models` in turn (append to it to add one). `send(model)` raises on a failed request; every
-    failure is kept with its message."""
+    """Requests sent from `threads` threads until the block ends, each thread waiting `pause`
+    seconds after each answer, to each model in `models` in turn (append to it to add one).
+    `send(model)` raises on a failed request; every failure is kept with its message."""
 
-    def __init__(self, send: Callable[[str], object], models: list[str], threads: int = 2):
+    def __init__(
+        self, send: Callable[[str], object], models: list[str], threads: int = 2, pause: float = 0.0
+    ):
         import threading
 
         self.send = send
         self.models = models
+        self.pause = pause
         self.ok: dict[str, int] = {}
         self.failed: list[str] = []
         self._stop = threading.Event()
@@ -374,6 +377,7 @@ class Traffic:
                 self.failed.append(f"{model}: {exc}")
             else:
                 self.ok[model] = self.ok.get(model, 0) + 1
+            self._stop.wait(self.pause)
 
     def wait_for(self, model: str, answers: int, timeout: float = 300.0) -> None:
         import time

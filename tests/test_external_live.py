@@ -22,6 +22,7 @@ import pytest
 from studio.config import Settings
 from studio.runtime import Studio
 from studio.serving.vllm_server import ServingError, VLLMServer
+from studio.users import local_token
 from tests.conftest import LiveStudio, free_port
 from tests.helpers import make_users, random_adapter
 
@@ -44,7 +45,9 @@ def fleet_server(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def health(live: LiveStudio) -> dict:
-    return httpx.get(f"{live.url}/api/v1/health", timeout=30).json()
+    """/health with its detail (for engineers and admins: the admin's token)."""
+    headers = {"Authorization": f"Bearer {local_token(live.settings.data_dir)}"}
+    return httpx.get(f"{live.url}/api/v1/health", headers=headers, timeout=30).json()
 
 
 def test_sampling_adapters_and_a_restart_of_the_external_server(

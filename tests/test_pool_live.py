@@ -22,11 +22,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+from studio.users import local_token
 from tests.conftest import LiveStudio, data_dir_with_model
 from tests.helpers import Traffic, make_users, random_adapter, rest_sender
 from tests.test_serving import process_alive
 
 pytestmark = pytest.mark.slow
+
+# Requests flow during a swap at an annotating team's pace, not flat out: on 2 cores a serving
+# vLLM kept saturated leaves a starting one a few percent of the CPU, and the swap then takes
+# many minutes (docs/architecture.md, "Full-weight versions get a vLLM each"). Two senders,
+# half a second apart.
+PAUSE_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +56,9 @@ def api(live: LiveStudio, token: str) -> httpx.Client:
 
 
 def servers(live: LiveStudio) -> list[dict]:
-    return httpx.get(f"{live.url}/api/v1/health", timeout=30).json()["backend"]["servers"]
+    """The model servers as /health details them (for engineers and admins: the admin's token)."""
+    headers = {"Authorization": f"Bearer {local_token(live.settings.data_dir)}"}
+    return httpx.get(f"{live.url}/api/v1/health", headers=headers, timeout=30).json()["backend"]["servers"]
 
 
 def base_folder(live: LiveStudio) -> Path:
@@ -106,7 +115,7 @@ def test_a_full_weight_version_goes_live_while_requests_flow(
     studio = pool_studio.studio
     folder = tmp_path_factory.mktemp("full") / "full-copy"
     shutil.copytree(base_folder(pool_studio), folder, copy_function=os.link)  # the weights of a full run
-    with Traffic(rest_sender(pool_studio.url, token), ["base"]) as traffic:
+    with Traffic(rest_sender(pool_studio.url, token), ["base"], pause=PAUSE_S) as traffic:
         traffic.wait_for("base", 3)
         version = studio.add_full_version("full-copy", folder, source="test", parent="base")
         traffic.models.append("full-copy")
@@ -127,7 +136,7 @@ def test_the_first_adapter_switches_to_runtime_lora_without_a_failed_request(
     old = studio.server
     old_group = old.pid
     adapter = random_adapter(base_folder(pool_studio), tmp_path_factory.mktemp("first-lora"))
-    with Traffic(rest_sender(pool_studio.url, token), ["base", "full-copy"]) as traffic:
+    with Traffic(rest_sender(pool_studio.url, token), ["base", "full-copy"], pause=PAUSE_S) as traffic:
         traffic.wait_for("base", 2)
         with api(pool_studio, token) as client:
             resp = client.post("/models/adapters", json={"name": "first-lora", "path": str(adapter)})
@@ -186,7 +195,8 @@ def test_a_restart_serves_every_version_and_reports_a_bad_stored_one(
     again = LiveStudio(data, watch_interval=1.0)
     again.start()
     try:
-        health = httpx.get(f"{again.url}/api/v1/health", timeout=30).json()
+        headers = {"Authorization": f"Bearer {local_token(again.settings.data_dir)}"}  # the detail
+        health = httpx.get(f"{again.url}/api/v1/health", headers=headers, timeout=30).json()
         assert health["studio"] == "ok"
         assert "stored-junk" in health["backend"]["failed"]
         (server,) = health["backend"]["servers"]  # the full-weight version waits until asked for

@@ -215,3 +215,23 @@ def test_serve_with_model_folder_then_a_signal_leaves_no_process(
     assert "waiting for vLLM to load" in output
     assert not [pid for pid in group if process_alive(pid)]
     assert not (data_dir / "server.json").exists()
+
+
+def test_the_launcher_caps_the_idle_spin_of_vllm_workers_in_every_process() -> None:
+    """A worker reading its input queue spins at most IDLE_SPIN_S after a message, then sleeps
+    on its socket; vLLM's own default (1 s) is kept for the writer side, and the cap holds in a
+    process that imports the launcher as vLLM's spawned children do (as `__mp_main__`)."""
+    code = """
+import runpy, zmq
+runpy.run_module("studio.serving.vllm_launcher", run_name="__mp_main__")
+from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+ctx = zmq.Context()
+writer = SpinCondition(False, ctx, "ipc:///tmp/studio-spin-test")
+reader = SpinCondition(True, ctx, "ipc:///tmp/studio-spin-test")
+print(reader.busy_loop_s, writer.busy_loop_s)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from studio.serving.vllm_launcher import IDLE_SPIN_S
+
+    assert out.stdout.split()[-2:] == [str(IDLE_SPIN_S), "0"]

@@ -144,7 +144,9 @@ class ServingPool:
         self.in_use = in_use or set
         self.max_servers = max_servers
         self.startup_timeout = startup_timeout
-        self.max_model_len = max_model_len
+        # the context a managed server is started with (not `max_model_len`: that is the method
+        # that reads what the servers serve, as OpenAIChatBackend's)
+        self.server_context = max_model_len
         self.kv_cache_gib = kv_cache_gib
         self.version_kv_cache_gib = version_kv_cache_gib
         self.watch_interval = watch_interval
@@ -195,7 +197,7 @@ class ServingPool:
             name,
             self.log_dir / f"vllm-{ep_id}.log",
             port=port,
-            max_model_len=self.max_model_len,
+            max_model_len=self.server_context,
             kv_cache_gib=kv_cache_gib or self.kv_cache_gib,
             startup_timeout=self.startup_timeout,
             lora=lora,

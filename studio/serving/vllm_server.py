@@ -173,6 +173,11 @@ class VLLMServer:
             env.setdefault("VLLM_TARGET_DEVICE", "cpu")
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
+            # vLLM 0.32's AOT compile cache does not load back with this torch ("'function' object
+            # has no attribute 'finalize_loading'"), so every start compiled the model again: 81 s
+            # to a cold start here, 46 s with the older inductor cache, which loads (measured in
+            # one run on the 2-core CPU; under a swap's traffic 262 s became 117 s).
+            env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         # the launcher module must be importable from the child's working directory
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -194,7 +199,8 @@ class VLLMServer:
         log.write(f"\n==== studio: starting vLLM at {time.ctime()} ====\n".encode())
         log.flush()
         with self._lock:
-            self.state = "starting"
+            if self.state != "restarting":  # a restart says so until it is up (the UI tells users)
+                self.state = "starting"
             # its own group (stopped as one), killed as one if the studio dies outright; forked
             # from the spawner thread, since this may run on a run's or a request's thread
             self._proc = lifeline.popen(
