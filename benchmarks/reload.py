@@ -1,8 +1,9 @@
 """From a run's end to the new version answering its first request, with requests flowing.
 
 One studio as `studio serve` starts it (packaged model, runtime LoRA auto: the base is served
-without it), requests sent without pause through the studio's sampler by two threads all along,
-and, in one run:
+without it), requests sent through the studio's sampler by two threads all along (each waits
+`--pause` seconds after an answer: 0.5 by default, an annotating team's pace; 0 keeps the
+server saturated, which on 2 cores starves a starting vLLM), and, in one run:
 
 - the cold start of a bare vLLM on the base, idle and again while the studio serves the traffic;
 - the first adapter: registration (the switch to a server with runtime LoRA, blue/green) until
@@ -17,7 +18,7 @@ and, in one run:
 `register_stage` calls `Studio.add_adapter` / `Studio.add_full_version`, timed here, then opens
 the re-battle campaign (one transaction).
 
-    python benchmarks/reload.py [--threads 2]
+    python benchmarks/reload.py [--threads 2] [--pause 0.5]
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def cold_start(model_dir: Path, log: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="threads sending requests all along")
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds each thread waits after an answer")
     args = parser.parse_args()
 
     from studio.config import Settings
@@ -124,6 +126,7 @@ def main() -> None:
 
     report: dict = {
         "date": time.strftime("%Y-%m-%d"),
+        "pause_s": args.pause,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB)} GiB, "
         f"Python {platform.python_version()}",
@@ -159,7 +162,10 @@ def main() -> None:
                     time.sleep(0.05)
 
         try:
-            with MemoryWatch(studio.pool) as memory, Traffic(send, ["base"], threads=args.threads) as traffic:
+            with (
+                MemoryWatch(studio.pool) as memory,
+                Traffic(send, ["base"], threads=args.threads, pause=args.pause) as traffic,
+            ):
                 traffic.wait_for("base", 4)
                 steps = [
                     (
