@@ -176,7 +176,7 @@ class VLLMServer:
             # vLLM 0.32's AOT compile cache does not load back with this torch ("'function' object
             # has no attribute 'finalize_loading'"), so every start compiled the model again: 81 s
             # to a cold start here, 46 s with the older inductor cache, which loads (measured in
-            # one run on the 2-core CPU; under a swap's traffic 262 s became 117 s).
+            # one run on the 2-core CPU; a start beside a busy server: 262 s -> 117 s).
             env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         # the launcher module must be importable from the child's working directory
         root = str(Path(__file__).resolve().parents[2])
