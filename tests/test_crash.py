@@ -145,38 +145,47 @@ def test_sigkill_of_vllm_during_labeling_loses_nothing_and_next_says_it_restarts
     old_pid = server.pid
     restarts = server.restarts
     os.killpg(old_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while server.state != "restarting" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert server.state == "restarting"
+    try:
+        deadline = time.monotonic() + 30
+        while server.state != "restarting" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server.state == "restarting"
 
-    # while it restarts: labeling goes on, sampling says the server is not there, and a campaign
-    # whose tasks are not sampled yet says why there is no task
-    stop = asyncio.Event()
-    threading.Timer(5.0, stop.set).start()
-    asyncio.run(labeling.run(stop))
-    assert len(labeling.acked) >= 20 and not labeling.errors, labeling.errors
-    made = api.post("/campaigns", json={"name": "vkill-fresh", "prompt_set": "vkill-fresh-set", "n": 2})
-    assert made.status_code == 200, made.text
-    waiting = api.post("/campaigns/vkill-fresh/next").json()
-    assert waiting["task"] is None and waiting["status"] == "restarting", waiting
-    assert f"the model server is restarting (restart {restarts + 1})" in waiting["note"]
-    down = api.post("/sample", json={"prompt": "Still there?", "n": 1, "max_tokens": 8})
-    assert down.status_code == 503, down.text
+        # while it restarts: labeling goes on, sampling says the server is not there, and a campaign
+        # whose tasks are not sampled yet says why there is no task
+        stop = asyncio.Event()
+        threading.Timer(5.0, stop.set).start()
+        asyncio.run(labeling.run(stop))
+        assert len(labeling.acked) >= 20 and not labeling.errors, labeling.errors
+        made = api.post("/campaigns", json={"name": "vkill-fresh", "prompt_set": "vkill-fresh-set", "n": 2})
+        assert made.status_code == 200, made.text
+        waiting = api.post("/campaigns/vkill-fresh/next").json()
+        assert waiting["task"] is None and waiting["status"] == "restarting", waiting
+        assert f"the model server is restarting (restart {restarts + 1})" in waiting["note"]
+        down = api.post("/sample", json={"prompt": "Still there?", "n": 1, "max_tokens": 8})
+        assert down.status_code == 503, down.text
 
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not (server.restarts == restarts + 1 and server.state == "ready"):
-        time.sleep(1)
-    assert server.state == "ready" and server.pid != old_pid
-    assert api.post("/sample", json={"prompt": "Still there?", "n": 1, "max_tokens": 8}).status_code == 200
-    servers = api.get("/health").json()["backend"]["servers"]
-    assert any("exited unexpectedly" in (s["last_error"] or "") for s in servers if s["pid"] == server.pid)
-    deadline = time.monotonic() + 300
-    while (answer := api.post("/campaigns/vkill-fresh/next").json())["task"] is None:
-        assert time.monotonic() < deadline, answer
-        time.sleep(1)
-    stored = {r["id"] for r in store.query("SELECT id FROM judgments WHERE campaign = 'vkill'")}
-    assert set(labeling.acked) <= stored
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not (
+            server.restarts == restarts + 1 and server.state == "ready"
+        ):
+            time.sleep(1)
+        assert server.state == "ready" and server.pid != old_pid
+        again = api.post("/sample", json={"prompt": "Still there?", "n": 1, "max_tokens": 8})
+        assert again.status_code == 200, again.text
+        servers = api.get("/health").json()["backend"]["servers"]
+        errors = [s["last_error"] or "" for s in servers if s["pid"] == server.pid]
+        assert any("exited unexpectedly" in e for e in errors), servers
+        deadline = time.monotonic() + 300
+        while (answer := api.post("/campaigns/vkill-fresh/next").json())["task"] is None:
+            assert time.monotonic() < deadline, answer
+            time.sleep(1)
+        stored = {r["id"] for r in store.query("SELECT id FROM judgments WHERE campaign = 'vkill'")}
+        assert set(labeling.acked) <= stored
+    finally:  # the session's studio serves the tests after this one: leave it serving
+        deadline = time.monotonic() + 600
+        while server.state != "ready" and time.monotonic() < deadline:
+            time.sleep(1)
 
 
 def crashing_prompt(text: str) -> object:
