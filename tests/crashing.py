@@ -190,6 +190,15 @@ class Labeling:
         await asyncio.gather(*[self.annotator(t, stop, until_done) for t in self.tokens])
 
 
+def run_async(coro: Any) -> Any:
+    """`asyncio.run(coro)` on a thread of its own: in the suite, Playwright's sync API (the
+    session's browser) keeps an event loop running on the test's thread, where asyncio.run fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 async def label_then_kill(labeling: Labeling, proc: subprocess.Popen, after: int) -> float:
     """Label until `after` more judgments are acknowledged, then kill -9 the studio mid-flight.
     Returns the time of the kill (time.monotonic())."""

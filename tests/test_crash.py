@@ -107,12 +107,12 @@ def test_kill_9_during_concurrent_judgments_loses_no_acknowledged_judgment(
     try:
         crashing.wait_healthy(proc, url, 300)
         for _ in range(3):
-            killed = asyncio.run(crashing.label_then_kill(labeling, proc, after=200))
+            killed = crashing.run_async(crashing.label_then_kill(labeling, proc, after=200))
             proc.wait()
             proc = crashing.serve(data_dir, port, *backend)  # at once, on the same port
             crashing.wait_healthy(proc, url, 120)
             restarts.append(time.monotonic() - killed)
-        asyncio.run(labeling.run(asyncio.Event(), until_done=True))
+        crashing.run_async(labeling.run(asyncio.Event(), until_done=True))
         assert crashing.stop(proc) == -signal.SIGTERM
     finally:
         if proc.poll() is None:
@@ -155,7 +155,7 @@ def test_sigkill_of_vllm_during_labeling_loses_nothing_and_next_says_it_restarts
         # whose tasks are not sampled yet says why there is no task
         stop = asyncio.Event()
         threading.Timer(5.0, stop.set).start()
-        asyncio.run(labeling.run(stop))
+        crashing.run_async(labeling.run(stop))
         assert len(labeling.acked) >= 20 and not labeling.errors, labeling.errors
         made = api.post("/campaigns", json={"name": "vkill-fresh", "prompt_set": "vkill-fresh-set", "n": 2})
         assert made.status_code == 200, made.text
