@@ -46,8 +46,8 @@ def patch_vllm_metadata() -> None:
 # How long a vLLM worker keeps spinning (sched_yield in a loop) on its input queue after each
 # message before it sleeps on a socket. vLLM's default is 1 s: with requests less than a second
 # apart, an idle worker spins for good. Measured on the 2-core CPU: a second vLLM starting beside
-# one that spins this way got 1-2% of a core and took 407 s to start instead of about 60 s (a
-# full-weight swap or a blue/green LoRA switch starts one). 50 ms keeps the spin while steps
+# one that spins this way got 1-2% of a core and was still loading after 340 s (a full-weight
+# swap or a blue/green LoRA switch starts one). 50 ms keeps the spin while steps
 # follow each other and frees the core between requests.
 IDLE_SPIN_S = 0.05
 
