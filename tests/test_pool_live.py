@@ -31,8 +31,8 @@ pytestmark = pytest.mark.slow
 
 # Requests flow during a swap at an annotating team's pace, not flat out: on 2 cores a serving
 # vLLM kept saturated leaves a starting one a few percent of the CPU, and the swap then takes
-# many minutes (docs/architecture.md, "Full-weight versions get a vLLM each"). Two senders,
-# half a second apart.
+# many minutes (docs/architecture.md, "Starting a vLLM beside a busy one"). Two senders, half a
+# second apart.
 PAUSE_S = 0.5
 
 
