@@ -496,7 +496,9 @@ def local_ray_head(num_cpus: int = 2) -> Iterator[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(head.pid, signal.SIGTERM)
             try:
-                head.wait(60)
+                # a clean stop of the head takes half a minute on 2 cores; this head holds nothing
+                # worth keeping, so a few seconds are its grace before the kill
+                head.wait(5)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(head.pid, signal.SIGKILL)
