@@ -139,6 +139,11 @@ class TaskSampler:
             self._paused.clear()
             self._wake.set()
 
+    @property
+    def measuring(self) -> bool:
+        """A throughput probe runs now (the sampler sends nothing new meanwhile)."""
+        return self._paused.is_set()
+
     def last_error(self, campaign: str) -> str | None:
         """Why sampling for the campaign failed last time (None once it samples again)."""
         return self.status.get(campaign, {}).get("error")
@@ -154,6 +159,7 @@ class TaskSampler:
         return {
             "in_flight_target": self.in_flight,
             "in_flight_now": self._sequences,
+            "measuring": self.measuring,
             "curve": self.curve,
             "memory_cap_completions": self.memory_cap,
             "campaigns": campaigns,

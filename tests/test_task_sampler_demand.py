@@ -209,6 +209,34 @@ def test_the_probe_curve_sets_the_level(store: Store, server: SlowServer, runnin
     assert ts.overview()["curve"] == curve
 
 
+def test_a_probe_on_demand_is_shown_while_it_runs(
+    store: Store, server: SlowServer, running: list[TaskSampler]
+) -> None:
+    """`measure` (after the switch to runtime LoRA): the overview and the Admin line say so while
+    the probe runs, and stop saying it once its curve is in use."""
+    from studio.ui.admin import sampler_summary
+
+    ts = start(store, server, running)
+    release = threading.Event()
+    curve = [{"in_flight": 1.0, "tok_s": 10.0}, {"in_flight": 4.0, "tok_s": 30.0}]
+
+    def probe() -> list[dict[str, float]]:
+        release.wait(10)
+        return curve
+
+    worker = threading.Thread(target=ts.measure, args=(probe,))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not ts.measuring and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ts.overview()["measuring"] is True
+    assert "Measuring the model server's throughput now" in sampler_summary(ts.overview())
+    release.set()
+    worker.join(10)
+    assert ts.overview()["measuring"] is False and ts.curve == curve
+    assert "Measuring" not in sampler_summary(ts.overview())
+
+
 def test_the_admin_tab_shows_buffer_rate_and_wait(tmp_path: Path, server: SlowServer) -> None:
     import gradio as gr
 

@@ -109,6 +109,8 @@ def sampler_summary(overview: dict[str, Any]) -> str:
         f"Sequences in flight: {overview['in_flight_now']} of {overview['in_flight_target']} ({source}). "
         f"Buffers share a cap of {overview['memory_cap_completions']} completions."
     )
+    if overview.get("measuring"):
+        line += " Measuring the model server's throughput now: new sampling waits for it (about 30 s)."
     if overview.get("worker_error"):
         line += f" Sampler error: {overview['worker_error']}"
     return line
