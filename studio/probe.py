@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,10 @@ LEVELS = (1, 2, 4, 8, 16, 32, 64)
 PROBE_PROMPT = [{"role": "user", "content": "Write a few sentences about the sea."}]
 
 
+class ProbeStopped(RuntimeError):
+    """The studio began to stop during a probe (its curve is not kept)."""
+
+
 def probe_concurrency(
     backend: Any,
     model: str,
@@ -29,12 +34,15 @@ def probe_concurrency(
     levels: Sequence[int] = LEVELS,
     max_tokens: int = 16,
     per_request: int = 1,
+    stop: threading.Event | None = None,
 ) -> list[dict[str, float]]:
     """Output tokens/s at each number of sequences in flight, one round per level.
 
     Each level sends `level / per_request` requests at once, each for `per_request`
     completions of exactly `max_tokens` tokens (EOS ignored, so every level does the same work
-    per sequence). A warm-up request comes first. Raises the backend's error if it fails."""
+    per sequence). A warm-up request comes first. Raises the backend's error if it fails, and
+    ProbeStopped before the next round once `stop` is set: a Ctrl-C in the probe's half minute
+    after a start must not wait for its end."""
     params = SamplingParams(
         n=per_request, temperature=1.0, top_p=1.0, max_tokens=max_tokens, extra={"ignore_eos": True}
     )
@@ -42,6 +50,8 @@ def probe_concurrency(
     curve = []
     with ThreadPoolExecutor(max(max(levels) // per_request, 1), thread_name_prefix="probe") as pool:
         for level in levels:
+            if stop is not None and stop.is_set():
+                raise ProbeStopped(f"stopped before the round of {level} in flight: the studio is stopping")
             requests = max(level // per_request, 1)
             started = time.perf_counter()
             results = list(pool.map(lambda _: backend.chat(model, PROBE_PROMPT, params), range(requests)))

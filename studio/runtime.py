@@ -75,9 +75,11 @@ class Studio:
         self.runner: Runner | None = None
         self.base_version: str = BASE_VERSION
         self._registering = threading.Lock()  # one version registration at a time
+        self._stopping = threading.Event()  # set first by stop(): a running probe gives up
 
     def start(self) -> None:
         s = self.settings
+        self._stopping.clear()
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(s.db_path)
         say(f"store: {s.db_path} (migrations applied now: {self.store.applied_now or 'none'})")
@@ -134,7 +136,7 @@ class Studio:
             curve = None if fresh else load_curve(path, key)
             if curve is None:
                 say("measuring the model server's throughput against requests in flight (about 30 s)")
-                curve = probe_concurrency(backend, version)
+                curve = probe_concurrency(backend, version, stop=self._stopping)
                 save_curve(path, key, curve)
             return curve
 
@@ -494,6 +496,7 @@ class Studio:
             )
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.runner is not None:
             self.runner.stop()
             self.runner = None

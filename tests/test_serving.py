@@ -156,15 +156,12 @@ def process_alive(pid: int) -> bool:
 
 
 # uvicorn shuts down gracefully, then re-raises the signal: 130 is the shell's code for Ctrl-C,
-# and a SIGTERM ends the process by that signal once everything it started is gone. The Ctrl-C
-# start skips the throughput probe (half a minute); the SIGTERM one starts as a user's does.
+# and a SIGTERM ends the process by that signal once everything it started is gone.
 @pytest.mark.parametrize(
-    ("sig", "code", "extra"),
-    [(signal.SIGINT, 130, ["--no-probe"]), (signal.SIGTERM, -signal.SIGTERM, [])],
-    ids=["ctrl_c", "sigterm"],
+    ("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)], ids=["ctrl_c", "sigterm"]
 )
 def test_serve_with_model_folder_then_a_signal_leaves_no_process(
-    model_cache: Path, tmp_path: Path, sig: signal.Signals, code: int, extra: list[str]
+    model_cache: Path, tmp_path: Path, sig: signal.Signals, code: int
 ) -> None:
     data_dir = data_dir_with_model(model_cache, tmp_path)
     port = free_port()
@@ -180,7 +177,6 @@ def test_serve_with_model_folder_then_a_signal_leaves_no_process(
             str(port),
             "--model",
             str(model_cache / "smollm2-135m-instruct"),
-            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -18,7 +18,7 @@ from studio import campaigns, labeling
 from studio.buffering import FLOOR_TASKS, pick_concurrency
 from studio.importer import ImportedPrompt, messages_hash
 from studio.labeling import Submission
-from studio.probe import probe_concurrency
+from studio.probe import ProbeStopped, probe_concurrency
 from studio.sampling import Sampler
 from studio.serving.client import ChatResult, Completion, SamplingParams
 from studio.store import Store
@@ -207,6 +207,25 @@ def test_the_probe_curve_sets_the_level(store: Store, server: SlowServer, runnin
     expected = pick_concurrency([(p["in_flight"], p["tok_s"]) for p in curve])
     assert ts.in_flight == expected and 1 < expected < 64
     assert ts.overview()["curve"] == curve
+
+
+def test_a_probe_gives_up_at_the_next_round_once_the_studio_stops(server: SlowServer) -> None:
+    """A Ctrl-C during the start's probe: the probe stops before its next round (a studio's
+    stop no longer waits for the whole half minute), and no curve comes out of it."""
+    stop = threading.Event()
+    levels = (1, 2, 4, 8, 16, 32, 64)
+    seen: list[int] = []
+
+    def one_round(model: str, messages: list[dict[str, str]], params: SamplingParams) -> ChatResult:
+        seen.append(1)
+        if len(seen) == 4:  # the warm-up, then the rounds of 1 and 2: the studio stops now
+            stop.set()
+        return SlowServer.chat(server, model, messages, params)
+
+    server.chat = one_round  # type: ignore[method-assign]
+    with pytest.raises(ProbeStopped, match="stopped before the round of 4 in flight"):
+        probe_concurrency(server, "base", levels=levels, max_tokens=8, stop=stop)
+    assert len(seen) == 4 < 1 + sum(levels)
 
 
 def test_a_probe_on_demand_is_shown_while_it_runs(
