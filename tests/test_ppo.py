@@ -131,7 +131,7 @@ def test_short_ppo_run_on_the_packaged_model_shortens_answers_under_a_brevity_re
     config = validate(
         "ppo",
         Path(__file__).resolve().parents[1] / "data" / "recipes" / "ppo.yaml",
-        {"ppo.iterations": 8, "ppo.learning_rate": 3e-4, "ppo.max_new_tokens": 40},
+        {"ppo.iterations": 6, "ppo.learning_rate": 3e-4, "ppo.max_new_tokens": 40},
     )
     args = Namespace(
         snapshot=snapshot,
