@@ -235,3 +235,24 @@ print(reader.busy_loop_s, writer.busy_loop_s)
     from studio.serving.vllm_launcher import IDLE_SPIN_S
 
     assert out.stdout.split()[-2:] == [str(IDLE_SPIN_S), "0"]
+
+
+def test_vllms_children_use_the_grouped_lora_ops_unless_told_not_to() -> None:
+    """The engine core and workers (which run the model) import the launcher as `__mp_main__`:
+    there vLLM's CPU punica wrapper calls studio.serving.lora_cpu's ops, or vLLM's own with
+    STUDIO_LORA_OPS=vllm."""
+    code = """
+import runpy
+runpy.run_module("studio.serving.vllm_launcher", run_name="__mp_main__")
+from vllm.lora.punica_wrapper import punica_cpu
+print(punica_cpu.bgmv_expand.__module__, punica_cpu.bgmv_shrink.__module__)
+"""
+    for env, module in ((None, "studio.serving.lora_cpu"), ("vllm", "vllm.lora.ops.torch_ops.lora_ops")):
+        environ = {k: v for k, v in os.environ.items() if k != "STUDIO_LORA_OPS"}
+        if env:
+            environ["STUDIO_LORA_OPS"] = env
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=environ
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-2:] == [module, module], (env, out.stdout)
