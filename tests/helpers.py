@@ -416,9 +416,10 @@ def rest_sender(url: str, token: str, max_tokens: int = 8) -> Callable[[str], ob
     return send
 
 
-def random_adapter(base_model: Path, out: Path, seed: int = 0, rank: int = 8) -> Path:
+def random_adapter(base_model: Path, out: Path, seed: int = 0, rank: int = 8, strength: float = 0.01) -> Path:
     """A PEFT LoRA adapter over `base_model` with small random weights: what a trained one costs
-    to load and serve, in seconds instead of a training run."""
+    to load and serve, in seconds instead of a training run. `strength` scales its B matrices:
+    at 0.01 most greedy answers stay the base's, at 1 they change."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -432,7 +433,7 @@ def random_adapter(base_model: Path, out: Path, seed: int = 0, rank: int = 8) ->
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.mul_(0.01)
+                param.mul_(strength)
     peft_model.save_pretrained(out)
     return out
 
