@@ -777,7 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcard = models_sub.add_parser(
         "card",
         help="a version's card: metrics against its parent, re-battle, gate, promotions",
-        description="A version's metrics beside its parent's (change and 95%% interval), its blind "
+        description="A version's metrics beside its parent's (change and 95% interval), its blind "
         "re-battle, the gate's state and reasons, and every promotion decision about it.",
     )
     mcard.add_argument("name", help="model version or alias")
@@ -805,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a version against its parent on the suites in data/evals",
         description="Run the evaluation suites on a version and the version it is compared with (its "
         "parent by default; stored runs of the same version, suite and seed are reused), print each "
-        "metric with the change and its 95%% paired-bootstrap interval, and the gate's answer. Needs a "
+        "metric with the change and its 95% paired-bootstrap interval, and the gate's answer. Needs a "
         "running studio (the model server); waits until the evaluation ends.",
     )
     ev.add_argument("version", help="model version or alias")
@@ -998,7 +998,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument(
         "--min-battles",
         type=int,
-        help=f"versions with fewer battles are marked provisional (default {LeaderboardSpec.min_battles})",
+        help="versions with fewer battles are marked provisional; this can only raise the leaderboard's own "
+        "minimum (studio.ratings.PROVISIONAL_BATTLES), which always applies",
     )
     lb.add_argument(
         "--both-bad-is-loss-for-both",
