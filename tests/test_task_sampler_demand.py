@@ -209,6 +209,28 @@ def test_the_probe_curve_sets_the_level(store: Store, server: SlowServer, runnin
     assert ts.overview()["curve"] == curve
 
 
+def test_the_start_probe_is_shown_while_it_runs(
+    store: Store, server: SlowServer, running: list[TaskSampler]
+) -> None:
+    release = threading.Event()
+    curve = [{"in_flight": 1.0, "tok_s": 10.0}, {"in_flight": 4.0, "tok_s": 30.0}]
+
+    def probe() -> list[dict[str, float]]:
+        release.wait(10)
+        return curve
+
+    ts = start(store, server, running, probe=probe)
+    deadline = time.monotonic() + 10
+    while not ts.measuring and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ts.overview()["measuring"] is True and ts.curve is None
+    release.set()
+    deadline = time.monotonic() + 10
+    while ts.measuring and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not ts.measuring and ts.curve == curve
+
+
 def test_a_probe_gives_up_at_the_next_round_once_the_studio_stops(server: SlowServer) -> None:
     """A Ctrl-C during the start's probe: the probe stops before its next round (a studio's
     stop no longer waits for the whole half minute), and no curve comes out of it."""
