@@ -370,7 +370,10 @@ def evaluate_new_version(studio: Any, version: str, parent: str, created_by: str
             raise engine.EvalError("no model server to evaluate on")
         return start_evaluation(store, backend, version, parent, created_by=created_by)
     except Exception as exc:
-        log.exception("the automatic evaluation of %s could not start", version)
+        if isinstance(exc, engine.EvalError):  # a known cause (no model server...): its message says it all
+            log.warning("the automatic evaluation of %s could not start: %s", version, exc)
+        else:
+            log.exception("the automatic evaluation of %s could not start", version)
         reason = (
             f"evaluation: the automatic evaluation against {parent} could not start ({exc}); "
             f"start it with `studio eval {version}`"
