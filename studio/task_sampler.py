@@ -178,13 +178,10 @@ class TaskSampler:
 
     def _run(self) -> None:
         if self._probe is not None and self.curve is None:
-            self._paused.set()  # nothing is in flight yet; `measuring` says a probe runs
-            try:
-                self.set_curve(self._probe())
+            try:  # nothing is in flight yet, and `measuring` says a probe runs
+                self.measure(self._probe)
             except Exception as exc:  # sample anyway, at the default; the status says why
                 self.status.setdefault("_worker", {})["error"] = f"throughput probe failed: {exc}"
-            finally:
-                self._paused.clear()
         while not self._stop.is_set():
             try:
                 self._tick()
