@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -209,26 +209,36 @@ def test_the_probe_curve_sets_the_level(store: Store, server: SlowServer, runnin
     assert ts.overview()["curve"] == curve
 
 
-def test_the_start_probe_is_shown_while_it_runs(
-    store: Store, server: SlowServer, running: list[TaskSampler]
-) -> None:
+CURVE = [{"in_flight": 1.0, "tok_s": 10.0}, {"in_flight": 4.0, "tok_s": 30.0}]
+
+
+def held_probe() -> tuple[Callable[[], list[dict[str, float]]], threading.Event]:
+    """A probe that returns CURVE once the event is set (up to 10 s)."""
     release = threading.Event()
-    curve = [{"in_flight": 1.0, "tok_s": 10.0}, {"in_flight": 4.0, "tok_s": 30.0}]
 
     def probe() -> list[dict[str, float]]:
         release.wait(10)
-        return curve
+        return CURVE
 
-    ts = start(store, server, running, probe=probe)
-    deadline = time.monotonic() + 10
-    while not ts.measuring and time.monotonic() < deadline:
+    return probe, release
+
+
+def until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def test_the_start_probe_is_shown_while_it_runs(
+    store: Store, server: SlowServer, running: list[TaskSampler]
+) -> None:
+    probe, release = held_probe()
+    ts = start(store, server, running, probe=probe)
+    until(lambda: ts.measuring)
     assert ts.overview()["measuring"] is True and ts.curve is None
     release.set()
-    deadline = time.monotonic() + 10
-    while ts.measuring and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not ts.measuring and ts.curve == curve
+    until(lambda: not ts.measuring)
+    assert not ts.measuring and ts.curve == CURVE
 
 
 def test_a_probe_gives_up_at_the_next_round_once_the_studio_stops(server: SlowServer) -> None:
@@ -258,23 +268,15 @@ def test_a_probe_on_demand_is_shown_while_it_runs(
     from studio.ui.admin import sampler_summary
 
     ts = start(store, server, running)
-    release = threading.Event()
-    curve = [{"in_flight": 1.0, "tok_s": 10.0}, {"in_flight": 4.0, "tok_s": 30.0}]
-
-    def probe() -> list[dict[str, float]]:
-        release.wait(10)
-        return curve
-
+    probe, release = held_probe()
     worker = threading.Thread(target=ts.measure, args=(probe,))
     worker.start()
-    deadline = time.monotonic() + 10
-    while not ts.measuring and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(lambda: ts.measuring)
     assert ts.overview()["measuring"] is True
     assert "Measuring the model server's throughput now" in sampler_summary(ts.overview())
     release.set()
     worker.join(10)
-    assert ts.overview()["measuring"] is False and ts.curve == curve
+    assert ts.overview()["measuring"] is False and ts.curve == CURVE
     assert "Measuring" not in sampler_summary(ts.overview())
 
 
