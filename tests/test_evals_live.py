@@ -18,7 +18,7 @@ from tests.conftest import LiveStudio
 
 pytestmark = pytest.mark.slow
 
-LIMIT = 5  # items per suite: enough to see a difference, short enough for CI
+LIMIT = 3  # items per suite: enough to see that each repeats, short enough for CI
 
 
 def base_folder(live: LiveStudio) -> Path:
