@@ -23,7 +23,7 @@ from tests.helpers import StoreFile, make_users, seed_campaign, seed_easy_judgme
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Every vLLM the suite starts (a dozen) skips the model's compile warm-up: 13-18 s sooner each
+# Every vLLM the suite starts (a dozen) skips the compile warm-up: 11-18 s sooner each
 # on the 2-core CPU. The tests check behaviour, not speed; the benchmarks run vLLM's default.
 os.environ.setdefault("STUDIO_VLLM_ARGS", "-O0")
 

@@ -132,7 +132,7 @@ class VLLMServer:
         self.on_restart: Callable[[], None] | None = None
 
         # STUDIO_VLLM_ARGS: vLLM options the studio has no flag for, for every server it starts
-        # (`-O0` starts 13-18 s sooner on the CPU and decodes about 5% slower: benchmarks/README.md)
+        # (`-O0` starts 11-18 s sooner on the CPU, decoding 0.99-1.05x the time: benchmarks/README.md)
         self.extra_args = shlex.split(os.environ.get(VLLM_ARGS_ENV, "")) + (extra_args or [])
         self.progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.state = "stopped"  # stopped | starting | ready | restarting | failed
