@@ -37,7 +37,7 @@ def serve(data_dir: Path, port: int) -> None:
     """The server half: the real app on the store, without a model server (tasks are pre-sampled)."""
     import uvicorn
 
-    from studio.app import create_app
+    from studio.app import create_app, freeze_startup_heap
     from studio.config import Settings
     from studio.runtime import Studio
     from studio.store import Store
@@ -53,7 +53,9 @@ def serve(data_dir: Path, port: int) -> None:
     settings = Settings(data_dir=data_dir, port=port, ui=False)
     studio = LabelOnlyStudio(settings)
     studio.start()
-    uvicorn.run(create_app(settings, studio), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(settings, studio)
+    freeze_startup_heap()  # as `studio serve` does
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 def prepare(data_dir: Path, annotators: int, tasks: int) -> dict[str, str]:

@@ -59,7 +59,7 @@ def client_for(args: argparse.Namespace, local_only: str | None = None) -> Abstr
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from studio.app import create_app
+    from studio.app import create_app, freeze_startup_heap
     from studio.model_prep import ModelError
     from studio.ports import PortError, listen_sockets
     from studio.runtime import Studio
@@ -117,6 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         create_app(settings, studio), host=settings.host, port=settings.port, log_level="warning"
     )
     server = uvicorn.Server(config)
+    freeze_startup_heap()
 
     def announce_when_listening() -> None:
         while not server.started and not server.should_exit:
