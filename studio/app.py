@@ -71,7 +71,7 @@ def freeze_startup_heap() -> None:
     """Leave what startup built out of the garbage collector's full passes.
 
     The served process holds ~160,000 objects after startup (FastAPI, Gradio, pandas, scipy,
-    the studio), none of which will become garbage. A full collection walked all of them,
+    the studio), almost none of which will become garbage. A full collection walked them all,
     about 100 ms here, and every request in flight waited: the labeling p99 went from 16 to
     34-74 ms as the imports grew. Collected once, then frozen, a full pass walks only what
     requests made (benchmarks/README.md, annotate.py: p99 17-20 ms frozen, 34-41 ms not).
