@@ -190,19 +190,6 @@ def seed_battles(
     return ids
 
 
-def live_processes_in_group(pgid: int) -> list[int]:
-    """Processes of one process group still running (zombies, already dead, left out)."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # it ended while we looked
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":  # after the name: state, ppid, pgrp
-            alive.append(int(stat.parent.name))
-    return alive
-
-
 def login(browser: object, url: str, name: str) -> object:
     page = browser.new_page(viewport={"width": 1200, "height": 1600})
     page.goto(f"{url}/")

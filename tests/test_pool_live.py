@@ -22,10 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from studio.serving.vllm_server import live_group_members
 from studio.users import local_token
 from tests.conftest import LiveStudio, data_dir_with_model
 from tests.helpers import Traffic, make_users, random_adapter, rest_sender
-from tests.test_serving import process_alive
 
 pytestmark = pytest.mark.slow
 
@@ -63,19 +63,6 @@ def servers(live: LiveStudio) -> list[dict]:
 
 def base_folder(live: LiveStudio) -> Path:
     return Path(live.studio.store.model_version("base")["path"])
-
-
-def group_alive(pgid: int) -> bool:
-    return any(
-        process_alive(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(p) == pgid
-    )
-
-
-def _pgid(proc: Path) -> int | None:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def test_the_base_is_served_without_runtime_lora_until_an_adapter_exists(pool_studio: LiveStudio) -> None:
@@ -149,7 +136,7 @@ def test_the_first_adapter_switches_to_runtime_lora_without_a_failed_request(
     assert traffic.failed == []
     new = studio.server
     assert new is not old and new.lora and old.state == "stopped"
-    assert not group_alive(old_group)
+    assert not live_group_members(old_group)
     by_base = {s["base"]: s for s in servers(pool_studio)}
     assert len(by_base) == 2 and by_base["base"]["lora"] and "first-lora" in by_base["base"]["serves"]
     assert studio.store.model_version("first-lora")["kind"] == "lora"
