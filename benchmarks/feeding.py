@@ -4,14 +4,18 @@ The studio runs as `studio serve` does (its own process: managed vLLM, the task 
 REST API, the real DuckDB file). For each team size a new campaign starts cold (no task
 sampled), and that many simulated annotators (asyncio, one process) join it within the first
 10 s. Each asks for a task, thinks 20-40 s (uniform), submits a ranking with `next=true` and
-so asks for the next one; when none is ready it polls every second until one is. At the end
-of the phase each skips the task it holds (it leaves), so the next phase's campaign does not
-count them.
+so asks for the next one; when none is ready it polls every second until one is. The phase
+ends on time: one whose thinking would run past the end stops there. At the end each skips
+the task it holds (it leaves), so the next phase's campaign does not count them.
 
 Reported per team: the share of next-task requests answered with a task ready (the first
 ask of each task, not the polls), the same share after the first minute (warm), waits when
-starved, judgments/min and the sampler's own view at the end. The largest team kept at least
-95% fed is the answer to "how many annotators does this machine feed".
+starved, and tasks per minute over the phase as sampled, handed out and judged. At the end
+of the phase, before anyone skips: what the labeling pool could hand out then (`pool_ready`:
+tasks with a free place), how many annotators held a task or waited for one, and the
+sampler's own view (its `ready` is the same count as of its last round; its supply is over
+its last 120 s). The largest team kept at least 95% fed is the answer to "how many
+annotators does this machine feed".
 
     python benchmarks/feeding.py [--teams 10,20,30,40] [--seconds 180] [--n 4] [--max-tokens 96]
 """
@@ -75,20 +79,34 @@ def prompts(count: int) -> list[str]:
     ]
 
 
+THINK_S = (20.0, 40.0)  # seconds an annotator spends on a task (uniform)
+POLL_S = 1.0  # how often a starved annotator asks again
+JOIN_S = 10.0  # the team joins within this many seconds of the campaign's start
+WARM_S = 60.0  # asks after this are "warm"
+
+
 class Annotator:
-    def __init__(self, client, campaign: str, stop_at: float, think: tuple[float, float], log: dict):
-        self.client, self.campaign, self.stop_at, self.think, self.log = client, campaign, stop_at, think, log
+    def __init__(self, client, campaign: str, stop_at: float, observed: asyncio.Event, log: dict):
+        self.client, self.campaign, self.stop_at, self.log = client, campaign, stop_at, log
+        self.observed = observed  # set once the end's views are taken
+        self.state = "arriving"  # then "holding" or "waiting"
 
     async def ask(self, task: dict | None, started: float) -> dict | None:
         """Record whether a task was ready at the first ask; poll until one is (or time is up)."""
         self.log["asks"].append((time.monotonic() - started, task is not None))
         waited = time.monotonic()
+        self.state = "waiting"
         while task is None and time.monotonic() < self.stop_at:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(POLL_S)
+            if time.monotonic() >= self.stop_at:  # a task taken now would count after the end's views
+                break
             r = await self.client.post(f"/api/v1/campaigns/{self.campaign}/next")
             task = r.json()["task"]
-        if task is not None and self.log["asks"][-1][1] is False:
-            self.log["waits"].append(time.monotonic() - waited)
+        if task is not None:
+            self.state = "holding"
+            self.log["handed"] += 1
+            if self.log["asks"][-1][1] is False:
+                self.log["waits"].append(time.monotonic() - waited)
         return task
 
     async def run(self, delay: float, started: float) -> None:
@@ -97,9 +115,14 @@ class Annotator:
         task = await self.ask(r.json()["task"], started)
         while task is not None and time.monotonic() < self.stop_at:
             shown = time.time()
-            await asyncio.sleep(random.uniform(*self.think))
-            if time.monotonic() >= self.stop_at:
+            think = random.uniform(*THINK_S)
+            if time.monotonic() + think >= self.stop_at:
+                # Its judgment would come after the end: wait for the end, not past it. (Sleeping
+                # out the whole think time kept the phase open up to 40 s longer, with nobody
+                # asking while the sampler kept filling the buffer.)
+                await asyncio.sleep(max(self.stop_at - time.monotonic(), 0.0))
                 break
+            await asyncio.sleep(think)
             n = len(task["completions"])
             body = {
                 "assignment_id": task["assignment_id"],
@@ -111,6 +134,7 @@ class Annotator:
             r.raise_for_status()
             self.log["judgments"] += 1
             task = await self.ask(r.json()["next"]["task"], started)
+        await self.observed.wait()  # the end's views are taken before anyone leaves
         if task is not None:  # leave: the held task goes back, and this person stops counting
             await self.client.post(f"/api/v1/assignments/{task['assignment_id']}/skip")
 
@@ -124,34 +148,64 @@ async def phase(url: str, admin: str, tokens: list[str], campaign: str, args: ar
         made = await adm.post("/api/v1/campaigns", json=body)
         if made.status_code != 200:
             raise SystemExit(f"creating campaign {campaign}: HTTP {made.status_code}: {made.text[:500]}")
-        log: dict = {"asks": [], "waits": [], "judgments": 0}
+        log: dict = {"asks": [], "waits": [], "judgments": 0, "handed": 0}
         started = time.monotonic()
         stop_at = started + args.seconds
+        observed = asyncio.Event()
+        end: dict = {}
+
+        async def observe(people: list[Annotator]) -> None:
+            """The views at the end, all at one moment: before anyone skips (which would
+            give the held tasks back) and before the sampler adds to a buffer nobody draws on."""
+            try:
+                await asyncio.sleep(max(stop_at - time.monotonic(), 0.0))
+                states = [p.state for p in people]
+                stats = (await adm.get(f"/api/v1/campaigns/{campaign}")).json()["progress"]
+                end["view"] = (await adm.get("/api/v1/sampler")).json()
+                end["pool"] = {
+                    "pool_ready": stats["ready"],  # tasks with a free place: what could be handed out now
+                    "tasks_sampled": stats["tasks_sampled"],
+                    "judgments": stats["judgments"],
+                    "holding": states.count("holding"),
+                    "waiting": states.count("waiting"),
+                }
+            finally:
+                observed.set()
+
         clients = [
             httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {t}"}, timeout=120)
             for t in tokens
         ]
         try:
-            people = [Annotator(c, campaign, stop_at, (20.0, 40.0), log) for c in clients]
-            await asyncio.gather(*(p.run(random.uniform(0, 10), started) for p in people))
+            people = [Annotator(c, campaign, stop_at, observed, log) for c in clients]
+            joins = [p.run(random.uniform(0, JOIN_S), started) for p in people]
+            await asyncio.gather(observe(people), *joins)
         finally:
             for c in clients:
                 await c.aclose()
-        view = (await adm.get("/api/v1/sampler")).json()
     asks = log["asks"]
-    warm = [ok for t, ok in asks if t >= 60]
+    warm = [ok for t, ok in asks if t >= WARM_S]
     waits = sorted(log["waits"])
+    minutes = args.seconds / 60
+    view, pool = end["view"], end["pool"]
     return {
         "annotators": len(tokens),
         "asks": len(asks),
         "fed_share": sum(ok for _, ok in asks) / max(len(asks), 1),
         "fed_share_after_60s": sum(warm) / max(len(warm), 1),
-        "judgments_per_min": log["judgments"] / (args.seconds / 60),
+        "judgments_per_min": log["judgments"] / minutes,
         "starved_waits_s": {
             "count": len(waits),
             "median": round(statistics.median(waits), 1) if waits else None,
             "max": round(waits[-1], 1) if waits else None,
         },
+        # one window (the phase) for all three; the campaign is new, so all its tasks are this phase's
+        "tasks_per_min": {
+            "sampled": round(pool["tasks_sampled"] / minutes, 2),
+            "handed_out": round(log["handed"] / minutes, 2),
+            "judged": round(log["judgments"] / minutes, 2),
+        },
+        "at_end": pool,
         "sampler": {"in_flight": view["in_flight_target"], "campaign": view["campaigns"].get(campaign)},
     }
 
@@ -236,8 +290,12 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     for r in results:
         warm = f"{r['fed_share_after_60s']:.0%} after the first minute"
-        rate = f"{r['judgments_per_min']:.1f} judgments/min"
-        print(f"{r['annotators']:>4} annotators: {r['fed_share']:.0%} fed ({warm}), {rate}")
+        flow = r["tasks_per_min"]
+        rate = f"tasks/min sampled {flow['sampled']:.1f}, handed out {flow['handed_out']:.1f}"
+        rate += f", judged {flow['judged']:.1f}"
+        end = r["at_end"]
+        ready = f"at the end {end['pool_ready']} ready, {end['holding']} holding, {end['waiting']} waiting"
+        print(f"{r['annotators']:>4} annotators: {r['fed_share']:.0%} fed ({warm}); {rate}; {ready}")
     print(f"largest team kept >= 95% fed: {report['largest_team_95_fed']}")
 
 
