@@ -506,7 +506,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     else:
         rows = read_battle_log(args.battles)
         try:
-            board = rate_battle_log(rows, str(args.battles), not args.both_bad_is_loss_for_both, spec)
+            board = rate_battle_log(rows, str(args.battles), not args.drop_both_bad, spec)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
     if args.json:
@@ -1003,6 +1003,8 @@ def build_parser() -> argparse.ArgumentParser:
         "minimum (studio.ratings.PROVISIONAL_BATTLES), which always applies",
     )
     lb.add_argument(
+        "--drop-both-bad",
+        # the first name said "loss for both", which is not what it does; kept so scripts still run
         "--both-bad-is-loss-for-both",
         action="store_true",
         help="drop 'tie (bothbad)' battles instead of counting them as ties",
