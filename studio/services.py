@@ -413,9 +413,13 @@ def _fields(spec: Any) -> dict[str, Any]:
     return {f.name: getattr(spec, f.name) for f in fields(spec)}
 
 
-def _wake_tasks(ctx: Context, campaign: str | None = None, starved: bool = False) -> None:
+def _wake_tasks(ctx: Context, campaign: str | None = None, waiting: User | None = None) -> None:
+    """Tell the task sampler a task was used up, or that `waiting` found none ready in the
+    campaign. A worker waiting without a task holds nothing and judges nothing, so only this
+    tells the sampler they are there: they count in its demand, not just in its wake-up."""
     if ctx.task_sampler is not None:
-        ctx.task_sampler.poke(campaign, starved=starved)
+        who = waiting.name if waiting is not None else None
+        ctx.task_sampler.poke(campaign, starved=waiting is not None, who=who)
 
 
 def _context_of(ctx: Context, store: Store, models: list[str]) -> int | None:
@@ -751,7 +755,7 @@ def _with_progress(ctx: Context, campaign: str, user: User, task: dict[str, Any]
     `task: null`."""
     status = labeling.progress(_db(ctx), campaign, user.name)
     if task is None and status["remaining"]:
-        _wake_tasks(ctx, campaign, starved=True)  # the buffer ran dry for this annotator
+        _wake_tasks(ctx, campaign, waiting=user)  # the buffer ran dry for this annotator
     status["sampler_error"] = _sampler_error(ctx, campaign)  # why no task is ready, if sampling fails
     state, note = _why_no_task(ctx, status) if task is None else ("task", None)
     return {"task": task, "progress": status, "status": state, "note": note}
@@ -869,7 +873,7 @@ def next_battle(ctx: Context, user: User, campaign: str) -> dict[str, Any]:
 
     battle = arena.next_battle(_db(ctx), campaign, user.name)
     if battle is None:
-        _wake_tasks(ctx, campaign, starved=True)
+        _wake_tasks(ctx, campaign, waiting=user)
     return {"battle": battle}
 
 
@@ -900,7 +904,7 @@ def regenerate(ctx: Context, user: User, battle_id: str) -> dict[str, Any]:
     store = _db(ctx)
     arena.regenerate(store, user.name, battle_id)
     campaign = store.query("SELECT campaign FROM battles WHERE id = ?", [battle_id])[0]["campaign"]
-    _wake_tasks(ctx, campaign, starved=True)
+    _wake_tasks(ctx, campaign, waiting=user)  # the expert waits for the new one
     return {"discarded": battle_id}
 
 

