@@ -816,7 +816,7 @@ def begin_judgment(
     ctx: Context, user: User, spec: JudgmentSpec
 ) -> tuple[Future[None], Callable[[], dict[str, Any]]]:
     """`submit_judgment` in two steps, for a caller on an event loop (the REST route): await the
-    future (the group commit, written on the loop), then call the second part for the answer; it
+    future (the group commit, off the loop), then call the second part for the answer; it
     raises what the commit raised, after taking the change back. With `spec.next` the next task
     is taken in the same step. The capability check reads the in-memory user: no query."""
     _check_judgment_text(spec)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import duckdb
@@ -33,3 +35,48 @@ def test_group_commit_fails_only_the_bad_unit_and_drains_on_close(store: Store) 
     assert max(batches) >= 4 and batches[-4:] == [1, 1, 1, 1]
     with pytest.raises(StoreError, match="shutting down"):
         writer.submit("e")
+
+
+def test_units_awaited_on_a_loop_are_written_off_the_loop_and_drained_on_close(store: Store) -> None:
+    """A loop's units are written by the awaited lane's thread while the loop goes on (a write
+    on the loop stopped every request), and close() writes them, and the writer-lane rows
+    they hand on, before it returns."""
+    store.cursor().execute("CREATE TABLE t (id VARCHAR PRIMARY KEY, lane VARCHAR)")
+    writing, release = threading.Event(), threading.Event()
+    writer: BatchWriter
+
+    def flush(units: list[str]) -> None:  # the writer lane
+        store.write("INSERT INTO t SELECT unnest(?), 'writer'", [units])
+
+    def loop_flush(units: list[str]) -> None:
+        assert threading.current_thread() is not threading.main_thread()
+        writing.set()
+        release.wait(10)  # on the loop's thread, the loop would stop here
+        store.write("INSERT INTO t SELECT unnest(?), 'awaited'", [units], exclusive=False)
+        for u in units:  # rows nobody waits for, as the labeling pool hands on its assignments
+            writer.submit(f"{u}-rows", in_background=True)
+
+    writer = BatchWriter(store, flush, name="test-writer", loop_flush=loop_flush)
+    closer = threading.Thread(target=writer.close)
+
+    async def scenario() -> int:
+        futures = [writer.submit("a")]
+        assert await asyncio.to_thread(writing.wait, 10)
+        turns = 0
+        for _ in range(5):  # the loop still turns while "a" is being written
+            await asyncio.sleep(0)
+            turns += 1
+        futures.append(writer.submit("b"))  # behind the write in progress: the next batch
+        closer.start()  # closing while both are still to be written
+        await asyncio.sleep(0.1)
+        release.set()
+        for f in futures:
+            await asyncio.wrap_future(f)
+        return turns
+
+    assert asyncio.run(scenario()) == 5
+    closer.join(10)
+    rows = {r["id"]: r["lane"] for r in store.query("SELECT id, lane FROM t")}
+    assert rows == {"a": "awaited", "b": "awaited", "a-rows": "writer", "b-rows": "writer"}
+    with pytest.raises(StoreError, match="shutting down"):
+        writer.submit("c")

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -472,6 +474,32 @@ def test_a_judgment_on_the_loop_for_a_campaign_not_loaded_loads_it_in_a_worker(
     assert judgment["assignment_id"] == task["assignment_id"]
     assert following is not None and following["assignment_id"] != task["assignment_id"]
     assert labeling.progress(store, "c1", "ann1")["done"] == 1
+
+
+def test_a_committed_judgment_lets_go_of_its_commit_future(store: Store) -> None:
+    """The pool keeps each idempotency key for the process's life; once its judgment is
+    committed it must not keep the commit's future (with its lock, condition and the loop's
+    callbacks): held per judgment, they made every full garbage collection pass longer."""
+    seed_campaign(store, prompts=2, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")
+    futures: list[weakref.ref] = []
+
+    async def scenario() -> dict:
+        sub = Submission(task["assignment_id"], ranks=[1, 2, 3], idempotency_key="k-loop")
+        committed, finish = labeling.begin_submit(store, "ann1", sub, then_next=True)
+        futures.append(weakref.ref(committed))
+        await asyncio.wrap_future(committed)
+        return finish()[0]
+
+    with ThreadPoolExecutor(1) as runner:
+        judgment = runner.submit(asyncio.run, scenario()).result()
+    gc.collect()
+    assert futures[0]() is None
+    # a retry still answers with the stored judgment
+    again = labeling.submit(
+        store, "ann1", Submission(task["assignment_id"], ranks=[3, 2, 1], idempotency_key="k-loop")
+    )
+    assert again["id"] == judgment["id"] and again["ranks"] == [1, 2, 3]
 
 
 def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path: Path) -> None:
