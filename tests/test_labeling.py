@@ -502,11 +502,12 @@ def test_a_committed_judgment_lets_go_of_its_commit_future(store: Store) -> None
     assert again["id"] == judgment["id"] and again["ranks"] == [1, 2, 3]
 
 
-def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path: Path) -> None:
-    """POST /judgments writes its batch on the event loop, and never waits for the store's
-    write lock: while another thread holds it (a long import) judgments are still stored and
-    answered. (Its loop runs in a thread of its own: Playwright's sync API, used by the
-    session's browser fixture, keeps a running loop on the main thread.)"""
+def test_rest_judgments_commit_without_the_write_lock(tmp_path: Path) -> None:
+    """POST /judgments writes its batch off the event loop (BatchWriter's awaited lane), and
+    never waits for the store's write lock: while another thread holds it (a long import)
+    judgments are still stored and answered. (Its loop runs in a thread of its own:
+    Playwright's sync API, used by the session's browser fixture, keeps a running loop on the
+    main thread.)"""
     settings = Settings(data_dir=tmp_path, ui=False)
     studio = Studio(settings)
     studio.store = Store(settings.db_path)
