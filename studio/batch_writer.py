@@ -182,6 +182,12 @@ class BatchWriter:
             except queue.Empty:
                 break
         if batch:
+            # From here on no caller can cancel its future (a request handler cancelled while
+            # it awaits the commit cancels the future it awaits). A unit whose future was
+            # cancelled before is still written: the pool has already counted it, and its
+            # caller retries with the same key. Only its answer is left out.
+            for _, done in batch:
+                done.set_running_or_notify_cancel()
             self._commit(batch, lane.flush)
         return item is None
 
@@ -198,10 +204,12 @@ class BatchWriter:
             flush([unit for unit, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
-                batch[0][1].set_exception(exc)
+                if not batch[0][1].cancelled():
+                    batch[0][1].set_exception(exc)
                 return
             for unit, done in batch:
                 self._commit([(unit, done)], flush)
             return
         for _, done in batch:
-            done.set_result(None)
+            if not done.cancelled():  # answering a cancelled one would raise, and leave the rest
+                done.set_result(None)

@@ -80,3 +80,28 @@ def test_units_awaited_on_a_loop_are_written_off_the_loop_and_drained_on_close(s
     assert rows == {"a": "awaited", "b": "awaited", "a-rows": "writer", "b-rows": "writer"}
     with pytest.raises(StoreError, match="shutting down"):
         writer.submit("c")
+
+
+def test_a_cancelled_caller_does_not_leave_the_rest_of_its_batch_unanswered(store: Store) -> None:
+    """A request handler cancelled while it awaits the commit cancels the future it awaits.
+    Its unit is still written (the pool already counted it; a retry with the same key finds
+    it), and the other units of its batch are answered: answering the cancelled one used to
+    raise in the writer and leave them waiting."""
+    store.cursor().execute("CREATE TABLE t (id VARCHAR PRIMARY KEY)")
+    written: list[str] = []
+
+    def flush(units: list[str]) -> None:
+        store.write("INSERT INTO t SELECT unnest(?)", [units])
+        written.extend(units)
+
+    writer = BatchWriter(store, flush, name="test-writer")
+    with store.transaction():  # the first write waits on this, so the next ones queue behind it
+        first = writer.submit("a")
+        time.sleep(0.2)
+        cancelled, after = writer.submit("b"), writer.submit("c")
+        assert cancelled.cancel()  # still queued: cancellable, as a handler's cancel would do
+    after.result(timeout=10)
+    first.result(timeout=10)
+    writer.close()
+    assert sorted(written) == ["a", "b", "c"]
+    assert sorted(r["id"] for r in store.query("SELECT id FROM t")) == ["a", "b", "c"]
