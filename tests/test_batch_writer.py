@@ -11,6 +11,7 @@ import pytest
 
 from studio.batch_writer import BatchWriter
 from studio.store import Store, StoreError
+from tests.crashing import run_async
 
 
 def test_group_commit_fails_only_the_bad_unit_and_drains_on_close(store: Store) -> None:
@@ -44,12 +45,13 @@ def test_units_awaited_on_a_loop_are_written_off_the_loop_and_drained_on_close(s
     store.cursor().execute("CREATE TABLE t (id VARCHAR PRIMARY KEY, lane VARCHAR)")
     writing, release = threading.Event(), threading.Event()
     writer: BatchWriter
+    loop_thread: list[threading.Thread] = []
 
     def flush(units: list[str]) -> None:  # the writer lane
         store.write("INSERT INTO t SELECT unnest(?), 'writer'", [units])
 
     def loop_flush(units: list[str]) -> None:
-        assert threading.current_thread() is not threading.main_thread()
+        assert threading.current_thread() is not loop_thread[0]
         writing.set()
         release.wait(10)  # on the loop's thread, the loop would stop here
         store.write("INSERT INTO t SELECT unnest(?), 'awaited'", [units], exclusive=False)
@@ -60,6 +62,7 @@ def test_units_awaited_on_a_loop_are_written_off_the_loop_and_drained_on_close(s
     closer = threading.Thread(target=writer.close)
 
     async def scenario() -> int:
+        loop_thread.append(threading.current_thread())
         futures = [writer.submit("a")]
         assert await asyncio.to_thread(writing.wait, 10)
         turns = 0
@@ -74,7 +77,7 @@ def test_units_awaited_on_a_loop_are_written_off_the_loop_and_drained_on_close(s
             await asyncio.wrap_future(f)
         return turns
 
-    assert asyncio.run(scenario()) == 5
+    assert run_async(scenario()) == 5
     closer.join(10)
     rows = {r["id"]: r["lane"] for r in store.query("SELECT id, lane FROM t")}
     assert rows == {"a": "awaited", "b": "awaited", "a-rows": "writer", "b-rows": "writer"}
