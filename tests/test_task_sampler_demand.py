@@ -254,7 +254,7 @@ def test_a_burst_of_no_task_asks_runs_few_sampler_rounds(
             asks += 1
         time.sleep(0.01)  # 8 annotators asking every 10 ms: far more often than any client polls
     took = time.monotonic() - start_at
-    assert asks >= 500, asks  # a burst: each poked the sampler, starved
+    assert asks >= 100, asks  # a burst (about 1,100 on a quiet machine): each poked the sampler, starved
     assert counts["rounds"] - rounds <= took / every_s + 1, (counts, asks)
     assert counts["demand"] - demand <= 1, (counts, asks)  # every DEMAND_EVERY_S, starved or not
     until(lambda: ts.overview()["campaigns"]["rush"].get("workers") == 8)
