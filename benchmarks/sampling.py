@@ -1,6 +1,8 @@
 """Output tokens/s of the studio's sampler against transformers' batched generate, by sequences in flight.
 
-Same model (the packaged SmolLM2-135M-Instruct, float32), same prompts, same number of
+Same model (the packaged SmolLM2-135M-Instruct), same dtype on both sides (the one the
+studio serves in: bfloat16 on a CPU with native bfloat16 arithmetic, float32 elsewhere;
+`--dtype` to choose), same prompts, same number of
 completions per prompt (n, one request per prompt on the studio's side, num_return_sequences
 on transformers'), same output length (EOS ignored on both sides so every completion is
 exactly --max-tokens long), in one run. For each number of sequences in flight (1 to 64) the
@@ -9,12 +11,12 @@ written to DuckDB) and transformers runs one batched `generate` of the same size
 after it (interleaved: on a shared machine each pair sees the same background load; the
 load average is printed beside each pair; --rounds N keeps the best of N sweeps). The
 studio's operating point is the knee of its own curve (`buffering.pick_concurrency`, the rule
-the task sampler uses); the ratio is taken there. Beside it: the machine's measured float32
-matmul FLOP/s and the compute roofline it implies for this model (2 FLOPs per parameter per
+the task sampler uses); the ratio is taken there. Beside it: the machine's measured matmul
+FLOP/s in that dtype and the compute roofline it implies for this model (2 FLOPs per parameter per
 token), and the share of it reached.
 
     python benchmarks/sampling.py [--levels 1,2,4,8,16,32,64] [--n 4] [--max-tokens 64]
-        [--lora off|on|both] [--rounds 1]
+        [--lora off|on|both] [--rounds 1] [--dtype auto|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ PROMPTS = [
 ]
 
 
-def matmul_flops(size: int = 2048, repeats: int = 10, rounds: int = 3) -> float:
-    """The best of a few rounds of float32 matmuls on all cores: the CPU's attainable FLOP/s."""
+def matmul_flops(dtype: str, size: int = 2048, repeats: int = 10, rounds: int = 3) -> float:
+    """The best of a few rounds of matmuls in `dtype` on all cores: the CPU's attainable FLOP/s."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
     torch.matmul(a, b)  # warm-up
     best = 0.0
     for _ in range(rounds):
@@ -72,7 +74,7 @@ def shape(level: int, n: int) -> tuple[int, int]:
 class Transformers:
     """transformers' batched generate on the same model, loaded once, run level by level."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, dtype: str):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,7 +82,7 @@ class Transformers:
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.tok.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         with torch.no_grad():
             self.model.generate(**self.tok(["warm up"], return_tensors="pt"), max_new_tokens=4)
 
@@ -185,21 +187,31 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--lora", choices=("off", "on", "both"), default="off")
     parser.add_argument("--rounds", type=int, default=1, help="sweeps; the best of them per level")
+    parser.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="auto: the studio's own"
+    )
     args = parser.parse_args()
+    from studio.serving.vllm_server import VLLM_ARGS_ENV, cpu_serving_dtype, on_cpu_build
+
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = cpu_serving_dtype() if on_cpu_build() else "bfloat16"
+    # the studio's server takes it as its last --dtype, so both sides run the same arithmetic
+    os.environ[VLLM_ARGS_ENV] = f"{os.environ.get(VLLM_ARGS_ENV, '')} --dtype {dtype}".strip()
     levels = [int(x) for x in args.levels.split(",")]
 
     from studio.model_prep import prepare_default_model
 
     with tempfile.TemporaryDirectory(prefix="bench-sampling-") as tmp:
         model = prepare_default_model(Path(tmp))
-        flops = matmul_flops()
-        hf = Transformers(model.path)
+        flops = matmul_flops(dtype)
+        hf = Transformers(model.path, dtype)
         studio = {}
         for lora in {"off": [False], "on": [True], "both": [False, True]}[args.lora]:
             studio["lora_on" if lora else "lora_off"] = bench(
                 Path(tmp), hf, levels, args.n, args.max_tokens, lora, args.rounds
             )
-        flops = max(flops, matmul_flops())  # the attainable peak: the better of before and after
+        flops = max(flops, matmul_flops(dtype))  # the attainable peak: the better of before and after
         params = _param_count(model.path)
 
     # Compute-bound ceiling: a decoder spends about 2 FLOPs per parameter per
@@ -208,7 +220,13 @@ def main() -> None:
     report: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "workload": {"levels": levels, "n": args.n, "max_tokens": args.max_tokens, "rounds": args.rounds},
+        "workload": {
+            "levels": levels,
+            "n": args.n,
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "dtype": dtype,
+        },
         "matmul_gflop_s": flops / 1e9,
         "model_params": params,
         "compute_roofline_tok_s": roofline,
@@ -240,7 +258,8 @@ def main() -> None:
             f"{s['roofline_share']:.0%} of the compute roofline (targets 3x and 25%)"
         )
     lines.append(
-        f"matmul {flops / 1e9:.1f} GFLOP/s -> compute roofline {roofline:.0f} tok/s ({params:,} parameters)"
+        f"{dtype} matmul {flops / 1e9:.1f} GFLOP/s -> compute roofline {roofline:.0f} tok/s "
+        f"({params:,} parameters)"
     )
     print(json.dumps(report, indent=2))
     print("\n".join(lines))
