@@ -37,7 +37,7 @@ def serve(data_dir: Path, port: int) -> None:
     """The server half: the real app on the store, without a model server (tasks are pre-sampled)."""
     import uvicorn
 
-    from studio.app import create_app
+    from studio.app import create_app, freeze_startup_heap
     from studio.config import Settings
     from studio.runtime import Studio
     from studio.store import Store
@@ -53,7 +53,9 @@ def serve(data_dir: Path, port: int) -> None:
     settings = Settings(data_dir=data_dir, port=port, ui=False)
     studio = LabelOnlyStudio(settings)
     studio.start()
-    uvicorn.run(create_app(settings, studio), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(settings, studio)
+    freeze_startup_heap()  # as `studio serve` does
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 def prepare(data_dir: Path, annotators: int, tasks: int) -> dict[str, str]:
@@ -62,7 +64,8 @@ def prepare(data_dir: Path, annotators: int, tasks: int) -> dict[str, str]:
 
     store = Store(data_dir / "studio.duckdb")
     tokens = make_users(store, *[(f"ann{i:02d}", "annotator") for i in range(annotators)])
-    seed_campaign(store, name="bench", prompts=tasks, n=4, overlap=annotators)
+    # every annotator may take every task, up to the campaign limit of 50 per task
+    seed_campaign(store, name="bench", prompts=tasks, n=4, overlap=min(annotators, 50))
     store.close()
     return tokens
 
@@ -210,7 +213,7 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     print(
         f"\nsubmit -> next task: p50 {paced['p50_ms']} ms, p95 {paced['p95_ms']} ms, "
-        f"p99 {paced['p99_ms']} ms (target p95 <= 100 ms); without think time "
+        f"p99 {paced['p99_ms']} ms (target p95 <= 50 ms at 200 annotators, issue 15); without think time "
         f"{flat['judgments_per_s']} durable judgments/s (target >= 1000); lost: {lost}"
     )
 

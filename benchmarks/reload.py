@@ -1,8 +1,9 @@
 """From a run's end to the new version answering its first request, with requests flowing.
 
 One studio as `studio serve` starts it (packaged model, runtime LoRA auto: the base is served
-without it), requests sent without pause through the studio's sampler by two threads all along,
-and, in one run:
+without it), requests sent through the studio's sampler by two threads all along (each waits
+`--pause` seconds after an answer: 0.5 by default, an annotating team's pace; 0 keeps the
+server saturated, which on 2 cores starves a starting vLLM), and, in one run:
 
 - the cold start of a bare vLLM on the base, idle and again while the studio serves the traffic;
 - the first adapter: registration (the switch to a server with runtime LoRA, blue/green) until
@@ -17,7 +18,7 @@ and, in one run:
 `register_stage` calls `Studio.add_adapter` / `Studio.add_full_version`, timed here, then opens
 the re-battle campaign (one transaction).
 
-    python benchmarks/reload.py [--threads 2]
+    python benchmarks/reload.py [--threads 2] [--pause 0.5] [--lora-only]
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ def cold_start(model_dir: Path, log: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="threads sending requests all along")
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds each thread waits after an answer")
+    parser.add_argument(
+        "--lora-only",
+        action="store_true",
+        help="the two adapter steps only (no full-weight version, no cold starts): minutes, not ten",
+    )
     args = parser.parse_args()
 
     from studio.config import Settings
@@ -124,6 +131,7 @@ def main() -> None:
 
     report: dict = {
         "date": time.strftime("%Y-%m-%d"),
+        "pause_s": args.pause,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB)} GiB, "
         f"Python {platform.python_version()}",
@@ -136,8 +144,9 @@ def main() -> None:
         lora_b = random_adapter(base, Path(tmp) / "lora-b", seed=2)
         full = Path(tmp) / "full"
         shutil.copytree(base, full)
-        report["cold_start_idle_s"] = round(cold_start(base, Path(tmp) / "cold.log"), 1)
-        print(f"cold start (idle): {report['cold_start_idle_s']} s", flush=True)
+        if not args.lora_only:
+            report["cold_start_idle_s"] = round(cold_start(base, Path(tmp) / "cold.log"), 1)
+            print(f"cold start (idle): {report['cold_start_idle_s']} s", flush=True)
 
         started = time.perf_counter()
         studio = Studio(Settings(data_dir=data, ui=False, watch_interval=1.0))
@@ -159,7 +168,10 @@ def main() -> None:
                     time.sleep(0.05)
 
         try:
-            with MemoryWatch(studio.pool) as memory, Traffic(send, ["base"], threads=args.threads) as traffic:
+            with (
+                MemoryWatch(studio.pool) as memory,
+                Traffic(send, ["base"], threads=args.threads, pause=args.pause) as traffic,
+            ):
                 traffic.wait_for("base", 4)
                 steps = [
                     (
@@ -174,7 +186,15 @@ def main() -> None:
                         "bench-full",
                     ),
                 ]
-                for key, register, name in steps:
+                for key, register, name in steps[:2] if args.lora_only else steps:
+                    # The switch to runtime LoRA starts a throughput probe in the background (30 s
+                    # of requests in flight, new sampling paused): a trainer's next version comes
+                    # minutes later, so each step starts once the probe is over
+                    waited = time.perf_counter()
+                    while studio.task_sampler.measuring:
+                        time.sleep(0.2)
+                    if time.perf_counter() - waited > 1:
+                        print(f"  waited {time.perf_counter() - waited:.0f} s for the probe", flush=True)
                     failed_before = len(traffic.failed)
                     sent_before = sum(traffic.ok.values()) + failed_before
                     before = memory.mark()
@@ -201,17 +221,22 @@ def main() -> None:
                     }
                     print(key, json.dumps(report[key]), flush=True)
                 # the like-for-like reference: a cold start while the studio serves the traffic
-                report["cold_start_under_traffic_s"] = round(cold_start(base, Path(tmp) / "cold2.log"), 1)
+                if not args.lora_only:
+                    report["cold_start_under_traffic_s"] = round(cold_start(base, Path(tmp) / "cold2.log"), 1)
                 report["failures"] = traffic.failed[:5]
                 report["answered"] = traffic.ok
         finally:
             studio.stop()
-    full_s = report["full_weights"]["to_first_answer_s"]
     switch_s = report["lora_first_adapter_switch"]["to_first_answer_s"]
     print(json.dumps(report, indent=2))
     print(
         f"\nLoRA hot-load {report['lora_hot_load']['to_first_answer_s']} s (target <= 3 s); "
-        f"first adapter with the switch to runtime LoRA {switch_s} s\n"
+        f"first adapter with the switch to runtime LoRA {switch_s} s"
+    )
+    if args.lora_only:
+        return
+    full_s = report["full_weights"]["to_first_answer_s"]
+    print(
         f"full weights {full_s} s; cold start {report['cold_start_idle_s']} s idle, "
         f"{report['cold_start_under_traffic_s']} s under the same traffic "
         f"(target <= cold start + 10%: {full_s / report['cold_start_under_traffic_s']:.2f}x)\n"

@@ -6,7 +6,7 @@ library directly in a plain subprocess (TRL's trainer built by hand with the sam
 PPO, `trainers.ppo.train_ppo` called without the studio). Time per step is taken between the first
 and the last logged step, so model loading and process start are left out of both sides.
 
-python benchmarks/training.py [--steps 6] [--ppo-iterations 3] [--batch 4]
+python benchmarks/training.py [--steps 6] [--ppo-iterations 3] [--batch 4] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -188,12 +188,42 @@ def studio_run(store: Any, data_dir: Path, stage: str, steps: int, batch: int) -
     }
 
 
+def direct_run(stage: str, snapshot: Path, parent: Path, tmp: Path, steps: int, batch: int) -> float:
+    """The direct side in a plain subprocess on the studio run's snapshot; seconds per step."""
+    out = Path(tempfile.mkdtemp(prefix=f"direct-{stage}-", dir=tmp))
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--direct",
+            stage,
+            "--snapshot",
+            str(snapshot),
+            "--parent",
+            str(parent),
+            "--out",
+            str(out),
+            "--steps",
+            str(steps),
+            "--batch",
+            str(batch),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    return per_step(json.loads((out / "direct.json").read_text())["times"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="steps per run (PPO: --ppo-iterations)")
     parser.add_argument("--ppo-iterations", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4, help="the same batch for every stage")
     parser.add_argument("--stages", default="reward,dpo,sft,ppo")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs per side, the order alternating (studio first in round 1)"
+    )
     parser.add_argument("--direct", help=argparse.SUPPRESS)
     parser.add_argument("--snapshot", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--parent", type=Path, help=argparse.SUPPRESS)
@@ -229,39 +259,32 @@ def main() -> None:
                 kind="reward",
                 parent="base",
             )
-        studio = studio_run(store, tmp, stage, steps, args.batch)
-        out = tmp / f"direct-{stage}"
-        out.mkdir()
-        subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--direct",
-                stage,
-                "--snapshot",
-                studio["snapshot"],
-                "--parent",
-                str(prepared.path),
-                "--out",
-                str(out),
-                "--steps",
-                str(steps),
-                "--batch",
-                str(args.batch),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        direct_step = per_step(json.loads((out / "direct.json").read_text())["times"])
+        # Rounds alternate the order (studio then direct, then direct then studio, ...), so that
+        # a drift of the machine's speed, or a cost of going first, is not read as the studio's.
+        studio_steps: list[float] = []
+        direct_steps: list[float] = []
+        snapshot = None
+        for round_ in range(args.rounds):
+            order = ("studio", "direct") if round_ % 2 == 0 else ("direct", "studio")
+            for side in order:
+                if side == "studio":
+                    studio = studio_run(store, tmp, stage, steps, args.batch)
+                    snapshot = studio["snapshot"]  # the same rows every round: snapshots are by content
+                    studio_steps.append(studio["per_step"])
+                else:
+                    seconds = direct_run(stage, Path(snapshot), prepared.path, tmp, steps, args.batch)
+                    direct_steps.append(seconds)
+        studio_step = sum(studio_steps) / len(studio_steps)
+        direct_step = sum(direct_steps) / len(direct_steps)
         results[stage] = {
-            "studio_s_per_step": round(studio["per_step"], 3),
+            "studio_s_per_step": round(studio_step, 3),
             "direct_s_per_step": round(direct_step, 3),
-            "ratio": round(studio["per_step"] / direct_step, 3),
+            "ratio": round(studio_step / direct_step, 3),
+            "rounds": [[round(a, 3), round(b, 3)] for a, b in zip(studio_steps, direct_steps, strict=True)],
         }
         if stage == "ppo":
             rollout = sum(e["time_rollout"] for e in studio["events"]) / len(studio["events"])
-            results[stage]["rollout_share"] = round(rollout / studio["per_step"], 3)
+            results[stage]["rollout_share"] = round(rollout / studio["per_step"], 3)  # the last round
         print(stage, results[stage], flush=True)
     if "ppo" in results and "dpo" in results:
         results["ppo_vs_dpo"] = {

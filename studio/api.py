@@ -174,6 +174,14 @@ def build_router() -> APIRouter:
     def campaign_quality(name: str, request: Request, user: User = Me) -> dict[str, Any]:
         return svc.campaign_quality(studio_of(request), user, name)
 
+    @router.get("/sampler")
+    def sampler_overview(request: Request, user: User = Me) -> dict[str, Any]:
+        return svc.sampler_overview(studio_of(request), user)
+
+    @router.post("/sampler/measure")
+    def measure_serving(request: Request, user: User = Me) -> dict[str, Any]:
+        return svc.measure_serving(studio_of(request), user)
+
     # labeling -----------------------------------------------------------------------
     @router.post("/campaigns/{name}/next")
     def next_task(name: str, request: Request, user: User = Me) -> dict[str, Any]:

@@ -138,25 +138,27 @@ def create_battle_campaign(
     return battle_campaign(store, name)
 
 
+def _checked_texts(value: Any, field: str, noun: str, limit: int) -> list[str]:
+    """A list of at most `limit` storable texts of at most MAX_WORD_CHARS, for `field`."""
+    if not isinstance(value, list | tuple):
+        raise StoreError(f"{field}: expected a list of {noun}, got {type(value).__name__}")
+    if len(value) > limit:
+        raise StoreError(f"{field}: {len(value)} {noun}, over the limit of {limit}")
+    for i, text in enumerate(value):
+        check_text(text, f"{field}[{i}]", max_chars=MAX_WORD_CHARS)
+    return list(value)
+
+
 def _checked_words(words: Any) -> list[str]:
     """Leak words, lower-cased, each storable text of at most MAX_WORD_CHARS, at most MAX_WORDS."""
-    if not isinstance(words, list | tuple):
-        raise StoreError(f"leak_words: expected a list of words, got {type(words).__name__}")
-    if len(words) > MAX_WORDS:
-        raise StoreError(f"leak_words: {len(words)} words, over the limit of {MAX_WORDS}")
-    for i, w in enumerate(words):
-        check_text(w, f"leak_words[{i}]", max_chars=MAX_WORD_CHARS)
+    words = _checked_texts(words, "leak_words", "words", MAX_WORDS)
     return list(dict.fromkeys(w.strip().lower() for w in words if w.strip()))
 
 
 def _checked_criteria(criteria: Any) -> list[str]:
     """Criteria to score 1-5: distinct non-empty storable texts of at most MAX_WORD_CHARS."""
-    if not isinstance(criteria, list | tuple):
-        raise StoreError(f"criteria: expected a list of names, got {type(criteria).__name__}")
-    if len(criteria) > MAX_CRITERIA:
-        raise StoreError(f"criteria: {len(criteria)} criteria, over the limit of {MAX_CRITERIA}")
+    criteria = _checked_texts(criteria, "criteria", "criteria", MAX_CRITERIA)
     for i, c in enumerate(criteria):
-        check_text(c, f"criteria[{i}]", max_chars=MAX_WORD_CHARS)
         if not c.strip():
             raise StoreError(f"criteria[{i}]: empty; name each criterion, e.g. 'helpful'")
     out = [c.strip() for c in criteria]

@@ -32,6 +32,19 @@ def _close_writers() -> None:
         writer.close()
 
 
+class _Lane:
+    """One queue of units and the thread that writes them (started on demand, ended when idle)."""
+
+    __slots__ = ("flush", "idle", "name", "queue", "thread")
+
+    def __init__(self, name: str, flush: Callable[[list[Any]], None], idle: Callable[[], None] | None):
+        self.name = name
+        self.flush = flush
+        self.idle = idle
+        self.queue: queue.SimpleQueue[tuple[Any, Future[None]] | None] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+
 class BatchWriter:
     """Group commit: the writes of many callers in one go.
 
@@ -40,12 +53,12 @@ class BatchWriter:
     transactions cap the studio at a few hundred writes a second. Callers hand a unit of
     rows to `write`, which returns only once `flush` has committed it (so an acknowledged
     judgment is on disk). One thread takes every unit waiting and `flush` writes them
-    together, in as few statements as it can; units submitted on an event loop are
-    written on that loop instead (see `loop_flush`). If a batch fails, each of its units
-    is retried alone, so one bad unit fails only its own caller.
+    together, in as few statements as it can; units submitted on an event loop have a
+    thread of their own (see `loop_flush`). If a batch fails, each of its units is retried
+    alone, so one bad unit fails only its own caller.
     """
 
-    IDLE_S = 2.0  # the thread ends after this long without work (a new write starts another)
+    IDLE_S = 2.0  # a thread ends after this long without work (a new write starts another)
     IDLE_TICK_S = 0.2  # `idle` runs after this long without work
 
     def __init__(
@@ -59,143 +72,144 @@ class BatchWriter:
         self.store = store
         self.flush = flush
         self.idle = idle  # called on the writer's thread after IDLE_TICK_S without work, and at close
-        # Units submitted on an event loop's thread are written there, by `loop_flush`, at
-        # the end of the loop's turn (all requests read in that turn share the write).
-        # The writer thread would have to take the GIL back from the busy loop between
-        # the tasks of every DuckDB statement, which under load made a 2 ms insert take
-        # 10; on the loop it takes the 2 ms. `loop_flush` must never wait on a lock (see
-        # Store.write's `exclusive`), or the whole server would wait with it.
+        # Units submitted on an event loop's thread (their callers await the future) are
+        # written by `loop_flush` on a second thread, one batch at a time: what arrives while
+        # a batch is written is the next batch. Not on the loop itself: a judgments INSERT
+        # costs ~3 ms of CPU however few rows it has, and DuckDB runs it without the GIL, so
+        # on the loop it stopped every request for it (40% of the loop's time at 200
+        # annotators), while on this thread it runs on the other core as the loop goes on.
+        # Not on the writer's thread either, where they would queue behind its idle work.
+        # `loop_flush` must never wait on a lock (see Store.write's `exclusive`): the whole
+        # server awaits it.
         self.loop_flush = loop_flush
-        self._loop_batches: dict[asyncio.AbstractEventLoop, list[tuple[Any, Future[None]]]] = {}
-        self._next_loop_write = 0.0  # loop time before which the next loop write waits
         self.name = name
-        self._queue: queue.SimpleQueue[tuple[Any, Future[None]] | None] = queue.SimpleQueue()
+        self._writer = _Lane(name, flush, idle)
+        self._awaited = None if loop_flush is None else _Lane(f"{name}-awaited", loop_flush, None)
+        self._closing = False  # the awaited lane drains: new units go to the writer's lane
         self._closed = False
-        # Guards the queue's end: nothing is queued behind the stop marker, and no unit is
+        # Guards the queues' ends: nothing is queued behind a stop marker, and no unit is
         # left behind by a thread that decided to end.
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         _writers.add(self)
 
     def write(self, unit: Any) -> None:
         """Commit `unit` (with whatever else is waiting); raises what its write raised.
 
-        Always through the writer thread: waiting here on a loop's thread for a write that
-        the same loop was to make would never end."""
+        Always through the writer thread (`flush`, which writes everything the unit holds
+        before it answers)."""
         self.submit(unit, in_background=True).result()
 
     def submit(self, unit: Any, *, in_background: bool = False) -> Future[None]:
-        """Queue `unit`; the future is done once it is written. `in_background`: never on a loop."""
+        """Queue `unit`; the future is done once it is written. `in_background`: the writer's
+        thread writes it, whoever submits it."""
         done: Future[None] = Future()
-        loop = None
-        if self.loop_flush is not None and not in_background:
+        on_loop = False
+        if self._awaited is not None and not in_background:
             with contextlib.suppress(RuntimeError):
-                loop = asyncio.get_running_loop()
+                on_loop = asyncio.get_running_loop() is not None
         with self._lock:
             if self._closed:
                 raise StoreError("the studio is shutting down; nothing was stored, try again in a moment")
-            if loop is not None:
-                batch = self._loop_batches.setdefault(loop, [])
-                if not batch:
-                    # Writes are spaced by the last one's length: at most half the loop's time
-                    # goes to writing, and batches grow with the load (a write costs ~2 ms
-                    # however few rows it has). Measured 1.2-1.35x judgments/s this way.
-                    delay = self._next_loop_write - loop.time()
-                    if delay > 0:
-                        loop.call_later(delay, self._flush_on_loop, loop)
-                    else:
-                        loop.call_soon(self._flush_on_loop, loop)
-                batch.append((unit, done))
-                return done
-            self._queue.put((unit, done))
-            self._ensure_thread()
+            lane = self._awaited if on_loop and not self._closing else self._writer
+            assert lane is not None
+            lane.queue.put((unit, done))
+            self._ensure_thread(lane)
         return done
 
-    def _flush_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        with self._lock:
-            batch = self._loop_batches.pop(loop, [])
-            if not batch:
-                return
-            if self._closed:
-                for item in batch:
-                    self._queue.put(item)
-                self._ensure_thread()
-                return
-        started = loop.time()
-        self._commit(batch, self.loop_flush)
-        self._next_loop_write = 2 * loop.time() - started
-
-    def _ensure_thread(self) -> None:
+    def _ensure_thread(self, lane: _Lane) -> None:
         """Caller holds self._lock."""
-        if self._thread is None:
+        if lane.thread is None:
             # Started on demand and ended when idle, so a store nobody closes does not
             # keep a thread (and the thread's DuckDB cursor) alive until exit.
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
+            lane.thread = threading.Thread(target=self._run, args=(lane,), name=lane.name, daemon=True)
+            lane.thread.start()
+
+    def _stop(self, lane: _Lane | None) -> threading.Thread | None:
+        """Queue the stop marker behind everything queued (caller holds self._lock)."""
+        if lane is None:
+            return None
+        self._ensure_thread(lane)
+        lane.queue.put(None)
+        return lane.thread
 
     def close(self) -> None:
         """Write everything queued, then stop."""
         with self._lock:
-            if self._closed:
+            if self._closed or self._closing:
                 return
+            # First the awaited lane: its batches hand their follow-up rows to the writer's
+            # lane (see LabelingPool._flush_on_loop), which takes units until it stops.
+            self._closing = True
+            awaited = self._stop(self._awaited)
+        if awaited is not None:
+            awaited.join()
+        with self._lock:
             self._closed = True
-            for batch in self._loop_batches.values():  # a loop that will not turn again
-                for item in batch:
-                    self._queue.put(item)
-            self._loop_batches.clear()
-            self._ensure_thread()
-            thread = self._thread
-            self._queue.put(None)
-        if thread is not None:
-            thread.join()
+            writer = self._stop(self._writer)
+        if writer is not None:
+            writer.join()
 
-    def _run(self) -> None:
+    def _run(self, lane: _Lane) -> None:
         quiet = 0.0
         while True:
             try:
-                item = self._queue.get(timeout=self.IDLE_TICK_S)
+                first = lane.queue.get(timeout=self.IDLE_TICK_S)
             except queue.Empty:
                 quiet += self.IDLE_TICK_S
-                self._idle()
+                self._idle(lane)
                 with self._lock:
-                    if quiet >= self.IDLE_S and self._queue.empty():
-                        self._thread = None
+                    if quiet >= self.IDLE_S and lane.queue.empty():
+                        lane.thread = None
                         return
                 continue
             quiet = 0.0
-            batch = []
-            while item is not None:
-                batch.append(item)
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._commit(batch)
-            if item is None:  # closed
-                self._idle()
+            stopped = self._write_waiting(lane, first)
+            del first  # written: not kept alive while the next is awaited
+            if stopped:
+                self._idle(lane)
                 return
 
-    def _idle(self) -> None:
-        if self.idle is None:
+    def _write_waiting(self, lane: _Lane, item: tuple[Any, Future[None]] | None) -> bool:
+        """Commit `item` and every unit queued behind it; True if the stop marker came.
+
+        Its own frame, so that the batch is let go once written: the thread's loop would
+        keep the last one (and its callers' futures) alive while it waits for the next."""
+        batch = []
+        while item is not None:
+            batch.append(item)
+            try:
+                item = lane.queue.get_nowait()
+            except queue.Empty:
+                break
+        if batch:
+            # From here on no caller can cancel its future (a request handler cancelled while
+            # it awaits the commit cancels the future it awaits). A unit whose future was
+            # cancelled before is still written: the pool has already counted it, and its
+            # caller retries with the same key. Only its answer is left out.
+            for _, done in batch:
+                done.set_running_or_notify_cancel()
+            self._commit(batch, lane.flush)
+        return item is None
+
+    def _idle(self, lane: _Lane) -> None:
+        if lane.idle is None:
             return
         try:
-            self.idle()
+            lane.idle()
         except Exception:  # idle work is housekeeping: report it, keep writing
-            log.exception("%s: idle work failed", self.name)
+            log.exception("%s: idle work failed", lane.name)
 
-    def _commit(
-        self, batch: list[tuple[Any, Future[None]]], flush: Callable[[list[Any]], None] | None = None
-    ) -> None:
-        flush = flush or self.flush
+    def _commit(self, batch: list[tuple[Any, Future[None]]], flush: Callable[[list[Any]], None]) -> None:
         try:
             flush([unit for unit, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
-                batch[0][1].set_exception(exc)
+                if not batch[0][1].cancelled():
+                    batch[0][1].set_exception(exc)
                 return
             for unit, done in batch:
                 self._commit([(unit, done)], flush)
             return
         for _, done in batch:
-            done.set_result(None)
+            if not done.cancelled():  # answering a cancelled one would raise, and leave the rest
+                done.set_result(None)

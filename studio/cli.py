@@ -59,7 +59,7 @@ def client_for(args: argparse.Namespace, local_only: str | None = None) -> Abstr
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from studio.app import create_app
+    from studio.app import create_app, freeze_startup_heap
     from studio.model_prep import ModelError
     from studio.ports import PortError, listen_sockets
     from studio.runtime import Studio
@@ -78,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ui=not args.no_ui,
             lora="off" if args.no_lora else args.lora,
             max_servers=args.max_servers,
+            probe=not args.no_probe,
             max_runs=args.max_runs,
             auto_eval=not args.no_auto_eval,
             launcher=args.launcher,
@@ -116,6 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         create_app(settings, studio), host=settings.host, port=settings.port, log_level="warning"
     )
     server = uvicorn.Server(config)
+    freeze_startup_heap()
 
     def announce_when_listening() -> None:
         while not server.started and not server.should_exit:
@@ -504,7 +506,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     else:
         rows = read_battle_log(args.battles)
         try:
-            board = rate_battle_log(rows, str(args.battles), not args.both_bad_is_loss_for_both, spec)
+            board = rate_battle_log(rows, str(args.battles), not args.drop_both_bad, spec)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
     if args.json:
@@ -699,6 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"when asked for (default {Settings.max_servers})",
     )
     serve.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="do not measure the model server's throughput at start; the task sampler keeps "
+        "a curve measured before, else a default number of requests in flight",
+    )
+    serve.add_argument(
         "--max-runs",
         type=int,
         default=Settings.max_runs,
@@ -791,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcard = models_sub.add_parser(
         "card",
         help="a version's card: metrics against its parent, re-battle, gate, promotions",
-        description="A version's metrics beside its parent's (change and 95%% interval), its blind "
+        description="A version's metrics beside its parent's (change and 95% interval), its blind "
         "re-battle, the gate's state and reasons, and every promotion decision about it.",
     )
     mcard.add_argument("name", help="model version or alias")
@@ -819,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a version against its parent on the suites in data/evals",
         description="Run the evaluation suites on a version and the version it is compared with (its "
         "parent by default; stored runs of the same version, suite and seed are reused), print each "
-        "metric with the change and its 95%% paired-bootstrap interval, and the gate's answer. Needs a "
+        "metric with the change and its 95% paired-bootstrap interval, and the gate's answer. Needs a "
         "running studio (the model server); waits until the evaluation ends.",
     )
     ev.add_argument("version", help="model version or alias")
@@ -1012,9 +1020,12 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument(
         "--min-battles",
         type=int,
-        help=f"versions with fewer battles are marked provisional (default {LeaderboardSpec.min_battles})",
+        help="versions with fewer battles are marked provisional; this can only raise the leaderboard's own "
+        "minimum (studio.ratings.PROVISIONAL_BATTLES), which always applies",
     )
     lb.add_argument(
+        "--drop-both-bad",
+        # the first name said "loss for both", which is not what it does; kept so scripts still run
         "--both-bad-is-loss-for-both",
         action="store_true",
         help="drop 'tie (bothbad)' battles instead of counting them as ties",

@@ -46,6 +46,9 @@ class Settings:
     lora: str = "auto"
     max_servers: int = 2  # managed vLLM processes at once (each holds 4-5 GB here)
     watch_interval: float = 5.0  # seconds between looks at each model server
+    # Measure the server's throughput against requests in flight at start (once per model and
+    # server; the curve is kept in the data folder) and sample at its knee.
+    probe: bool = True
     max_runs: int = 1  # training runs at once (each takes the CPU it can get)
     ui: bool = True
     auto_eval: bool = True  # evaluate every version a run registers against its parent

@@ -259,7 +259,8 @@ class LabelingPool:
         """Write what the callers waiting on the writer thread changed.
 
         Judgments go in one INSERT, which DuckDB commits as its own transaction; callers
-        are answered only after it (on the event loop, `_flush_on_loop` does this part).
+        are answered only after it (for callers on the event loop, `_flush_on_loop` does
+        this part on a thread of its own).
         Assignment rows (handed out, judged, skipped, timeout renewed) collect in a backlog
         written in one transaction: before the answer when 1-3 callers wait on this batch
         (a worker thread's call: the UI, the CLI), otherwise once 256 have collected, the
@@ -286,14 +287,15 @@ class LabelingPool:
         judgments = [j for w in writes for j in w.judgments]
         if judgments:
             # Only this pool writes judgments, and only by appending, so the INSERT cannot
-            # conflict with another transaction: it takes no write lock, and the event loop
-            # never waits behind an import or a snapshot.
+            # conflict with another transaction: it takes no write lock, and the event
+            # loop's judgments never wait behind an import or a snapshot.
             params = [[j[c] for j in judgments] for c in _JUDGMENT_COLS]
             self.store.write(_INSERT_JUDGMENTS, params, exclusive=False)
 
     def _flush_on_loop(self, writes: list[_Write]) -> None:
-        """The event loop's share (see BatchWriter): the judgments; their assignment rows go
-        to the writer thread's backlog, which nobody waits for."""
+        """The share of judgments submitted on the event loop (BatchWriter's awaited lane):
+        the judgments; their assignment rows go to the writer thread's backlog, which nobody
+        waits for."""
         self._write_judgments(writes)
         rows = _Write(background=True)
         for w in writes:
@@ -548,8 +550,8 @@ class LabelingPool:
             shown = None
             if then_next and campaign["status"] == "active":
                 shown = self._take(campaign, annotator, write)
-            # `awaited`: the caller awaits the future on its loop, so the loop may write it;
-            # a caller that blocks on it must have the writer thread do it
+            # `awaited`: the caller awaits the future on its loop, so only its judgment is
+            # written first; a caller that blocks on it has the writer thread write all of it
             entry.committed = committed = self._writer.submit(write, in_background=not awaited)
         nxt = None if shown is None else self._payload(shown, campaign)
 
@@ -569,7 +571,13 @@ class LabelingPool:
                     if rows:
                         return self._stored(Key(rows[0]["id"], rows[0]["annotator"]), annotator), None
                 raise
-            entry.row = None  # committed: a retry reads it back from the database
+            # Committed: a retry reads it back from the database, and has no commit to wait
+            # for. The key outlives the request, and its done future with it would keep the
+            # future's lock, condition and the callbacks the route chained to it: about 25
+            # objects per judgment that every full pass of the garbage collector walked
+            # (250 ms pauses once 17,000 judgments were held; benchmarks/README.md).
+            entry.row = None
+            entry.committed = None
             return _public(row), nxt
 
         return committed, finish

@@ -296,6 +296,10 @@ def promote(store: Store, version: str, alias: str, by: str, force: bool = False
     reason with its numbers, unless `force`; the record says who did it and whether it was forced."""
     with _DECIDE_LOCK:
         state = gate_state(store, version)
+        if store.model_version(state["version"])["kind"] == "reward":  # no gate or force changes this
+            raise StoreError(
+                f"version '{state['version']}' is a reward model; only policy versions can be promoted"
+            )
         if not state["passed"] and not force:
             raise PromotionRefused(
                 f"version '{state['version']}' may not be promoted to {alias}: its gate did not pass: "
@@ -366,7 +370,10 @@ def evaluate_new_version(studio: Any, version: str, parent: str, created_by: str
             raise engine.EvalError("no model server to evaluate on")
         return start_evaluation(store, backend, version, parent, created_by=created_by)
     except Exception as exc:
-        log.exception("the automatic evaluation of %s could not start", version)
+        if isinstance(exc, engine.EvalError):  # a known cause (no model server...): its message says it all
+            log.warning("the automatic evaluation of %s could not start: %s", version, exc)
+        else:
+            log.exception("the automatic evaluation of %s could not start", version)
         reason = (
             f"evaluation: the automatic evaluation against {parent} could not start ({exc}); "
             f"start it with `studio eval {version}`"

@@ -1,4 +1,4 @@
-"""The login rate limit: pure logic with an injectable clock (the web layer is studio/ui.py's
+"""The login rate limit: pure logic with an injectable clock (the web layer is studio/ui/__init__.py's
 `gradio_auth`, the client address comes from studio/app.py's `ClientAddress` middleware).
 
 The policy. A failed login is a wrong password or a name that does not exist: both count the

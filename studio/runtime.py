@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 import threading
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from studio.model_prep import (
     prepare_default_model,
 )
 from studio.names import check_name
+from studio.probe import curve_file, curve_key, load_curve, probe_concurrency, save_curve
 from studio.sampling import Sampler
 from studio.serving.client import AdapterLoadError, BackendError, OpenAIChatBackend
 from studio.serving.identity import check_same_model
@@ -73,9 +75,11 @@ class Studio:
         self.runner: Runner | None = None
         self.base_version: str = BASE_VERSION
         self._registering = threading.Lock()  # one version registration at a time
+        self._stopping = threading.Event()  # set first by stop(): a running probe gives up
 
     def start(self) -> None:
         s = self.settings
+        self._stopping.clear()
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(s.db_path)
         say(f"store: {s.db_path} (migrations applied now: {self.store.applied_now or 'none'})")
@@ -103,7 +107,9 @@ class Studio:
         assert self.backend is not None
         self.sampler = Sampler(self.store, self.backend)
         ensure_policy_alias(self.store, self.base_version)
-        self.task_sampler = TaskSampler(self.store, self.sampler)
+        self.task_sampler = TaskSampler(
+            self.store, self.sampler, probe=self.serving_probe() if s.probe else None
+        )
         self.task_sampler.start()
         self.runner = Runner(
             self.store,
@@ -113,6 +119,34 @@ class Studio:
             launch=LaunchSettings.from_settings(s),
         )
         self.runner.start()
+
+    def serving_probe(self, fresh: bool = False) -> Callable[[], list[dict[str, float]]]:
+        """The throughput probe of this studio's server: a curve measured before for the same
+        server, model and LoRA setting is reused unless `fresh`; a new one is kept for next time."""
+        s, store, backend = self.settings, self.store, self.backend
+        assert store is not None and backend is not None
+        version = self.base_version
+        path = curve_file(s.data_dir)
+
+        def run() -> list[dict[str, float]]:
+            # runtime LoRA as the base is served now ("auto" turns it on with the first adapter)
+            key = curve_key(
+                s.backend_url, store.model_version(version).get("content_hash"), self._base_lora()
+            )
+            curve = None if fresh else load_curve(path, key)
+            if curve is None:
+                say("measuring the model server's throughput against requests in flight (about 30 s)")
+                curve = probe_concurrency(backend, version, stop=self._stopping)
+                save_curve(path, key, curve)
+            return curve
+
+        return run
+
+    def _base_lora(self) -> bool | str:
+        """Whether the base's servers run with runtime LoRA (the setting, without a pool)."""
+        if self.pool is None:
+            return self.settings.lora
+        return any(e.lora for e in self.pool.endpoints() if e.base == self.base_version)
 
     def announce(self) -> None:
         """Called once the HTTP server listens: tell the user, and tell CLI commands where we are."""
@@ -281,8 +315,14 @@ class Studio:
             parent = parent or self.base_version
             root = self._root_of(parent)
             served_path, copied = self._shared_path(name, path)
+            lora_before = self._base_lora()
             try:
                 self.pool.add_adapter(name, str(served_path), root)
+                if self.settings.probe and self.task_sampler is not None and self._base_lora() != lora_before:
+                    # the base now runs with runtime LoRA, which costs throughput on the CPU: take
+                    # its curve (kept from before, or measured now) in the background
+                    sampler, probe = self.task_sampler, self.serving_probe()
+                    threading.Thread(target=sampler.measure, args=(probe,), daemon=True).start()
                 return self.store.register_model_version(
                     name,
                     path=str(served_path),
@@ -456,6 +496,7 @@ class Studio:
             )
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.runner is not None:
             self.runner.stop()
             self.runner = None

@@ -413,9 +413,13 @@ def _fields(spec: Any) -> dict[str, Any]:
     return {f.name: getattr(spec, f.name) for f in fields(spec)}
 
 
-def _wake_tasks(ctx: Context, campaign: str | None = None, starved: bool = False) -> None:
+def _wake_tasks(ctx: Context, campaign: str | None = None, waiting: User | None = None) -> None:
+    """Tell the task sampler a task was used up, or that `waiting` found none ready in the
+    campaign. A worker waiting without a task holds nothing and judges nothing, so only this
+    tells the sampler they are there: they count in its demand, not just in its wake-up."""
     if ctx.task_sampler is not None:
-        ctx.task_sampler.poke(campaign, starved=starved)
+        who = waiting.name if waiting is not None else None
+        ctx.task_sampler.poke(campaign, starved=waiting is not None, who=who)
 
 
 def _context_of(ctx: Context, store: Store, models: list[str]) -> int | None:
@@ -704,6 +708,27 @@ def get_campaign(ctx: Context, user: User, name: str) -> dict[str, Any]:
 
 
 @requires("admin")
+def sampler_overview(ctx: Context, user: User) -> dict[str, Any]:
+    """What the background sampler does: sequences in flight (and the measured curve they come
+    from) and, per active campaign, its buffer (ready, target), the demand (active workers,
+    their pace), the supply in tasks per minute and the expected wait per task."""
+    if ctx.task_sampler is None:
+        raise NeedsStudio("the task sampler runs only in a running studio; start it with `studio serve`")
+    return ctx.task_sampler.overview()
+
+
+@requires("admin")
+def measure_serving(ctx: Context, user: User) -> dict[str, Any]:
+    """Measure the model server's throughput against sequences in flight now (about 30 s, the
+    sampler sends nothing new meanwhile) and sample at the curve's knee from then on."""
+    probe = getattr(ctx, "serving_probe", None)
+    if ctx.task_sampler is None or ctx.sampler is None or probe is None:
+        raise NeedsStudio("measuring the model server needs a running studio; start it with `studio serve`")
+    ctx.task_sampler.measure(probe(fresh=True))
+    return ctx.task_sampler.overview()
+
+
+@requires("admin")
 def set_guidelines(ctx: Context, user: User, name: str, text: str) -> dict[str, Any]:
     camp.set_guidelines(_db(ctx), name, text)
     return {"campaign": name, "guidelines": text}
@@ -730,7 +755,7 @@ def _with_progress(ctx: Context, campaign: str, user: User, task: dict[str, Any]
     `task: null`."""
     status = labeling.progress(_db(ctx), campaign, user.name)
     if task is None and status["remaining"]:
-        _wake_tasks(ctx, campaign, starved=True)  # the buffer ran dry for this annotator
+        _wake_tasks(ctx, campaign, waiting=user)  # the buffer ran dry for this annotator
     status["sampler_error"] = _sampler_error(ctx, campaign)  # why no task is ready, if sampling fails
     state, note = _why_no_task(ctx, status) if task is None else ("task", None)
     return {"task": task, "progress": status, "status": state, "note": note}
@@ -791,7 +816,7 @@ def begin_judgment(
     ctx: Context, user: User, spec: JudgmentSpec
 ) -> tuple[Future[None], Callable[[], dict[str, Any]]]:
     """`submit_judgment` in two steps, for a caller on an event loop (the REST route): await the
-    future (the group commit, written on the loop), then call the second part for the answer; it
+    future (the group commit, off the loop), then call the second part for the answer; it
     raises what the commit raised, after taking the change back. With `spec.next` the next task
     is taken in the same step. The capability check reads the in-memory user: no query."""
     _check_judgment_text(spec)
@@ -848,7 +873,7 @@ def next_battle(ctx: Context, user: User, campaign: str) -> dict[str, Any]:
 
     battle = arena.next_battle(_db(ctx), campaign, user.name)
     if battle is None:
-        _wake_tasks(ctx, campaign, starved=True)
+        _wake_tasks(ctx, campaign, waiting=user)
     return {"battle": battle}
 
 
@@ -879,7 +904,7 @@ def regenerate(ctx: Context, user: User, battle_id: str) -> dict[str, Any]:
     store = _db(ctx)
     arena.regenerate(store, user.name, battle_id)
     campaign = store.query("SELECT campaign FROM battles WHERE id = ?", [battle_id])[0]["campaign"]
-    _wake_tasks(ctx, campaign, starved=True)
+    _wake_tasks(ctx, campaign, waiting=user)  # the expert waits for the new one
     return {"discarded": battle_id}
 
 

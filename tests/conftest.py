@@ -23,6 +23,9 @@ from tests.helpers import StoreFile, make_users, seed_campaign, seed_easy_judgme
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every vLLM the suite starts (a dozen) skips the compile warm-up: 11-18 s sooner each
+# on the 2-core CPU. The tests check behaviour, not speed; the benchmarks run vLLM's default.
+os.environ.setdefault("STUDIO_VLLM_ARGS", "-O0")
 
 
 def free_port() -> int:
@@ -83,14 +86,74 @@ def easy_judged(store: Store, base_model_path: str) -> Store:
     return store
 
 
+def _make_model_cache(factory: pytest.TempPathFactory) -> Path:
+    from studio.model_prep import prepare_default_model
+
+    root = factory.mktemp("model-cache")
+    prepare_default_model(root)
+    return root / "models"
+
+
+class EarlyStudio:
+    """The session's live studio, started on a thread of its own as the session begins, so that
+    its minute of vLLM loading (mostly one core) overlaps the light tests that come first
+    instead of adding to the suite. `model_cache` and `live_studio` wait for it."""
+
+    def __init__(self, factory: pytest.TempPathFactory):
+        self.factory = factory
+        self.cache: Path | None = None
+        self.studio: LiveStudio | None = None
+        self.error: BaseException | None = None
+        self.cached = threading.Event()
+        self.done = threading.Event()
+        threading.Thread(target=self._run, name="early-studio", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.cache = _make_model_cache(self.factory)
+            self.cached.set()
+            self.studio = new_session_studio(self.cache, self.factory)
+            self.studio.start()
+        except BaseException as exc:  # handed to the fixture that waits for it
+            self.error = exc
+        finally:
+            self.cached.set()
+            self.done.set()
+
+    def wait(self, event: threading.Event) -> None:
+        if not event.wait(1200):
+            raise RuntimeError("the session's studio did not start in 1200 s")
+        if self.error is not None:
+            raise RuntimeError("the session's studio failed to start") from self.error
+
+
+_early: EarlyStudio | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_the_session_studio_early(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Only when a collected test uses the live studio (a `-k` run of light tests starts none).
+    Stopped here, at the session's end: a test that would have used it may have been skipped."""
+    global _early
+    if any("live_studio" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        _early = EarlyStudio(tmp_path_factory)
+    yield
+    if _early is not None:
+        _early.done.wait(1200)
+        if _early.studio is not None:
+            _early.studio.stop()
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir holding the converted packaged model; copied into each studio's data dir."""
-    from studio.model_prep import prepare_default_model
-
-    root = tmp_path_factory.mktemp("model-cache")
-    prepare_default_model(root)
-    return root / "models"
+    if _early is not None:
+        _early.wait(_early.cached)
+        assert _early.cache is not None
+        return _early.cache
+    return _make_model_cache(tmp_path_factory)
 
 
 def data_dir_with_model(model_cache: Path, target: Path) -> Path:
@@ -111,7 +174,9 @@ class LiveStudio:
         self.port = free_port()
         # no automatic evaluation of trained versions unless asked: minutes of every suite on the
         # shared vLLM behind each later test (tests/test_promotion*.py evaluate on purpose)
-        self.settings = Settings(data_dir=data_dir, port=self.port, **{"auto_eval": False, **settings})
+        # nor the throughput probe at start: half a minute of the shared vLLM per studio
+        quiet = {"auto_eval": False, "probe": False}
+        self.settings = Settings(data_dir=data_dir, port=self.port, **{**quiet, **settings})
         self.app = create_app(self.settings)
         self.studio = self.app.state.studio
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -192,12 +257,21 @@ class NoModelStudio:
         self.studio.stop()
 
 
-@pytest.fixture(scope="session")
-def live_studio(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStudio]:
+def new_session_studio(model_cache: Path, factory: pytest.TempPathFactory) -> LiveStudio:
     # runtime LoRA from the start: the live tests hot-load adapters, and a studio serving without
     # it would switch servers at the first one (a second vLLM start; tests/test_pool_live.py
     # covers that switch)
-    studio = LiveStudio(data_dir_with_model(model_cache, tmp_path_factory.mktemp("studio")), lora="on")
+    return LiveStudio(data_dir_with_model(model_cache, factory.mktemp("studio")), lora="on")
+
+
+@pytest.fixture(scope="session")
+def live_studio(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStudio]:
+    if _early is not None:  # stopped by the fixture that started it
+        _early.wait(_early.done)
+        assert _early.studio is not None
+        yield _early.studio
+        return
+    studio = new_session_studio(model_cache, tmp_path_factory)
     studio.start()
     yield studio
     studio.stop()

@@ -33,6 +33,7 @@ from benchmarks.annotate import RawClient  # noqa: E402  (the benchmark's lean H
 
 def serve(data_dir: Path, port: int, *args: str, log: Path | None = None) -> subprocess.Popen:
     """`studio serve` on `port`, in a new session (its process group is the test's to kill)."""
+    data_dir.mkdir(parents=True, exist_ok=True)  # a first start: the studio makes the rest
     out = (log or data_dir / f"serve-{port}.log").open("ab")
     return subprocess.Popen(
         [
@@ -187,6 +188,15 @@ class Labeling:
 
     async def run(self, stop: asyncio.Event, until_done: bool = False) -> None:
         await asyncio.gather(*[self.annotator(t, stop, until_done) for t in self.tokens])
+
+
+def run_async(coro: Any) -> Any:
+    """`asyncio.run(coro)` on a thread of its own: in the suite, Playwright's sync API (the
+    session's browser) keeps an event loop running on the test's thread, where asyncio.run fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 async def label_then_kill(labeling: Labeling, proc: subprocess.Popen, after: int) -> float:

@@ -190,19 +190,6 @@ def seed_battles(
     return ids
 
 
-def live_processes_in_group(pgid: int) -> list[int]:
-    """Processes of one process group still running (zombies, already dead, left out)."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # it ended while we looked
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":  # after the name: state, ppid, pgrp
-            alive.append(int(stat.parent.name))
-    return alive
-
-
 def login(browser: object, url: str, name: str) -> object:
     page = browser.new_page(viewport={"width": 1200, "height": 1600})
     page.goto(f"{url}/")
@@ -349,15 +336,18 @@ def tiny_model(folder: Path, tokenizer_from: Path, seed: int = 0, init_range: fl
 
 
 class Traffic:
-    """Requests sent without pause from `threads` threads until the block ends, to each model in
-    `models` in turn (append to it to add one). `send(model)` raises on a failed request; every
-    failure is kept with its message."""
+    """Requests sent from `threads` threads until the block ends, each thread waiting `pause`
+    seconds after each answer, to each model in `models` in turn (append to it to add one).
+    `send(model)` raises on a failed request; every failure is kept with its message."""
 
-    def __init__(self, send: Callable[[str], object], models: list[str], threads: int = 2):
+    def __init__(
+        self, send: Callable[[str], object], models: list[str], threads: int = 2, pause: float = 0.0
+    ):
         import threading
 
         self.send = send
         self.models = models
+        self.pause = pause
         self.ok: dict[str, int] = {}
         self.failed: list[str] = []
         self._stop = threading.Event()
@@ -374,6 +364,7 @@ class Traffic:
                 self.failed.append(f"{model}: {exc}")
             else:
                 self.ok[model] = self.ok.get(model, 0) + 1
+            self._stop.wait(self.pause)
 
     def wait_for(self, model: str, answers: int, timeout: float = 300.0) -> None:
         import time
@@ -412,9 +403,10 @@ def rest_sender(url: str, token: str, max_tokens: int = 8) -> Callable[[str], ob
     return send
 
 
-def random_adapter(base_model: Path, out: Path, seed: int = 0, rank: int = 8) -> Path:
+def random_adapter(base_model: Path, out: Path, seed: int = 0, rank: int = 8, strength: float = 0.01) -> Path:
     """A PEFT LoRA adapter over `base_model` with small random weights: what a trained one costs
-    to load and serve, in seconds instead of a training run."""
+    to load and serve, in seconds instead of a training run. `strength` scales its B matrices:
+    at 0.01 most greedy answers stay the base's, at 1 they change."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -428,7 +420,7 @@ def random_adapter(base_model: Path, out: Path, seed: int = 0, rank: int = 8) ->
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.mul_(0.01)
+                param.mul_(strength)
     peft_model.save_pretrained(out)
     return out
 
@@ -492,7 +484,9 @@ def local_ray_head(num_cpus: int = 2) -> Iterator[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(head.pid, signal.SIGTERM)
             try:
-                head.wait(60)
+                # a clean stop of the head takes half a minute on 2 cores; this head holds nothing
+                # worth keeping, so a few seconds are its grace before the kill
+                head.wait(5)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(head.pid, signal.SIGKILL)

@@ -171,6 +171,8 @@ REQUESTS: dict[str, Callable[[Store], dict[str, Any]]] = {
     "POST /api/v1/runs/{run_id}/cancel": lambda s: {"path": {"run_id": "run-x"}},
     "GET /api/v1/export": lambda s: {"params": {"format": "jsonl"}},
     "GET /api/v1/backup": lambda s: {},
+    "GET /api/v1/sampler": lambda s: {},
+    "POST /api/v1/sampler/measure": lambda s: {},  # no model server here: a 503 for admins
 }
 
 

@@ -43,6 +43,8 @@ def test_errors_become_422_and_503_with_the_message(served: tuple[NoModelStudio,
     )
     rollback = call(studio, "eng", "POST", "/models/policy/rollback", tokens)
     assert rollback.status_code == 422 and "has no parent to roll back to" in rollback.json()["detail"]
+    sampler = call(studio, "adm", "GET", "/sampler", tokens)  # built, not started: nothing planned yet
+    assert sampler.status_code == 200 and sampler.json()["campaigns"] == {}
     down = call(studio, "eng", "POST", "/sample", tokens, json={"prompt": "hi"})
     assert down.status_code == 503 and "sampling needs the model server" in down.json()["detail"]
     shape = call(studio, "eng", "POST", "/sample", tokens, json={"n": 2})

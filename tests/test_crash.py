@@ -41,16 +41,18 @@ GONE_WITHIN_S = 5.0  # "a few seconds": everything the studio started, after a k
 
 
 def test_kill_9_of_the_studio_leaves_no_process_and_it_restarts_on_the_same_port_at_once(
-    model_cache: Path, tmp_path: Path
+    model_cache: Path, tmp_path: Path, live_studio: LiveStudio
 ) -> None:
     """With its own vLLM, on `--host ::` (every IPv6 address): a kill -9 takes vLLM's engine core
     and workers down within seconds, and a restart on the same port starts at once although the
-    old connections sit in TIME-WAIT."""
+    old connections sit in TIME-WAIT. (The restart serves the session's vLLM as an external
+    server: the port is what is tested, and a second model load would cost a minute.)"""
     data_dir = data_dir_with_model(model_cache, tmp_path)
     token = crashing.add_user(data_dir, "ops", "admin")  # a non-loopback host needs an account
     port = free_port()
     url = f"http://[::1]:{port}"
-    first = crashing.serve(data_dir, port, "--host", "::")
+    # no throughput probe: half a minute of the model server that this test does not look at
+    first = crashing.serve(data_dir, port, "--host", "::", "--no-probe")
     second = None
     try:
         health = crashing.wait_healthy(first, url, 900, token)
@@ -68,8 +70,10 @@ def test_kill_9_of_the_studio_leaves_no_process_and_it_restarts_on_the_same_port
         left, waited = crashing.wait_all_gone(started, sessions, GONE_WITHIN_S)
         assert not left, f"still alive {waited:.1f} s after the kill: {left}"
 
-        second = crashing.serve(data_dir, port, "--host", "::")
-        health = crashing.wait_healthy(second, url, 900, token)
+        weights = str(data_dir / "models" / "smollm2-135m-instruct")  # the base the first start registered
+        external = ["--backend-url", live_studio.studio.server.url, "--model", weights, "--no-probe"]
+        second = crashing.serve(data_dir, port, "--host", "::", *external)
+        health = crashing.wait_healthy(second, url, 120, token)
         assert health["studio"] == "ok" and second.poll() is None
         assert crashing.stop(second) == -signal.SIGTERM
         log = crashing.log_of(data_dir, port)
@@ -107,12 +111,12 @@ def test_kill_9_during_concurrent_judgments_loses_no_acknowledged_judgment(
     try:
         crashing.wait_healthy(proc, url, 300)
         for _ in range(3):
-            killed = asyncio.run(crashing.label_then_kill(labeling, proc, after=200))
+            killed = crashing.run_async(crashing.label_then_kill(labeling, proc, after=200))
             proc.wait()
             proc = crashing.serve(data_dir, port, *backend)  # at once, on the same port
             crashing.wait_healthy(proc, url, 120)
             restarts.append(time.monotonic() - killed)
-        asyncio.run(labeling.run(asyncio.Event(), until_done=True))
+        crashing.run_async(labeling.run(asyncio.Event(), until_done=True))
         assert crashing.stop(proc) == -signal.SIGTERM
     finally:
         if proc.poll() is None:
@@ -145,38 +149,47 @@ def test_sigkill_of_vllm_during_labeling_loses_nothing_and_next_says_it_restarts
     old_pid = server.pid
     restarts = server.restarts
     os.killpg(old_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while server.state != "restarting" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert server.state == "restarting"
+    try:
+        deadline = time.monotonic() + 30
+        while server.state != "restarting" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server.state == "restarting"
 
-    # while it restarts: labeling goes on, sampling says the server is not there, and a campaign
-    # whose tasks are not sampled yet says why there is no task
-    stop = asyncio.Event()
-    threading.Timer(5.0, stop.set).start()
-    asyncio.run(labeling.run(stop))
-    assert len(labeling.acked) >= 20 and not labeling.errors, labeling.errors
-    made = api.post("/campaigns", json={"name": "vkill-fresh", "prompt_set": "vkill-fresh-set", "n": 2})
-    assert made.status_code == 200, made.text
-    waiting = api.post("/campaigns/vkill-fresh/next").json()
-    assert waiting["task"] is None and waiting["status"] == "restarting", waiting
-    assert f"the model server is restarting (restart {restarts + 1})" in waiting["note"]
-    down = api.post("/sample", json={"prompt": "Still there?", "n": 1, "max_tokens": 8})
-    assert down.status_code == 503, down.text
+        # while it restarts: labeling goes on, sampling says the server is not there, and a campaign
+        # whose tasks are not sampled yet says why there is no task
+        stop = asyncio.Event()
+        threading.Timer(5.0, stop.set).start()
+        crashing.run_async(labeling.run(stop))
+        assert len(labeling.acked) >= 20 and not labeling.errors, labeling.errors
+        made = api.post("/campaigns", json={"name": "vkill-fresh", "prompt_set": "vkill-fresh-set", "n": 2})
+        assert made.status_code == 200, made.text
+        waiting = api.post("/campaigns/vkill-fresh/next").json()
+        assert waiting["task"] is None and waiting["status"] == "restarting", waiting
+        assert f"the model server is restarting (restart {restarts + 1})" in waiting["note"]
+        down = api.post("/sample", json={"prompt": "Still there?", "n": 1, "max_tokens": 8})
+        assert down.status_code == 503, down.text
 
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not (server.restarts == restarts + 1 and server.state == "ready"):
-        time.sleep(1)
-    assert server.state == "ready" and server.pid != old_pid
-    assert api.post("/sample", json={"prompt": "Still there?", "n": 1, "max_tokens": 8}).status_code == 200
-    servers = api.get("/health").json()["backend"]["servers"]
-    assert any("exited unexpectedly" in (s["last_error"] or "") for s in servers if s["pid"] == server.pid)
-    deadline = time.monotonic() + 300
-    while (answer := api.post("/campaigns/vkill-fresh/next").json())["task"] is None:
-        assert time.monotonic() < deadline, answer
-        time.sleep(1)
-    stored = {r["id"] for r in store.query("SELECT id FROM judgments WHERE campaign = 'vkill'")}
-    assert set(labeling.acked) <= stored
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not (
+            server.restarts == restarts + 1 and server.state == "ready"
+        ):
+            time.sleep(1)
+        assert server.state == "ready" and server.pid != old_pid
+        again = api.post("/sample", json={"prompt": "Still there?", "n": 1, "max_tokens": 8})
+        assert again.status_code == 200, again.text
+        servers = api.get("/health").json()["backend"]["servers"]
+        errors = [s["last_error"] or "" for s in servers if s["pid"] == server.pid]
+        assert any("exited unexpectedly" in e for e in errors), servers
+        deadline = time.monotonic() + 300
+        while (answer := api.post("/campaigns/vkill-fresh/next").json())["task"] is None:
+            assert time.monotonic() < deadline, answer
+            time.sleep(1)
+        stored = {r["id"] for r in store.query("SELECT id FROM judgments WHERE campaign = 'vkill'")}
+        assert set(labeling.acked) <= stored
+    finally:  # the session's studio serves the tests after this one: leave it serving
+        deadline = time.monotonic() + 600
+        while server.state != "ready" and time.monotonic() < deadline:
+            time.sleep(1)
 
 
 def crashing_prompt(text: str) -> object:

@@ -18,7 +18,7 @@ from tests.conftest import LiveStudio
 
 pytestmark = pytest.mark.slow
 
-LIMIT = 5  # items per suite: enough to see a difference, short enough for CI
+LIMIT = 3  # items per suite: enough to see that each repeats, short enough for CI
 
 
 def base_folder(live: LiveStudio) -> Path:
@@ -91,8 +91,9 @@ TASKS = [
 ]
 
 
-def train_refuser(base: Path, out: Path, steps: int = 40) -> Path:
-    """A LoRA adapter taught, with a few SFT steps, to answer harmless requests with a refusal."""
+def train_refuser(base: Path, out: Path, steps: int = 20) -> Path:
+    """A LoRA adapter taught, with a few SFT steps, to answer harmless requests with a refusal
+    (20 steps of 8 reach a loss under 0.5 here: 43 s; 40 steps took 83 s)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer

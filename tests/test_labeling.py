@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -12,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from studio import campaigns, labeling, labeling_store, quality
+from studio import campaigns, labeling, labeling_state, labeling_store, quality
 from studio.app import create_app
 from studio.config import Settings
 from studio.importer import messages_hash
@@ -250,6 +252,72 @@ def test_concurrent_annotators_each_task_k_times_nothing_lost(store_file: StoreF
     assert store.query("SELECT count(*) AS n FROM assignments WHERE status = 'done'")[0]["n"] == 90
 
 
+def test_polling_annotators_get_every_task_as_the_sampler_adds_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/feeding.py's starved annotators: tasks arrive one at a time (stored and offered
+    as the task sampler does) while twelve annotators poll, judge and sometimes skip. No ask is
+    answered "none" while a task they never had has a free place, and no task is left ready."""
+    names = [f"poller{i}" for i in range(12)]
+    make_users(store, *[(n, "annotator") for n in names])
+    store.register_model_version("base", path="/models/base", content_hash="h" * 64, source="test")
+    campaigns.ensure_policy_alias(store, "base")
+    msgs = [[{"role": "user", "content": f"question {i}?"}] for i in range(24)]
+    items = [ImportedPrompt(f"row {i}", m, messages_hash(m)) for i, m in enumerate(msgs)]
+    store.import_prompts("drip-set", items, source="test")
+    campaigns.create_campaign(store, "drip", prompt_set="drip-set", n=2, overlap=2)
+
+    missed: list[tuple[str, int]] = []
+    take = labeling_state.PoolState.take
+
+    def checked(self: labeling_state.PoolState, name: str, annotator: str, timeout_s: float) -> Any:
+        taken = take(self, name, annotator, timeout_s)
+        if taken is None:  # under the pool's lock: nothing may have a place for them
+            state, now = self.campaigns[name], self.clock()
+            free = [t for t in state.tasks if t.taken(now) < state.overlap and annotator not in t.holders]
+            if free:
+                missed.append((annotator, len(free)))
+        return taken
+
+    monkeypatch.setattr(labeling_state.PoolState, "take", checked)
+    labeling.progress(store, "drip")  # loaded, as the sampler's first count loads it
+    deadline = time.monotonic() + 30
+
+    def done() -> bool:
+        return labeling.progress(store, "drip")["judgments"] == 48 or time.monotonic() > deadline
+
+    def produce() -> None:
+        for prompt in store.prompts("drip-set"):
+            add_sampled_task(store, "drip", prompt, ["one", "two"])
+            time.sleep(0.005)
+
+    def annotate(name: str) -> None:
+        seen = 0
+        task = labeling.next_task(store, "drip", name)
+        while not done():
+            if task is None:
+                time.sleep(0.002)
+                task = labeling.next_task(store, "drip", name)
+                continue
+            seen += 1
+            if seen % 5 == 0:
+                labeling.skip(store, name, task["assignment_id"])
+                task = labeling.next_task(store, "drip", name)
+            else:
+                sub = Submission(task["assignment_id"], ranks=[1, 2])
+                task = labeling.submit_and_next(store, name, sub)[1]
+        if task is not None:
+            labeling.skip(store, name, task["assignment_id"])
+
+    with ThreadPoolExecutor(len(names) + 1) as workers:
+        list(workers.map(lambda f: f(), [produce, *[partial(annotate, n) for n in names]]))
+
+    counts = labeling.progress(store, "drip")
+    assert counts["judgments"] == 48 and counts["tasks_sampled"] == 24  # all judged, in time
+    assert counts["ready"] == 0
+    assert missed == []
+
+
 def test_a_reused_key_from_another_campaign_returns_that_judgment(
     store: Store, store_file: StoreFile
 ) -> None:
@@ -408,11 +476,38 @@ def test_a_judgment_on_the_loop_for_a_campaign_not_loaded_loads_it_in_a_worker(
     assert labeling.progress(store, "c1", "ann1")["done"] == 1
 
 
-def test_rest_judgments_commit_on_the_loop_without_the_write_lock(tmp_path: Path) -> None:
-    """POST /judgments writes its batch on the event loop, and never waits for the store's
-    write lock: while another thread holds it (a long import) judgments are still stored and
-    answered. (Its loop runs in a thread of its own: Playwright's sync API, used by the
-    session's browser fixture, keeps a running loop on the main thread.)"""
+def test_a_committed_judgment_lets_go_of_its_commit_future(store: Store) -> None:
+    """The pool keeps each idempotency key for the process's life; once its judgment is
+    committed it must not keep the commit's future (with its lock, condition and the loop's
+    callbacks): held per judgment, they made every full garbage collection pass longer."""
+    seed_campaign(store, prompts=2, overlap=1)
+    task = labeling.next_task(store, "c1", "ann1")
+    futures: list[weakref.ref] = []
+
+    async def scenario() -> dict:
+        sub = Submission(task["assignment_id"], ranks=[1, 2, 3], idempotency_key="k-loop")
+        committed, finish = labeling.begin_submit(store, "ann1", sub, then_next=True)
+        futures.append(weakref.ref(committed))
+        await asyncio.wrap_future(committed)
+        return finish()[0]
+
+    with ThreadPoolExecutor(1) as runner:
+        judgment = runner.submit(asyncio.run, scenario()).result()
+    gc.collect()
+    assert futures[0]() is None
+    # a retry still answers with the stored judgment
+    again = labeling.submit(
+        store, "ann1", Submission(task["assignment_id"], ranks=[3, 2, 1], idempotency_key="k-loop")
+    )
+    assert again["id"] == judgment["id"] and again["ranks"] == [1, 2, 3]
+
+
+def test_rest_judgments_commit_without_the_write_lock(tmp_path: Path) -> None:
+    """POST /judgments writes its batch off the event loop (BatchWriter's awaited lane), and
+    never waits for the store's write lock: while another thread holds it (a long import)
+    judgments are still stored and answered. (Its loop runs in a thread of its own:
+    Playwright's sync API, used by the session's browser fixture, keeps a running loop on the
+    main thread.)"""
     settings = Settings(data_dir=tmp_path, ui=False)
     studio = Studio(settings)
     studio.store = Store(settings.db_path)

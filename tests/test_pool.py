@@ -322,3 +322,52 @@ def test_the_admin_tab_lists_each_server_and_the_versions_not_served(
     finally:
         ctx.close()
         pool.stop()
+
+
+def test_a_campaign_on_a_studio_with_a_model_server_is_checked_against_the_served_context(
+    fleet: list[FleetServer], tmp_path: Path
+) -> None:
+    """Creating a campaign asks the pool for the served context (`services._context_of`); an
+    attribute once hid `ServingPool.max_model_len`, and every campaign made on a studio with a
+    model server answered 500 while the offline tests passed."""
+    from studio import campaigns
+
+    pool = pool_over(fleet[:1], tmp_path)
+    try:
+        assert pool.max_model_len("base") == 2048 and pool.max_model_len(None) == 2048
+        with NoModelStudio(tmp_path / "data") as live:
+            live.studio.pool = live.studio.backend = pool  # what Studio.start puts there
+            store = live.studio.store
+            store.register_model_version("base", path="/models/base", content_hash="h" * 64, source="test")
+            campaigns.ensure_policy_alias(store, "base")
+            token = make_users(store, ("boss", "admin"))["boss"]
+            headers = {"Authorization": f"Bearer {token}"}
+            with httpx.Client(base_url=f"{live.url}/api/v1", headers=headers) as api:
+                assert (
+                    api.post("/prompt-sets/s/prompts", json={"records": [{"prompt": "hi"}]}).status_code
+                    == 200
+                )
+                made = api.post(
+                    "/campaigns", json={"name": "c1", "prompt_set": "s", "n": 2, "max_tokens": 96}
+                )
+                assert made.status_code == 200, made.text
+                bad = api.post(
+                    "/campaigns", json={"name": "c2", "prompt_set": "s", "n": 2, "max_tokens": 4096}
+                )
+                assert bad.status_code == 422 and "context is 2048 tokens" in bad.json()["detail"]
+    finally:
+        pool.stop()
+
+
+def test_the_context_of_a_server_retired_meanwhile_is_not_an_error(
+    fleet: list[FleetServer], tmp_path: Path
+) -> None:
+    """A blue/green swap closes the old server's client; a look-up that listed it just before
+    asks the next server, or answers None, instead of raising into a request."""
+    pool = pool_over(fleet[:1], tmp_path)
+    try:
+        (ep,) = pool.endpoints()
+        ep.client.close()  # what retiring it does, between the listing and the call
+        assert pool.max_model_len("base") is None
+    finally:
+        pool.stop()

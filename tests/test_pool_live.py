@@ -22,12 +22,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+from studio.serving.vllm_server import live_group_members
 from studio.users import local_token
 from tests.conftest import LiveStudio, data_dir_with_model
 from tests.helpers import Traffic, make_users, random_adapter, rest_sender
-from tests.test_serving import process_alive
 
 pytestmark = pytest.mark.slow
+
+# Requests flow during a swap at an annotating team's pace, not flat out: on 2 cores a serving
+# vLLM kept saturated leaves a starting one a few percent of the CPU, and the swap then takes
+# many minutes (docs/architecture.md, "Starting a vLLM beside a busy one"). Two senders, half a
+# second apart.
+PAUSE_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +65,6 @@ def base_folder(live: LiveStudio) -> Path:
     return Path(live.studio.store.model_version("base")["path"])
 
 
-def group_alive(pgid: int) -> bool:
-    return any(
-        process_alive(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(p) == pgid
-    )
-
-
-def _pgid(proc: Path) -> int | None:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def test_the_base_is_served_without_runtime_lora_until_an_adapter_exists(pool_studio: LiveStudio) -> None:
     (server,) = servers(pool_studio)
     assert server["kind"] == "managed" and server["state"] == "up"
@@ -86,9 +79,10 @@ def long_prompt(i: int) -> str:
 
 
 def test_a_burst_of_seeded_long_prompts_leaves_vllm_up(pool_studio: LiveStudio, token: str) -> None:
-    """24 seeded, sampled requests of ~700 prompt tokens at once: more than one engine step's
+    """6 seeded, sampled requests of ~700 prompt tokens at once: twice one engine step's
     2,048-token budget, so with chunked prefill vLLM would split prompts and die ("CPU Generator
-    does not use offset"); served whole, every request answers and vLLM never restarts."""
+    does not use offset"); served whole, every request answers and vLLM never restarts. (Each
+    step of whole prompts costs seconds of both cores here: more requests only cost time.)"""
     server = pool_studio.studio.server
     pid = server.pid
 
@@ -97,9 +91,9 @@ def test_a_burst_of_seeded_long_prompts_leaves_vllm_up(pool_studio: LiveStudio, 
             body = {"prompt": long_prompt(i), "max_tokens": 8, "temperature": 0.9, "seed": 500 + i}
             return client.post("/sample", json=body).status_code
 
-    with ThreadPoolExecutor(24) as pool:
-        codes = list(pool.map(one, range(24)))
-    assert codes == [200] * 24
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(one, range(6)))
+    assert codes == [200] * 6
     assert server.pid == pid and server.restarts == 0 and server.state == "ready"
 
 
@@ -109,7 +103,7 @@ def test_a_full_weight_version_goes_live_while_requests_flow(
     studio = pool_studio.studio
     folder = tmp_path_factory.mktemp("full") / "full-copy"
     shutil.copytree(base_folder(pool_studio), folder, copy_function=os.link)  # the weights of a full run
-    with Traffic(rest_sender(pool_studio.url, token), ["base"]) as traffic:
+    with Traffic(rest_sender(pool_studio.url, token), ["base"], pause=PAUSE_S) as traffic:
         traffic.wait_for("base", 3)
         version = studio.add_full_version("full-copy", folder, source="test", parent="base")
         traffic.models.append("full-copy")
@@ -130,7 +124,9 @@ def test_the_first_adapter_switches_to_runtime_lora_without_a_failed_request(
     old = studio.server
     old_group = old.pid
     adapter = random_adapter(base_folder(pool_studio), tmp_path_factory.mktemp("first-lora"))
-    with Traffic(rest_sender(pool_studio.url, token), ["base", "full-copy"]) as traffic:
+    # traffic to the base only: the switch restarts its server; kept busy as well, the full-copy
+    # server left the starting one too little of the 2 cores (92-106 s for this test)
+    with Traffic(rest_sender(pool_studio.url, token), ["base"], pause=PAUSE_S) as traffic:
         traffic.wait_for("base", 2)
         with api(pool_studio, token) as client:
             resp = client.post("/models/adapters", json={"name": "first-lora", "path": str(adapter)})
@@ -140,7 +136,7 @@ def test_the_first_adapter_switches_to_runtime_lora_without_a_failed_request(
     assert traffic.failed == []
     new = studio.server
     assert new is not old and new.lora and old.state == "stopped"
-    assert not group_alive(old_group)
+    assert not live_group_members(old_group)
     by_base = {s["base"]: s for s in servers(pool_studio)}
     assert len(by_base) == 2 and by_base["base"]["lora"] and "first-lora" in by_base["base"]["serves"]
     assert studio.store.model_version("first-lora")["kind"] == "lora"
@@ -189,7 +185,8 @@ def test_a_restart_serves_every_version_and_reports_a_bad_stored_one(
     again = LiveStudio(data, watch_interval=1.0)
     again.start()
     try:
-        health = httpx.get(f"{again.url}/api/v1/health", timeout=30).json()
+        headers = {"Authorization": f"Bearer {local_token(again.settings.data_dir)}"}  # the detail
+        health = httpx.get(f"{again.url}/api/v1/health", headers=headers, timeout=30).json()
         assert health["studio"] == "ok"
         assert "stored-junk" in health["backend"]["failed"]
         (server,) = health["backend"]["servers"]  # the full-weight version waits until asked for

@@ -150,7 +150,9 @@ def set_messages(store: Store, set_name: str) -> set[str]:
     return {prompt_key({"prompt": p["messages"]}) for p in store.prompts(set_name)}
 
 
-def test_the_rebattle_samples_held_out_prompts_and_never_training_ones(store: Store, tmp_path: Path) -> None:
+def test_the_rebattle_samples_held_out_prompts_and_never_training_ones(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     seed_easy_judgments(store, n=20)
     run = training.submit_run(
         store, tmp_path, stage="dpo", created_by="eng", campaigns=["easy"], held_out=0.25
@@ -173,6 +175,8 @@ def test_the_rebattle_samples_held_out_prompts_and_never_training_ones(store: St
     # no model server here: the automatic evaluation could not start, and the gate says so
     (hold,) = promotion.history(store, name)
     assert hold["action"] == "hold" and "could not start" in hold["reasons"][0]
+    (logged,) = [r for r in caplog.records if "could not start" in r.getMessage()]
+    assert "no model server" in logged.getMessage() and logged.exc_info is None  # a reason, no traceback
 
     # a child of that version, trained on more data: its re-battle excludes what the parent trained on
     seed_easy_judgments(store, name="more", n=40)

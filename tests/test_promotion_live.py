@@ -141,6 +141,10 @@ def test_choice_tokens_read_in_one_request_match_one_forced_token_each(
         one_by_one = list(pool.map(lambda j: {t: backend.token_logprob(j[0], j[1], t) for t in j[2]}, jobs))
     for (model, _, tokens), a, b in zip(jobs, together, one_by_one, strict=True):
         assert list(a) == tokens
+        # vLLM on CPU sums in a different order when requests batch differently: a rare token's
+        # log-probability moved by 0.007 nats in CI. A wrong token or position moves it by whole
+        # nats, and the choice a multiple-choice item scores (the best token) must be the same.
         for t in tokens:
-            assert a[t] == pytest.approx(b[t], abs=1e-3), (model, t)
+            assert a[t] == pytest.approx(b[t], abs=0.05), (model, t)
+        assert max(a, key=a.get) == max(b, key=b.get), model
     assert backend.health()

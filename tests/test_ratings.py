@@ -227,3 +227,29 @@ def test_style_control_separates_length_from_quality() -> None:
     assert styled["length_coefficient"] == pytest.approx(2.0, abs=0.4)
     assert rows["verbose"]["lower"] <= rows["terse"]["upper"]  # no longer separable
     assert abs(rows["verbose"]["rating"] - rows["terse"]["rating"]) < 30
+
+
+@pytest.mark.parametrize("flag", [None, "--drop-both-bad", "--both-bad-is-loss-for-both"])
+def test_cli_both_bad_votes_count_as_ties_unless_dropped(tmp_path: Path, flag: str | None) -> None:
+    rows = [{"model_a": "alpha", "model_b": "beta", "winner": w} for w in ["model_a"] * 6 + ["model_b"] * 4]
+    rows += [{"model_a": "alpha", "model_b": "beta", "winner": "tie (bothbad)"}] * 5
+    path = tmp_path / "battles.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "studio.cli",
+            "leaderboard",
+            "--battles",
+            str(path),
+            "--json",
+            *([flag] if flag else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    battles = {r["version"]: r["battles"] for r in json.loads(out.stdout)}
+    assert battles == ({"alpha": 15, "beta": 15} if flag is None else {"alpha": 10, "beta": 10})

@@ -92,6 +92,8 @@ ARGS: dict[str, Callable[[svc.OfflineContext, Path], tuple[Any, ...]]] = {
     "list_campaigns": lambda c, t: (),
     "get_campaign": lambda c, t: ("c1",),
     "set_guidelines": lambda c, t: ("c1", "be evil"),
+    "sampler_overview": lambda c, t: (),
+    "measure_serving": lambda c, t: (),
     "campaign_quality": lambda c, t: ("c1",),
     "next_task": lambda c, t: ("c1",),
     "begin_judgment": lambda c, t: (svc.JudgmentSpec("nope", ranks=[1, 2]),),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -155,15 +156,7 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-# uvicorn shuts down gracefully, then re-raises the signal: 130 is the shell's code for Ctrl-C,
-# and a SIGTERM ends the process by that signal once everything it started is gone.
-@pytest.mark.parametrize(
-    ("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)], ids=["ctrl_c", "sigterm"]
-)
-def test_serve_with_model_folder_then_a_signal_leaves_no_process(
-    model_cache: Path, tmp_path: Path, sig: signal.Signals, code: int
-) -> None:
-    data_dir = data_dir_with_model(model_cache, tmp_path)
+def start_serve(model_cache: Path, data_dir: Path) -> tuple[subprocess.Popen[str], int]:
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -182,36 +175,128 @@ def test_serve_with_model_folder_then_a_signal_leaves_no_process(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    try:
-        health = None
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).json()
-                # anonymous: up or down only; the admin's token (bootstrap) gets the detail
-                assert set(health) == {"studio"}
-                headers = {"Authorization": f"Bearer {local_token(data_dir)}"}
-                health = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", headers=headers).json()
-                break
-            except httpx.HTTPError:
-                time.sleep(1)
-        assert health is not None and health["studio"] == "ok", proc.stdout.read() if proc.stdout else ""
-        assert health["base_version"] == "smollm2-135m-instruct"
-        vllm_pid = health["backend"]["servers"][0]["pid"]
-        assert process_alive(vllm_pid)
-        children = subprocess.run(["pgrep", "-g", str(vllm_pid)], capture_output=True, text=True)
-        group = [int(p) for p in children.stdout.split()]
-        assert len(group) >= 2  # the API server and its engine core
-        proc.send_signal(sig)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == code, output
-    assert "stopping vLLM" in output
-    assert "Traceback" not in output
+    return proc, port
 
-    assert "Preference Studio is ready: open http://127.0.0.1:" in output
-    assert "waiting for vLLM to load" in output
-    assert not [pid for pid in group if process_alive(pid)]
-    assert not (data_dir / "server.json").exists()
+
+def wait_for_vllm_group(proc: subprocess.Popen[str], port: int, data_dir: Path) -> list[int]:
+    """Wait for the studio's health, check what it reports, return vLLM's process group."""
+    health = None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            health = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).json()
+            # anonymous: up or down only; the admin's token (bootstrap) gets the detail
+            assert set(health) == {"studio"}
+            headers = {"Authorization": f"Bearer {local_token(data_dir)}"}
+            health = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", headers=headers).json()
+            break
+        except httpx.HTTPError:
+            time.sleep(1)
+    assert health is not None and health["studio"] == "ok", proc.stdout.read() if proc.stdout else ""
+    assert health["base_version"] == "smollm2-135m-instruct"
+    vllm_pid = health["backend"]["servers"][0]["pid"]
+    assert process_alive(vllm_pid)
+    children = subprocess.run(["pgrep", "-g", str(vllm_pid)], capture_output=True, text=True)
+    group = [int(p) for p in children.stdout.split()]
+    assert len(group) >= 2  # the API server and its engine core
+    return group
+
+
+def test_serve_with_model_folder_then_a_signal_leaves_no_process(model_cache: Path, tmp_path: Path) -> None:
+    """Ctrl-C and SIGTERM, each to its own studio (the two start side by side: most of a vLLM
+    start is one core importing). uvicorn shuts down gracefully, then re-raises the signal: 130
+    is the shell's code for Ctrl-C, and a SIGTERM ends the process by that signal once
+    everything it started is gone."""
+    signals = {"ctrl_c": (signal.SIGINT, 130), "sigterm": (signal.SIGTERM, -signal.SIGTERM)}
+    data_dirs = {name: data_dir_with_model(model_cache, tmp_path / name) for name in signals}
+    started = {name: start_serve(model_cache, data_dirs[name]) for name in signals}
+    outputs: dict[str, str] = {}
+    groups: dict[str, list[int]] = {}
+    try:
+        for name, (proc, port) in started.items():
+            groups[name] = wait_for_vllm_group(proc, port, data_dirs[name])
+        for name, (proc, _) in started.items():
+            proc.send_signal(signals[name][0])
+        for name, (proc, _) in started.items():
+            outputs[name], _ = proc.communicate(timeout=120)
+    finally:
+        for proc, _ in started.values():
+            if proc.poll() is None:
+                proc.kill()
+    for name, (proc, _) in started.items():
+        output = outputs[name]
+        assert proc.returncode == signals[name][1], (name, output)
+        assert "stopping vLLM" in output
+        assert "Traceback" not in output
+        assert "Preference Studio is ready: open http://127.0.0.1:" in output
+        assert "waiting for vLLM to load" in output
+        assert not [pid for pid in groups[name] if process_alive(pid)], name
+        assert not (data_dirs[name] / "server.json").exists()
+
+
+def test_the_launcher_caps_the_idle_spin_of_vllm_workers_in_every_process() -> None:
+    """A worker reading its input queue spins at most IDLE_SPIN_S after a message, then sleeps
+    on its socket; vLLM's own default (1 s) is kept for the writer side, and the cap holds in a
+    process that imports the launcher as vLLM's spawned children do (as `__mp_main__`)."""
+    code = """
+import runpy, zmq
+runpy.run_module("studio.serving.vllm_launcher", run_name="__mp_main__")
+from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+ctx = zmq.Context()
+writer = SpinCondition(False, ctx, "ipc:///tmp/studio-spin-test")
+reader = SpinCondition(True, ctx, "ipc:///tmp/studio-spin-test")
+print(reader.busy_loop_s, writer.busy_loop_s)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from studio.serving.vllm_launcher import IDLE_SPIN_S
+
+    assert out.stdout.split()[-2:] == [str(IDLE_SPIN_S), "0"]
+
+
+def test_vllms_children_use_the_grouped_lora_ops_unless_told_not_to() -> None:
+    """The engine core and workers (which run the model) import the launcher as `__mp_main__`:
+    there vLLM's CPU punica wrapper calls studio.serving.lora_cpu's ops, or vLLM's own with
+    STUDIO_LORA_OPS=vllm."""
+    code = """
+import runpy
+runpy.run_module("studio.serving.vllm_launcher", run_name="__mp_main__")
+from vllm.lora.punica_wrapper import punica_cpu
+print(punica_cpu.bgmv_expand.__module__, punica_cpu.bgmv_shrink.__module__)
+"""
+    for env, module in ((None, "studio.serving.lora_cpu"), ("vllm", "vllm.lora.ops.torch_ops.lora_ops")):
+        environ = {k: v for k, v in os.environ.items() if k != "STUDIO_LORA_OPS"}
+        if env:
+            environ["STUDIO_LORA_OPS"] = env
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=environ
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-2:] == [module, module], (env, out.stdout)
+
+
+def test_live_group_members_sees_a_grandchild_and_not_a_zombie() -> None:
+    """The stop waits on this list, so it must see processes we cannot wait() on (an engine
+    core is vLLM's child, not ours) and must not wait forever on a zombie nobody reaps."""
+    from studio.serving.vllm_server import live_group_members
+
+    leader = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"],
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while len(live_group_members(leader.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        members = live_group_members(leader.pid)
+        assert leader.pid in members and len(members) == 2
+        os.kill(leader.pid, signal.SIGKILL)  # a zombie until we wait(): dead for the list
+        time.sleep(0.2)
+        assert live_group_members(leader.pid) == [p for p in members if p != leader.pid]
+        os.killpg(leader.pid, signal.SIGKILL)
+        time.sleep(0.2)
+        assert live_group_members(leader.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()

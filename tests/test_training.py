@@ -17,8 +17,9 @@ import pytest
 from studio import training
 from studio.campaigns import set_alias
 from studio.jobs import Runner, progress, register_stage
+from studio.serving.vllm_server import live_group_members
 from studio.store import Store, StoreError
-from tests.helpers import easy_preference_rows, live_processes_in_group, tiny_model, write_parquet
+from tests.helpers import easy_preference_rows, tiny_model, write_parquet
 
 RECIPES = Path(__file__).resolve().parents[1] / "data" / "recipes"
 TINY_LORA = ["--lora.target_modules", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
@@ -383,7 +384,7 @@ def test_runner_trains_registers_with_lineage_and_keeps_crashes_and_cancels_cont
         assert {v["name"] for v in judged.model_versions()} == {"base", rm}
     finally:
         runner.stop()
-    leftovers = live_processes_in_group(trainer_group)  # this test's trainer only, not the machine's
+    leftovers = live_group_members(trainer_group)  # this test's trainer only, not the machine's
     assert not leftovers, "a cancelled trainer process is still alive"
 
 

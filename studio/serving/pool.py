@@ -613,8 +613,12 @@ class ServingPool:
     def max_model_len(self, model: str | None = None) -> int | None:
         with self._cond:
             eps = [e for e in self._endpoints if e.routable]
-        ranked = sorted(eps, key=lambda e: model not in e.models)
-        return ranked[0].client.max_model_len(model) if ranked else None
+        for ep in sorted(eps, key=lambda e: model not in e.models):
+            try:
+                return ep.client.max_model_len(model)
+            except RuntimeError:  # its client was closed meanwhile: a blue/green swap retired it
+                continue
+        return None
 
     def chat(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> ChatResult:
         return self._call(model, lambda c: c.chat(model, messages, params))

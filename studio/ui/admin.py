@@ -47,6 +47,19 @@ QUALITY_COLUMNS = (
     "median_seconds",
 )
 USER_COLUMNS = ("name", "role", "disabled", "created_at")
+SAMPLER_COLUMNS = (
+    "campaign",
+    "kind",
+    "ready",
+    "buffer_target",
+    "sampling",
+    "workers",
+    "pace_s",
+    "demand_tasks_min",
+    "supply_tasks_min",
+    "expected_wait_s",
+    "sampler",
+)
 SERVER_COLUMNS = ("server", "kind", "state", "serves", "in_flight", "last_error")
 # A download is fetched at once (Gradio copies it to its cache as the handler returns); its
 # folder is removed after this even when the session never exports again.
@@ -57,6 +70,50 @@ def sampler_state(campaign: dict[str, Any]) -> str:
     """The sampler column: why sampling for the campaign fails, or 'ok'."""
     error = campaign.get("sampler_error")
     return f"failing: {error}" if error else "ok"
+
+
+def sampler_rows(overview: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sampler table: one row per campaign the sampler plans for."""
+    rows = []
+    for name, c in sorted(overview["campaigns"].items()):
+        if "target" not in c:
+            continue  # seen once, no longer active
+        wait = c.get("expected_wait_s")
+        rows.append(
+            {
+                "campaign": name,
+                "kind": c.get("kind"),
+                "ready": c.get("ready"),
+                "buffer_target": c.get("target"),
+                "sampling": c.get("sampling"),
+                "workers": c.get("workers"),
+                "pace_s": c.get("pace_s"),
+                "demand_tasks_min": c.get("demand_tasks_min"),
+                "supply_tasks_min": c.get("supply_tasks_min"),
+                "expected_wait_s": "unknown" if wait is None else wait,
+                "sampler": sampler_state({"sampler_error": c.get("error")}),
+            }
+        )
+    return rows
+
+
+def sampler_summary(overview: dict[str, Any]) -> str:
+    """One line on the sampler's in-flight level and where it comes from."""
+    curve = overview.get("curve")
+    source = (
+        "measured knee of " + ", ".join(f"{int(p['in_flight'])}: {p['tok_s']:.0f}" for p in curve) + " tok/s"
+        if curve
+        else "default (throughput not measured yet)"
+    )
+    line = (
+        f"Sequences in flight: {overview['in_flight_now']} of {overview['in_flight_target']} ({source}). "
+        f"Buffers share a cap of {overview['memory_cap_completions']} completions."
+    )
+    if overview.get("measuring"):
+        line += " Measuring the model server's throughput now: new sampling waits for it (about 30 s)."
+    if overview.get("worker_error"):
+        line += f" Sampler error: {overview['worker_error']}"
+    return line
 
 
 def server_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,6 +198,14 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
             c_guidelines = gr.Textbox(label="Guidelines (Markdown)", lines=3)
             c_create = gr.Button("Create campaign", variant="primary")
             c_msg = gr.Markdown()
+        with gr.Accordion("Sampler: buffers, rates and waits", open=False):
+            s_summary = gr.Markdown()
+            sampler_table = table(
+                "Per campaign (rates in tasks/min, times in s)", SAMPLER_COLUMNS, elem_id="admin-sampler"
+            )
+            with gr.Row():
+                s_refresh = gr.Button("Refresh sampler")
+                s_measure = gr.Button("Measure serving throughput (about 30 s)")
         with gr.Accordion("Model servers", open=False):
             servers_line = gr.Markdown()
             servers_table = table(None, SERVER_COLUMNS, elem_id="admin-servers")
@@ -257,6 +322,14 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
             frame(server_rows(servers), SERVER_COLUMNS),
         ]
 
+    def sampler(user: User) -> list[Any]:
+        state = svc.sampler_overview(studio, user)
+        return [sampler_summary(state), frame(sampler_rows(state), SAMPLER_COLUMNS)]
+
+    def measure(user: User) -> list[Any]:
+        state = svc.measure_serving(studio, user)
+        return [sampler_summary(state), frame(sampler_rows(state), SAMPLER_COLUMNS)]
+
     def create(
         user: User,
         name: str | None,
@@ -367,6 +440,8 @@ def build(studio: Studio, demo: gr.Blocks, exports: ExportFolders) -> gr.Tab:
         [b_msg, *overview_outputs],
         api_name="admin_create_battles",
     )
+    s_refresh.click(on(sampler), None, [s_summary, sampler_table], api_name="admin_sampler")
+    s_measure.click(on(measure), None, [s_summary, sampler_table], api_name="admin_measure_serving")
     i_go.click(on(import_file), [i_file, i_set], i_msg, api_name="admin_import")
     g_campaign.change(
         on(load_guidelines), g_campaign, g_text, api_name="admin_guidelines_load", api_visibility="private"

@@ -125,8 +125,7 @@ def build(studio: Studio, demo: gr.Blocks) -> tuple[gr.Tab, gr.Timer]:
                     processes = gr.Number(
                         label="Processes per stage (accelerate; empty: the studio's)",
                         value=SPEC.num_processes,
-                        precision=0,
-                        minimum=1,
+                        precision=0,  # empty is "not given"; the service checks the count
                         elem_id="num-processes",
                     )
                 start = gr.Button("Start run", variant="primary", elem_id="start-run")
