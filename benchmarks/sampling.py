@@ -1,8 +1,7 @@
 """Output tokens/s of the studio's sampler against transformers' batched generate, by sequences in flight.
 
-Same model (the packaged SmolLM2-135M-Instruct), same dtype on both sides (the one the
-studio serves in: bfloat16 on a CPU with native bfloat16 arithmetic, float32 elsewhere;
-`--dtype` to choose), same prompts, same number of
+Same model (the packaged SmolLM2-135M-Instruct), same dtype on both sides (the studio's
+own, float32 on the CPU build, unless `--dtype bfloat16`), same prompts, same number of
 completions per prompt (n, one request per prompt on the studio's side, num_return_sequences
 on transformers'), same output length (EOS ignored on both sides so every completion is
 exactly --max-tokens long), in one run. For each number of sequences in flight (1 to 64) the
@@ -191,11 +190,11 @@ def main() -> None:
         "--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="auto: the studio's own"
     )
     args = parser.parse_args()
-    from studio.serving.vllm_server import VLLM_ARGS_ENV, cpu_serving_dtype, on_cpu_build
+    from studio.serving.vllm_server import VLLM_ARGS_ENV, on_cpu_build
 
     dtype = args.dtype
-    if dtype == "auto":
-        dtype = cpu_serving_dtype() if on_cpu_build() else "bfloat16"
+    if dtype == "auto":  # the studio's own: float32 on the CPU build (vllm_server.py says why)
+        dtype = "float32" if on_cpu_build() else "bfloat16"
     # the studio's server takes it as its last --dtype, so both sides run the same arithmetic
     os.environ[VLLM_ARGS_ENV] = f"{os.environ.get(VLLM_ARGS_ENV, '')} --dtype {dtype}".strip()
     levels = [int(x) for x in args.levels.split(",")]

@@ -72,37 +72,6 @@ def on_cpu_build() -> bool:
     return True
 
 
-# CPU flags with which oneDNN multiplies bfloat16 natively (Zen 4 and later, Cooper Lake and
-# Sapphire Rapids and later). Without them it emulates bfloat16 and float32 is faster.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
-
-
-def cpu_serving_dtype(flags: set[str] | None = None) -> str:
-    """The dtype vLLM serves in on the CPU build: bfloat16 where the CPU has native bfloat16
-    arithmetic, float32 elsewhere.
-
-    Measured on a 2-core Zen 4 (avx512_bf16): bfloat16 matmuls 2.5x float32's FLOP/s, sampling
-    at 64 sequences in flight 1.6x the tokens/s. On an AVX2 CPU bfloat16 was slower than float32
-    (oneDNN emulates it). On a GPU, vLLM's own "auto" serves this float32 folder in a 16-bit
-    type too, so both builds sample from the same kind of arithmetic. Set it yourself with
-    STUDIO_VLLM_ARGS="--dtype float32" (the last --dtype wins).
-    """
-    flags = cpu_flags() if flags is None else flags
-    return "bfloat16" if any(f in flags for f in NATIVE_BF16_FLAGS) else "float32"
-
-
 def cpu_scheduler_args(max_model_len: int) -> list[str]:
     """Never split a prompt across engine steps on the CPU build.
 
@@ -205,7 +174,11 @@ class VLLMServer:
             cmd += ["--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", "2"]
 
         if on_cpu_build():
-            cmd += ["--dtype", cpu_serving_dtype()]
+            # float32, though on a CPU with native bfloat16 (avx512_bf16, amx_bf16) bfloat16 samples
+            # 1.6x the tokens/s (benchmarks/README.md): in bfloat16 a seeded answer depends on which
+            # requests vLLM batches it with, and an evaluation run twice with the same seed must give
+            # the same answers (issue 11). STUDIO_VLLM_ARGS="--dtype bfloat16" trades that for speed.
+            cmd += ["--dtype", "float32"]
             cmd += cpu_scheduler_args(self.max_model_len)
         return cmd + self.extra_args
 
