@@ -96,6 +96,14 @@ def ends_with_question(text: str) -> bool:
     return text.rstrip(_TRAILING).endswith("?")
 
 
+_YOU = re.compile(r"\b(?:you|your|yours|yourself|yourselves)\b", re.IGNORECASE)
+
+
+def speaks_to_reader(text: str) -> bool:
+    """The answer addresses the reader: "you", "your", "yours", "yourself" as whole words."""
+    return _YOU.search(text) is not None
+
+
 def has_list(text: str) -> bool:
     """Any line that starts a bullet (-, *, +, •) or a numbered item (1. or 1))."""
     return _LIST_LINE.search(text) is not None
@@ -120,6 +128,14 @@ PREFERENCES: dict[str, Preference] = {
             ends_with_question,
         ),
         Preference(
+            "second_person",
+            "answers that speak to the user: one that addresses the reader as 'you' (you, your, "
+            "yourself) beats one that does not; two answers alike in that are a tie",
+            "share of answers that address the reader as 'you'",
+            lambda t: float(speaks_to_reader(t)),
+            speaks_to_reader,
+        ),
+        Preference(
             "no_lists",
             "answers in prose: an answer with no bullet or numbered list beats one with a list; "
             "two answers alike in that are a tie",
@@ -129,7 +145,10 @@ PREFERENCES: dict[str, Preference] = {
         ),
     )
 }
-DEFAULT_PREFERENCE = "no_lists"  # the most signal per prompt from the packaged model (docs/demo.md)
+# The packaged model's answers have it about half the time (45% of quick run 3's base answers,
+# against 87% for no_lists and 2% for question), so half the pairs it judges are decisive: the
+# most signal per prompt and per blind vote of the non-length preferences (docs/demo.md).
+DEFAULT_PREFERENCE = "second_person"
 
 
 def preference(name: str) -> Preference:

@@ -37,6 +37,22 @@ def test_properties(text: str, question: bool, lists: bool) -> None:
     assert demo.PREFERENCES["no_lists"].has(text) is (not lists)
 
 
+@pytest.mark.parametrize(
+    ("text", "you"),
+    [
+        ("You can boil it for ten minutes.", True),
+        ("Add salt to your taste.", True),
+        ("Treat yourself.", True),
+        ("The youth of today.", False),  # a word that starts with "you" is not "you"
+        ("Water boils at 100 degrees.", False),
+    ],
+)
+def test_second_person_finds_you_as_a_whole_word(text: str, you: bool) -> None:
+    pref = demo.PREFERENCES["second_person"]
+    assert pref.has(text) is you
+    assert pref.score(text) == float(you)
+
+
 def test_concise_prefers_fewer_words_and_ties_close_lengths() -> None:
     pref = demo.PREFERENCES["concise"]
     short, long_ = "Yes, drink water.", " ".join(["word"] * 40)
@@ -46,7 +62,7 @@ def test_concise_prefers_fewer_words_and_ties_close_lengths() -> None:
 
 
 def test_every_preference_is_documented_and_one_is_not_length() -> None:
-    assert set(demo.PREFERENCES) >= {"concise", "question", "no_lists"}
+    assert set(demo.PREFERENCES) >= {"concise", "question", "no_lists", "second_person"}
     assert demo.DEFAULT_PREFERENCE in demo.PREFERENCES
     for pref in demo.PREFERENCES.values():
         assert pref.rewards and pref.measure
