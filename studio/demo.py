@@ -223,7 +223,7 @@ def expert_vote(pref: Preference, a: str, b: str, rng: random.Random, noise: flo
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """How big the run is. `FULL` is `studio demo`; `QUICK` (`--quick`, CI) is smaller."""
+    """How big the run is. `FULL` is `studio demo`; `QUICK` (`--quick`, the whole-loop test) is smaller."""
 
     train_prompts: int  # labeled prompts (from the file's train split)
     heldout_prompts: int  # held-out prompts (property rate, re-battles)
