@@ -1154,7 +1154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "admin password); Ctrl-C stops it",
     )
     dm.add_argument(
-        "--quick", action="store_true", help="a smaller run (fewer prompts and steps; the one CI runs)"
+        "--quick", action="store_true", help="a smaller run: fewer prompts and steps, 4-item evaluations"
     )
     dm.add_argument(
         "--port",
