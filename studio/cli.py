@@ -608,6 +608,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             config=demo.QUICK if args.quick else demo.FULL,
             port=args.port,
         )
+    except demo.DemoError as exc:
+        raise CLIError(f"the demo stopped: {exc}") from exc
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0 if all(report.checks.values()) else 3

@@ -34,6 +34,7 @@ result can be checked: each says what it rewards and how its property is measure
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -114,7 +115,8 @@ PREFERENCES: dict[str, Preference] = {
     for p in (
         Preference(
             "concise",
-            "shorter answers: of two answers the one with fewer words wins (within 3 words: a tie)",
+            "shorter answers: of two answers the one with fewer words wins, counted in 4-word "
+            "buckets (0-3, 4-7, ...; the same bucket: a tie)",
             f"share of answers of at most {CONCISE_WORDS} words",
             lambda t: -(words(t) // 4),
             lambda t: words(t) <= CONCISE_WORDS,
@@ -474,9 +476,10 @@ class Demo:
             password = secrets.token_urlsafe(12)
             svc.add_user(self.studio, admin, svc.UserSpec(name, role, password))
             creds[name] = {"role": role, "password": password}
-        path = self.data_dir / "demo-users.json"
-        path.write_text(json.dumps(creds, indent=2))
-        path.chmod(0o600)
+        # created owner-only: it holds the people's passwords (the engineer's can train and promote)
+        fd = os.open(self.data_dir / "demo-users.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(creds, indent=2))
         self.admin, self.engineer, self.expert = admin, self.user(ENGINEER), self.user(EXPERT)
         self.annotators = [self.user(a) for a in ANNOTATORS]
         recipes = self.data_dir / "recipes"  # the studio's own recipes (training.recipes)
@@ -876,6 +879,13 @@ class Demo:
                     + f"; policy -> {policy}"
                 )
             accuracy = rm_check.result()
+        except BaseException:
+            # an error or Ctrl-C/SIGTERM: the workers' samples and scoring do not watch `stop`, so
+            # stop the studio (and vLLM) first rather than wait minutes for them to finish
+            stop.set()
+            workers.shutdown(wait=False, cancel_futures=True)
+            self.stop_studio()
+            raise
         finally:
             stop.set()
             workers.shutdown(wait=True)
@@ -1103,6 +1113,8 @@ def fresh_data_dir(data_dir: Path | None) -> tuple[Path, bool]:
     if data_dir is None:
         return Path(tempfile.mkdtemp(prefix="studio-demo-")), True
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ValueError(f"--data-dir {data_dir}: a file, not a folder; give a new or empty folder")
     if data_dir.exists() and any(data_dir.iterdir()):
         raise ValueError(
             f"--data-dir {data_dir}: not empty; the demo starts from a fresh data directory "
@@ -1127,7 +1139,10 @@ def run_demo(
     demo = Demo(pref, folder, config, out, port)
     report = None
     try:
-        report = demo.run()
+        try:
+            report = demo.run()
+        except DemoError as exc:
+            raise DemoError(f"{exc} (data directory: {folder})") from exc
         if keep:
             from studio.users import BOOTSTRAP_FILE
 
@@ -1142,7 +1157,8 @@ def run_demo(
         return report
     finally:
         demo.stop_studio()
-        if temporary and not keep:
+        # a failed run keeps its folder: the error names logs/demo-studio.log in it
+        if temporary and not keep and report is not None:
             shutil.rmtree(folder, ignore_errors=True)
 
 

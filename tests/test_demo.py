@@ -54,12 +54,16 @@ def test_second_person_finds_you_as_a_whole_word(text: str, you: bool) -> None:
     assert pref.score(text) == float(you)
 
 
-def test_concise_prefers_fewer_words_and_ties_close_lengths() -> None:
+def test_concise_prefers_fewer_words_in_4_word_buckets() -> None:
     pref = demo.PREFERENCES["concise"]
     short, long_ = "Yes, drink water.", " ".join(["word"] * 40)
     assert pref.score(short) > pref.score(long_)
     assert pref.has(short) and not pref.has(long_)
     assert pref.score("one two three four five") == pref.score("one two three four five six")
+    # 4-word buckets, as its description says: 4 and 7 words tie, 7 and 8 do not
+    assert pref.score(" ".join(["w"] * 4)) == pref.score(" ".join(["w"] * 7))
+    assert pref.score(" ".join(["w"] * 7)) > pref.score(" ".join(["w"] * 8))
+    assert "4-word buckets" in pref.rewards
 
 
 def test_every_preference_is_documented_and_one_is_not_length() -> None:
@@ -241,6 +245,9 @@ def test_the_demo_needs_a_fresh_data_dir(tmp_path: Path) -> None:
         demo.fresh_data_dir(tmp_path)
     folder, temporary = demo.fresh_data_dir(tmp_path / "new")
     assert folder == tmp_path / "new" and not temporary
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="a file, not a folder"):
+        demo.fresh_data_dir(tmp_path / "a-file")
     folder, temporary = demo.fresh_data_dir(None)
     assert temporary and folder.is_dir() and not any(folder.iterdir())
     folder.rmdir()
