@@ -38,6 +38,7 @@ class FleetServer:
         self.loads: list[str] = []
         self.answered = 0
         self.refuse: set[str] = set()
+        self.fail_next = 0  # answer that many chat requests with a 503, then serve again
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -80,6 +81,9 @@ class FleetServer:
                 return JSONResponse(
                     {"error": {"message": f"The model `{body['model']}` does not exist."}}, 404
                 )
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                return JSONResponse({"error": {"message": "engine hiccup"}}, status_code=503)
             self.answered += 1
             choice = {"index": 0, "message": {"content": str(self.port)}, "finish_reason": "stop"}
             return {"choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
@@ -159,6 +163,22 @@ def test_a_server_that_went_away_is_retried_elsewhere_unseen_and_shown_down(
         with pytest.raises(BackendError, match="not ready"):
             pool.chat("base", MESSAGES, PARAMS)
         assert not pool.health()
+    finally:
+        pool.stop()
+
+
+def test_one_failed_request_on_a_healthy_lone_server_is_retried_on_it_unseen(
+    fleet: list[FleetServer], tmp_path: Path
+) -> None:
+    pool = pool_over(fleet[:1], tmp_path)
+    try:
+        fleet[0].fail_next = 1  # one request fails; /health still answers
+        assert pool.chat("base", MESSAGES, PARAMS).completions[0].text == str(fleet[0].port)
+        assert fleet[0].answered == 1 and pool.status()["servers"][0]["state"] == "up"
+        fleet[0].fail_next = 2  # retried once, not forever: the second failure reaches the caller
+        with pytest.raises(BackendError):
+            pool.chat("base", MESSAGES, PARAMS)
+        assert fleet[0].fail_next == 0 and fleet[0].answered == 1
     finally:
         pool.stop()
 

@@ -579,8 +579,12 @@ class ServingPool:
                     with self._cond:
                         ep.models = ep.models - {model}
                 else:
-                    exclude.add(id(ep))
                     self._suspect(ep, exc)
+                    # A server that still answers /health keeps its place for the one retry: a
+                    # dropped or reset connection says nothing about its state, and with one server
+                    # there is nowhere else to go (a full evaluation once failed on one such error).
+                    if ep.state != "up":
+                        exclude.add(id(ep))
                 continue
             except BaseException:
                 self._release(ep, False)
