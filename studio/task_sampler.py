@@ -275,6 +275,11 @@ class TaskSampler:
     def _plan(self, campaign: dict[str, Any]) -> dict[str, Any]:
         """A campaign's demand and buffer now, and how to sample one more task for it."""
         name = campaign["name"]
+        # Read what is being sampled BEFORE counting what is ready: a request that finishes in
+        # between then counts in both (one tick sends too little, the next makes it up) rather
+        # than in neither (its task sampled twice over the target)
+        with self._lock:
+            busy = self._busy.get(name, 0)
         active, pace = self._demand.get(name, (set(), None))
         # the same person waiting and then holding a task is one worker
         with self._lock:  # pokes add to it from the request threads
@@ -296,7 +301,7 @@ class TaskSampler:
                 [settings["prompt_set"]],
             )[0]["n"]
             # the two sides run one after the other: one sequence in flight per battle
-            plan = {"kind": "battle", "ready": ready, "demand": demand, "cost": 1}
+            plan = {"kind": "battle", "ready": ready, "busy": busy, "demand": demand, "cost": 1}
             return plan | {"longest": (longest or 0) // 3 + 40}
         ready = ready_tasks(self.store, name)
         left = self.store.query(
@@ -305,7 +310,7 @@ class TaskSampler:
             [campaign["prompt_set"], name],
         )[0]["n"]
         state = self.status.setdefault(name, {"error": None})
-        state["exhausted"] = left == 0 and not self._busy.get(name)
+        state["exhausted"] = left == 0 and not busy
         # tasks still able to use: the ones ready plus the prompts not sampled yet
         demand = Demand(
             name, workers, pace_s, cost=campaign["n"], places=campaign["overlap"], remaining=ready + left
@@ -313,6 +318,7 @@ class TaskSampler:
         return {
             "kind": "label",
             "ready": ready,
+            "busy": busy,
             "demand": demand,
             "cost": campaign["n"],
             "campaign": campaign,
@@ -381,9 +387,9 @@ class TaskSampler:
         for name, plan in plans.items():
             if self._backoff.get(name, 0.0) > now:
                 continue
-            deficit = targets[name] - plan["ready"] - self._busy.get(name, 0)
+            deficit = targets[name] - plan["ready"] - plan["busy"]
             if name in self._starved:
-                deficit = max(deficit, 1 - self._busy.get(name, 0))
+                deficit = max(deficit, 1 - plan["busy"])
             if deficit > 0:
                 need[name] = deficit
         self._starved.difference_update(plans)
