@@ -266,6 +266,21 @@ QUICK = DemoConfig(
 SIZES = {"full": FULL, "quick": QUICK}
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(?:avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+# On a CPU with bfloat16 units, mixed precision trains the demo's reward model 1.6x faster per
+# step (3.85 against 6.18 s on a Zen 4, same accuracy; docs/demo.md). Without them it is 30-70x
+# slower, so the recipes stay float32 and the demo asks for it only where it pays.
+BF16_TRAIN = {"train.bf16": True}
+
+
 # ------------------------------------------------------------------ output
 
 
@@ -573,7 +588,9 @@ class Demo:
             )
             return self.wait_run(stage, started["id"], label)
 
-        rm_run = run("reward", stage="reward", recipe="demo-reward", overrides=c.reward_overrides or None)
+        mixed = BF16_TRAIN if native_bf16() else {}
+        rm_overrides = {**mixed, **c.reward_overrides}
+        rm_run = run("reward", stage="reward", recipe="demo-reward", overrides=rm_overrides or None)
         rm = rm_run["versions"][0]
         ppo_run = run(
             "ppo",
@@ -590,7 +607,7 @@ class Demo:
             stage="dpo",
             recipe="demo-dpo",
             parent=ppo,
-            overrides=c.dpo_overrides or None,
+            overrides={**mixed, **c.dpo_overrides} or None,
             eval_prompt_set=HELDOUT_SET,
         )
         metrics = rm_run["metrics"]["reward"]
