@@ -275,8 +275,8 @@ def native_bf16() -> bool:
     return re.search(r"\b(?:avx512_bf16|amx_bf16)\b", flags) is not None
 
 
-# On a CPU with bfloat16 units, mixed precision trains the demo's reward model 1.6x faster per
-# step (3.85 against 6.18 s on a Zen 4, same accuracy; docs/demo.md). Without them it is 30-70x
+# On a CPU with bfloat16 units, mixed precision trains the demo's reward model about 1.45x faster
+# per step (3.9-4.4 against 5.6-6.2 s on a Zen 4, same accuracy; docs/demo.md). Without them it is 30-70x
 # slower, so the recipes stay float32 and the demo asks for it only where it pays.
 BF16_TRAIN = {"train.bf16": True}
 

@@ -277,7 +277,7 @@ class TaskSampler:
         name = campaign["name"]
         # Read what is being sampled BEFORE counting what is ready: a request that finishes in
         # between then counts in both (one tick sends too little, the next makes it up) rather
-        # than in neither (its task sampled twice over the target)
+        # than in neither (one task sampled over the target)
         with self._lock:
             busy = self._busy.get(name, 0)
         active, pace = self._demand.get(name, (set(), None))
