@@ -275,15 +275,14 @@ class TaskSampler:
     def _plan(self, campaign: dict[str, Any]) -> dict[str, Any]:
         """A campaign's demand and buffer now, and how to sample one more task for it."""
         name = campaign["name"]
-        # Read what is being sampled BEFORE counting what is ready: a request that finishes in
-        # between then counts in both (one tick sends too little, the next makes it up) rather
-        # than in neither (one task sampled over the target)
-        with self._lock:
-            busy = self._busy.get(name, 0)
         active, pace = self._demand.get(name, (set(), None))
-        # the same person waiting and then holding a task is one worker
-        with self._lock:  # pokes add to it from the request threads
+        with self._lock:  # pokes and finished requests change these from other threads
+            # Read what is being sampled BEFORE counting what is ready: a request that finishes
+            # in between then counts in both (one tick sends too little, the next makes it up)
+            # rather than in neither (one task sampled over the target)
+            busy = self._busy.get(name, 0)
             waiting = set(self._waiting.get(name, ()))
+        # the same person waiting and then holding a task is one worker
         workers = len(active | waiting)
         if name in self._starved:
             workers = max(workers, 1)  # someone is waiting right now (a poke that did not say who)
