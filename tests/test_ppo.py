@@ -16,6 +16,7 @@ from trainers.ppo import (
     FixedKL,
     gae,
     kl_per_token,
+    leave_one_out,
     masked_whiten,
     policy_loss,
     response_mask,
@@ -110,11 +111,59 @@ def test_whitening_is_masked() -> None:
     assert w[0, 2].item() == 0
 
 
+def test_leave_one_out_takes_each_prompts_share_out() -> None:
+    # two prompts, three answers each: the first prompt draws high scores, the second low ones
+    scores = torch.tensor([10.0, 11.0, 12.0, -1.0, 0.0, 4.0])
+    out = leave_one_out(scores, 3)
+    # 10 - mean(11, 12), ..., 4 - mean(-1, 0)
+    assert out.tolist() == pytest.approx([-1.5, 0.0, 1.5, -3.0, -1.5, 4.5])
+    assert out[:3].sum().item() == pytest.approx(0.0)  # a prompt's draw no longer counts
+    assert leave_one_out(torch.tensor([3.0, 3.0]), 2).tolist() == [0.0, 0.0]
+
+
+def test_samples_per_prompt_groups_a_prompts_answers_in_every_rollout(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """The reward sees each drawn prompt `samples_per_prompt` times side by side (the baseline's
+    groups), a different prompt per group, and the run trains on it."""
+    from tests.helpers import easy_preference_rows, tiny_model, write_parquet
+
+    tiny = tiny_model(tmp_path / "tiny", model_cache / "smollm2-135m-instruct")
+    config = validate(
+        "ppo",
+        Path(__file__).resolve().parents[1] / "data" / "recipes" / "ppo.yaml",
+        {"ppo.iterations": 2, "ppo.max_new_tokens": 8, "ppo.batch_size": 8, "ppo.samples_per_prompt": 4},
+    )
+    seen: list[list[str]] = []
+
+    def reward(prompts: list, texts: list[str], lengths: list[int]) -> list[float]:
+        seen.append([p[-1]["content"] for p in prompts])
+        return [float(text.count(" ")) for text in texts]
+
+    args = Namespace(
+        snapshot=write_parquet(easy_preference_rows(12), tmp_path / "pref.parquet"),
+        parent=tiny,
+        output=tmp_path / "out",
+        reward_model="rule:spaces",
+    )
+    result = train_ppo(args, config, reward=reward)
+    assert len(seen) == 2 and all(len(batch) == 8 for batch in seen)
+    for batch in seen:
+        groups = [batch[i : i + 4] for i in range(0, 8, 4)]
+        assert all(len(set(g)) == 1 for g in groups), batch
+        assert groups[0][0] != groups[1][0]
+    assert result["moved_tensors"] > 0 and all(math.isfinite(h["policy_loss"]) for h in result["history"])
+
+
 def test_recipe_errors_name_the_setting() -> None:
     with pytest.raises(ConfigError, match=r"ppo\.bogus"):
         validate("ppo", {"ppo": {"bogus": 1}})
     with pytest.raises(ConfigError, match="mini_batch_size 3 must divide"):
         validate("ppo", {"ppo": {"batch_size": 8, "mini_batch_size": 3}})
+    with pytest.raises(ConfigError, match=r"samples_per_prompt 3 must divide ppo\.batch_size 8"):
+        validate("ppo", {"ppo": {"batch_size": 8, "samples_per_prompt": 3}})
+    with pytest.raises(ConfigError, match=r"ppo\.samples_per_prompt 0: use 1 or more"):
+        validate("ppo", {"ppo": {"samples_per_prompt": 0}})
     with pytest.raises(ConfigError, match=r"lora.enabled False: PPO trains a LoRA"):
         validate("ppo", {"lora": {"enabled": False}})
     assert PPOSettings(learning_rate="3e-3").learning_rate == 3e-3  # YAML 1.1 reads 3e-3 as text

@@ -525,7 +525,18 @@ class PPOSettings(Section):
     )
     batch_size: int = field(
         default=8,
-        metadata={"help": "prompts sampled per rollout, in all (N processes sample batch_size / N each)"},
+        metadata={
+            "help": "answers sampled per rollout, in all (batch_size / samples_per_prompt prompts; N "
+            "processes sample batch_size / N each)"
+        },
+    )
+    samples_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "answers per prompt in a rollout; above 1 each answer's score is taken less the mean "
+            "score of its prompt's other answers (a leave-one-out baseline, Ahmadian et al. 2024), so "
+            "an update rewards what an answer does better than its siblings, not what its prompt draws"
+        },
     )
     mini_batch_size: int = field(
         default=4,
@@ -578,7 +589,15 @@ class PPOSettings(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("iterations", "batch_size", "mini_batch_size", "epochs", "max_new_tokens", "kl_horizon"):
+        for name in (
+            "iterations",
+            "batch_size",
+            "samples_per_prompt",
+            "mini_batch_size",
+            "epochs",
+            "max_new_tokens",
+            "kl_horizon",
+        ):
             if getattr(self, name) < 1:
                 raise self.bad(name, "use 1 or more")
         for name in (
@@ -599,6 +618,12 @@ class PPOSettings(Section):
                 raise self.bad(name, "must be 0 or more")
         if self.kl_estimator not in ("k1", "k3"):
             raise self.bad("kl_estimator", "use k1 or k3")
+        if self.batch_size % self.samples_per_prompt:
+            raise ConfigError(
+                f"ppo.samples_per_prompt {self.samples_per_prompt} must divide ppo.batch_size "
+                f"{self.batch_size}: a rollout holds every answer of each prompt it draws",
+                "ppo.samples_per_prompt",
+            )
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(
                 f"ppo.mini_batch_size {self.mini_batch_size} must divide ppo.batch_size {self.batch_size}",

@@ -3,7 +3,8 @@
 Follows the published recipe (Ziegler et al. 2019; Ouyang et al. 2022; the checklist of Huang et
 al. 2024): policy = parent + LoRA; reference = the same network with the adapter switched off; a
 linear value head on the policy's last hidden state, initialised at zero; rollouts sampled by the
-policy; the reward model scores prompt + response once; per-token KL penalty with a fixed or
+policy (optionally several per prompt, each scored against its siblings' mean); the reward
+model scores prompt + response once; per-token KL penalty with a fixed or
 adaptive coefficient; GAE; whitened advantages; clipped policy and value losses; several epochs
 over each rollout batch.
 
@@ -78,6 +79,14 @@ def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
     is_eos = (response == eos_id).long()
     after_eos = (is_eos.cumsum(-1) - is_eos) > 0
     return (~after_eos).float()
+
+
+def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Each score less the mean of the other `group - 1` scores of its prompt (`scores` holds each
+    prompt's answers side by side). A zero-started value head cannot tell a prompt that draws
+    high scores from an answer that earns them; this baseline takes the prompt's share out."""
+    g = scores.view(-1, group)
+    return (g - (g.sum(-1, keepdim=True) - g) / (group - 1)).view(-1)
 
 
 def gae(
@@ -315,6 +324,13 @@ def train_ppo(
             f"among {ranks.world} processes: use multiples of {ranks.world}, or fewer processes"
         )
     local_batch, local_mini = cfg.batch_size // ranks.world, cfg.mini_batch_size // ranks.world
+    group = cfg.samples_per_prompt
+    if local_batch % group:  # a prompt's answers must stay on one rank for their baseline
+        fail(
+            f"ppo.batch_size {cfg.batch_size} over {ranks.world} processes gives {local_batch} answers "
+            f"each, which ppo.samples_per_prompt {group} does not divide: use a batch_size that is a "
+            f"multiple of {ranks.world * group}"
+        )
     device = accelerator.device
     seed_everything(config.seed)
     rows = read_snapshot(args.snapshot)
@@ -361,10 +377,10 @@ def train_ppo(
         # 1. rollout (timed apart: on a CPU it dominates, see benchmarks/training.py)
         t0 = time.perf_counter()
         batch = []
-        for _ in range(cfg.batch_size):  # the same global batch on every rank (same seed)...
+        for _ in range(cfg.batch_size // group):  # the same global batch on every rank (same seed)...
             if not order:
                 order = random.sample(range(len(prompts)), len(prompts))
-            batch.append(prompts[order.pop()])
+            batch.extend([prompts[order.pop()]] * group)  # a prompt's answers side by side
         batch = batch[ranks.rank * local_batch : (ranks.rank + 1) * local_batch]  # ...and this rank's share
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -386,6 +402,8 @@ def train_ppo(
         scores = raw.clone()
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~ended).float()
+        if group > 1:
+            scores = leave_one_out(scores, group)
         if cfg.normalize_scores:
             moments.update(ranks.gather(scores))  # the running moments of the whole batch
             scores = moments.normalise(scores)
