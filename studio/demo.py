@@ -105,6 +105,11 @@ def speaks_to_reader(text: str) -> bool:
     return _YOU.search(text) is not None
 
 
+def reader_words(text: str) -> int:
+    """How often the answer addresses the reader (you, your, ... as whole words)."""
+    return len(_YOU.findall(text))
+
+
 def has_list(text: str) -> bool:
     """Any line that starts a bullet (-, *, +, •) or a numbered item (1. or 1))."""
     return _LIST_LINE.search(text) is not None
@@ -129,12 +134,18 @@ PREFERENCES: dict[str, Preference] = {
             lambda t: float(ends_with_question(t)),
             ends_with_question,
         ),
+        # Graded, not present-or-absent: whether an answer says "you" at all depends mostly on
+        # the prompt, so the packaged model's four answers to a prompt agree on it in 56 of 96
+        # labeling tasks, and 9 blind pairs in 10 of full run 5's 128-token battle answers. Counting
+        # doubles the decisive labeling pairs (136 -> 308 of 576 pairs of base answers) and makes
+        # most battles decisive (docs/demo.md). No cap: one at 3 tied the 128-token battle
+        # answers, where half of those with "you" say it 5 times or more.
         Preference(
             "second_person",
-            "answers that speak to the user: one that addresses the reader as 'you' (you, your, "
-            "yourself) beats one that does not; two answers alike in that are a tie",
+            "answers that speak to the user: the one that addresses the reader as 'you' (you, "
+            "your, yourself) more often wins; two answers with the same count are a tie",
             "share of answers that address the reader as 'you'",
-            lambda t: float(speaks_to_reader(t)),
+            lambda t: float(reader_words(t)),
             speaks_to_reader,
         ),
         Preference(

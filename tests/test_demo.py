@@ -54,6 +54,15 @@ def test_second_person_finds_you_as_a_whole_word(text: str, you: bool) -> None:
     assert pref.score(text) == float(you)
 
 
+def test_second_person_prefers_the_answer_that_says_you_more_often() -> None:
+    pref = demo.PREFERENCES["second_person"]
+    once, twice = "You can.", "You can do it your way."
+    assert pref.score(twice) > pref.score(once) > pref.score("It can.")
+    assert pref.score("You, you, you and your yourself.") == 5
+    assert pref.score("Your turn.") == pref.score("It is yours.")  # the same count: a tie
+    assert "more often wins" in pref.rewards
+
+
 def test_concise_prefers_fewer_words_in_4_word_buckets() -> None:
     pref = demo.PREFERENCES["concise"]
     short, long_ = "Yes, drink water.", " ".join(["word"] * 40)
