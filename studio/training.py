@@ -229,6 +229,13 @@ def submit_run(
                         f"ppo.batch_size {ppo.batch_size} and ppo.mini_batch_size {ppo.mini_batch_size}"
                         f" are shared among {processes} processes: use multiples of {processes}"
                     )
+                group = ppo.samples_per_prompt  # a prompt's answers stay on one process (their baseline)
+                if (ppo.batch_size // processes) % group:
+                    raise configs.ConfigError(
+                        f"ppo.batch_size {ppo.batch_size} over {processes} processes gives "
+                        f"{ppo.batch_size // processes} answers each, which ppo.samples_per_prompt {group} "
+                        f"does not divide: use a batch_size that is a multiple of {processes * group}"
+                    )
     except configs.ConfigError as exc:
         raise StoreError(str(exc)) from None
     rm = None

@@ -136,6 +136,18 @@ def test_a_run_records_its_launch_and_lives_under_the_shared_dir(judged: Store, 
             num_processes=3,
             launch_defaults=studio,
         )
+    # 8 answers over 2 processes is 4 each: 4 answers per prompt fit, 8 would split a prompt's group
+    with pytest.raises(StoreError, match=r"4 answers each, which ppo.samples_per_prompt 8 does not divide"):
+        training.submit_run(
+            judged,
+            tmp_path,
+            stage="ppo",
+            created_by="eng",
+            overrides={"ppo.batch_size": 8, "ppo.samples_per_prompt": 8},
+            launcher="accelerate",
+            num_processes=2,
+            launch_defaults=studio,
+        )
     with pytest.raises(StoreError, match="this studio has no Ray cluster"):
         training.submit_run(
             judged, tmp_path, stage="dpo", created_by="eng", launcher="ray", launch_defaults=studio

@@ -119,6 +119,8 @@ def test_leave_one_out_takes_each_prompts_share_out() -> None:
     assert out.tolist() == pytest.approx([-1.5, 0.0, 1.5, -3.0, -1.5, 4.5])
     assert out[:3].sum().item() == pytest.approx(0.0)  # a prompt's draw no longer counts
     assert leave_one_out(torch.tensor([3.0, 3.0]), 2).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="2 or more answers per prompt, not 1"):
+        leave_one_out(scores, 1)
 
 
 def test_samples_per_prompt_groups_a_prompts_answers_in_every_rollout(
@@ -132,7 +134,13 @@ def test_samples_per_prompt_groups_a_prompts_answers_in_every_rollout(
     config = validate(
         "ppo",
         Path(__file__).resolve().parents[1] / "data" / "recipes" / "ppo.yaml",
-        {"ppo.iterations": 2, "ppo.max_new_tokens": 8, "ppo.batch_size": 8, "ppo.samples_per_prompt": 4},
+        {
+            "ppo.iterations": 2,
+            "ppo.max_new_tokens": 8,
+            "ppo.batch_size": 8,
+            "ppo.samples_per_prompt": 4,
+            "ppo.normalize_scores": False,  # the baseline's scores as they are
+        },
     )
     seen: list[list[str]] = []
 
@@ -153,6 +161,10 @@ def test_samples_per_prompt_groups_a_prompts_answers_in_every_rollout(
         assert all(len(set(g)) == 1 for g in groups), batch
         assert groups[0][0] != groups[1][0]
     assert result["moved_tensors"] > 0 and all(math.isfinite(h["policy_loss"]) for h in result["history"])
+    # each answer scored less its siblings' mean: the batch's mean score is 0 while the raw reward
+    # (spaces) is not, and what is left is each answer's difference from its siblings
+    for h in result["history"]:
+        assert h["reward"] > 0 and h["score"] == pytest.approx(0.0, abs=1e-5) and h["score_std"] > 0
 
 
 def test_recipe_errors_name_the_setting() -> None:

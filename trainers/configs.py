@@ -578,12 +578,16 @@ class PPOSettings(Section):
     missing_eos_penalty: float | None = field(
         default=1.0,
         metadata={
-            "help": "subtracted from the score of a response cut at max_new_tokens without EOS; null for none"
+            "help": "subtracted from the score of a response cut at max_new_tokens without EOS (before "
+            "the samples_per_prompt baseline, so it counts against the prompt's other answers); null for none"
         },
     )
     normalize_scores: bool = field(
         default=True,
-        metadata={"help": "scale reward-model scores by their running mean and standard deviation"},
+        metadata={
+            "help": "scale reward-model scores (after the penalty and the samples_per_prompt baseline) "
+            "by their running mean and standard deviation"
+        },
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradients are clipped to this global norm"})
 
@@ -621,12 +625,14 @@ class PPOSettings(Section):
         if self.batch_size % self.samples_per_prompt:
             raise ConfigError(
                 f"ppo.samples_per_prompt {self.samples_per_prompt} must divide ppo.batch_size "
-                f"{self.batch_size}: a rollout holds every answer of each prompt it draws",
+                f"{self.batch_size}: a rollout holds every answer of each prompt it draws; use a "
+                f"batch_size that is a multiple of {self.samples_per_prompt}",
                 "ppo.samples_per_prompt",
             )
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(
-                f"ppo.mini_batch_size {self.mini_batch_size} must divide ppo.batch_size {self.batch_size}",
+                f"ppo.mini_batch_size {self.mini_batch_size} must divide ppo.batch_size {self.batch_size}: "
+                f"use a mini_batch_size that divides {self.batch_size}",
                 "ppo.mini_batch_size",
             )
 

@@ -16,9 +16,10 @@ end as 0 (what the "value mask one further" rule of padded implementations achie
 
 Data parallel (`accelerate launch --num_processes N`, see studio/launchers.py): `ppo.batch_size` and
 `ppo.mini_batch_size` are global; each of the N ranks samples and scores its 1/N share of every
-rollout batch, and optimises over its share in mini-batches of mini_batch_size / N. The policy and
-value head are one module prepared by accelerate (DDP: gloo on CPUs, NCCL on GPUs), so every
-backward averages the gradients over the ranks. Score normalisation, the KL controller, the
+rollout batch (whole groups of a prompt's `samples_per_prompt` answers, so each answer's baseline
+is computed on its own rank), and optimises over its share in mini-batches of mini_batch_size / N.
+The policy and value head are one module prepared by accelerate (DDP: gloo on CPUs, NCCL on
+GPUs), so every backward averages the gradients over the ranks. Score normalisation, the KL controller, the
 advantage whitening and the logged metrics use statistics of the whole batch, gathered from the
 ranks, so N processes compute what one process computes on the whole batch (up to the sampling
 noise: each rank draws from its own random stream, seed + rank). Rank 0 writes metrics.jsonl, the
@@ -85,6 +86,8 @@ def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
     """Each score less the mean of the other `group - 1` scores of its prompt (`scores` holds each
     prompt's answers side by side). A zero-started value head cannot tell a prompt that draws
     high scores from an answer that earns them; this baseline takes the prompt's share out."""
+    if group < 2:  # one answer has no siblings: its baseline would be 0/0
+        raise ValueError(f"leave_one_out needs 2 or more answers per prompt, not {group}")
     g = scores.view(-1, group)
     return (g - (g.sum(-1, keepdim=True) - g) / (group - 1)).view(-1)
 
@@ -457,7 +460,9 @@ def train_ppo(
         explained = 1 - residual.var().item() / max(returns[mask.bool()].var().item(), 1e-8)
         row = {
             "reward": ranks.gather(raw).mean().item(),
+            # with a leave-one-out baseline the mean is 0 by construction: its spread is the signal
             "score": ranks.gather(scores).mean().item(),
+            "score_std": ranks.gather(scores).std().item() if cfg.batch_size > 1 else 0.0,
             "kl": seq_kl,
             "beta": beta_used,
             "response_length": ranks.gather(lengths.float()).mean().item(),
