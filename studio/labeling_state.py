@@ -158,6 +158,8 @@ class Key:
     annotator: str
     committed: Future[None] | None = None
     row: dict[str, Any] | None = None  # until committed; then it is read back if asked again
+    # the assignment it judged: a retry names the same one, a new judgment under an old key does not
+    assignment_id: str | None = None
 
 
 @dataclass
@@ -313,7 +315,7 @@ def build_campaign(
         a = Assignment(r.id, task, r.annotator, list(r.order), r.expires)
         j = judged.get(r.id)
         if j is not None:
-            a.judgment = Key(j.id, j.annotator)
+            a.judgment = Key(j.id, j.annotator, assignment_id=r.id)
             a.status = "done"
             out.keyed.append((j.key, a))
             if r.id not in known:

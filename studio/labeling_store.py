@@ -473,10 +473,17 @@ class LabelingPool:
         return payload
 
     # judgments -----------------------------------------------------------------------
-    def _stored(self, entry: Key, annotator: str) -> dict[str, Any]:
+    def _stored(self, entry: Key, annotator: str, assignment_id: str) -> dict[str, Any]:
         """The judgment a key already stands for (a retry, a double click)."""
         if entry.annotator != annotator:
             raise StoreError("idempotency key belongs to another annotator's judgment")
+        if entry.assignment_id is not None and entry.assignment_id != assignment_id:
+            # answering with the old judgment would acknowledge one that was never stored
+            raise StoreError(
+                f"idempotency_key already stands for your judgment of assignment '{entry.assignment_id}', "
+                f"not '{assignment_id}': a retry sends the same assignment; send a new key (or none) "
+                "with a new judgment"
+            )
         if entry.committed is not None:
             entry.committed.result()  # the first attempt is still being written: its outcome is ours
         row = entry.row
@@ -540,10 +547,15 @@ class LabelingPool:
                 entry = a.judgment if a.status == "done" else None
             if entry is not None:
                 old = entry
-                return old.committed or _done_future(), lambda: (self._stored(old, annotator), None)
+                if old.annotator == annotator and old.assignment_id not in (None, sub.assignment_id):
+                    self._stored(old, annotator, sub.assignment_id)  # raises: the key is another's
+                return old.committed or _done_future(), lambda: (
+                    self._stored(old, annotator, sub.assignment_id),
+                    None,
+                )
             assert a is not None and campaign is not None
             row = judgment_row(a, key, annotator, sub, shown_at)  # raises before any change
-            entry = Key(row["id"], annotator, row=row)
+            entry = Key(row["id"], annotator, row=row, assignment_id=a.id)
             undo = self.state.judge(a, key, entry)
             write.judgments.append(row)
             write.assignment_states.append((a.id, "done", a.expires))
@@ -566,10 +578,12 @@ class LabelingPool:
                 if isinstance(exc, duckdb.ConstraintException):
                     # the key was used in a campaign this process has not loaded
                     rows = self.store.query(
-                        "SELECT id, annotator FROM judgments WHERE idempotency_key = ?", [key]
+                        "SELECT id, annotator, assignment_id FROM judgments WHERE idempotency_key = ?", [key]
                     )
                     if rows:
-                        return self._stored(Key(rows[0]["id"], rows[0]["annotator"]), annotator), None
+                        r = rows[0]
+                        found = Key(r["id"], r["annotator"], assignment_id=r["assignment_id"])
+                        return self._stored(found, annotator, sub.assignment_id), None
                 raise
             # Committed: a retry reads it back from the database, and has no commit to wait
             # for. The key outlives the request, and its done future with it would keep the

@@ -318,11 +318,31 @@ def test_polling_annotators_get_every_task_as_the_sampler_adds_it(
     assert missed == []
 
 
-def test_a_reused_key_from_another_campaign_returns_that_judgment(
-    store: Store, store_file: StoreFile
-) -> None:
+def test_a_key_reused_for_another_assignment_is_refused_and_stores_nothing(store: Store) -> None:
+    # Answering with the key's old judgment would acknowledge a judgment that was never stored
+    # (found by tests/fuzz_rest.py: two fuzzed bodies drew the same key).
+    seed_campaign(store, prompts=2, overlap=1)
+    first = labeling.next_task(store, "c1", "ann1")
+    stored = labeling.submit(
+        store, "ann1", Submission(first["assignment_id"], ranks=[1, 2, 3], idempotency_key="k")
+    )
+    second = labeling.next_task(store, "c1", "ann1")
+    with pytest.raises(StoreError, match=r"idempotency_key already stands for your judgment of assignment"):
+        labeling.submit(
+            store, "ann1", Submission(second["assignment_id"], ranks=[3, 2, 1], idempotency_key="k")
+        )
+    assert store.count("judgments") == 1
+    assert labeling.next_task(store, "c1", "ann1")["assignment_id"] == second["assignment_id"]  # still open
+    # the retry of the first judgment still answers with it
+    again = labeling.submit(
+        store, "ann1", Submission(first["assignment_id"], ranks=[3, 2, 1], idempotency_key="k")
+    )
+    assert again["id"] == stored["id"] and again["ranks"] == [1, 2, 3]
+
+
+def test_a_key_reused_from_another_campaign_is_refused(store: Store, store_file: StoreFile) -> None:
     # The key is unknown to the pool (its campaign is not loaded), so the database's unique
-    # constraint catches it: the caller gets the stored judgment, the pool takes its change back.
+    # constraint catches it: the caller is told, the pool takes its change back.
     seed_campaign(store, name="c1", prompts=1, overlap=1)
     seed_campaign(store, name="c2", prompts=1, overlap=1)
     first = labeling.next_task(store, "c1", "ann1")
@@ -331,10 +351,11 @@ def test_a_reused_key_from_another_campaign_returns_that_judgment(
     )
     store = store_file.reopen()
     other = labeling.next_task(store, "c2", "ann1")
-    again = labeling.submit(
-        store, "ann1", Submission(other["assignment_id"], ranks=[3, 2, 1], idempotency_key="k")
-    )
-    assert again["id"] == stored["id"] and again["campaign"] == "c1"
+    with pytest.raises(StoreError, match=f"your judgment of assignment '{first['assignment_id']}'"):
+        labeling.submit(
+            store, "ann1", Submission(other["assignment_id"], ranks=[3, 2, 1], idempotency_key="k")
+        )
+    assert store.query("SELECT id FROM judgments")[0]["id"] == stored["id"] and store.count("judgments") == 1
     assert labeling.progress(store, "c2", "ann1")["done"] == 0
     assert labeling.next_task(store, "c2", "ann1")["assignment_id"] == other["assignment_id"]  # still open
 
