@@ -547,8 +547,6 @@ class LabelingPool:
                 entry = a.judgment if a.status == "done" else None
             if entry is not None:
                 old = entry
-                if old.annotator == annotator and old.assignment_id not in (None, sub.assignment_id):
-                    self._stored(old, annotator, sub.assignment_id)  # raises: the key is another's
                 return old.committed or _done_future(), lambda: (
                     self._stored(old, annotator, sub.assignment_id),
                     None,

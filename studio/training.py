@@ -223,19 +223,7 @@ def submit_run(
             per_stage[s] = {key: configs.get(config, key) for key in o}  # as the trainer reads them
             shares[s] = float(getattr(config, "held_out", 0.0))  # PPO rolls out on every prompt
             if s == "ppo" and processes and processes > 1:
-                ppo = config.ppo  # type: ignore[attr-defined]
-                if ppo.batch_size % processes or ppo.mini_batch_size % processes:
-                    raise configs.ConfigError(
-                        f"ppo.batch_size {ppo.batch_size} and ppo.mini_batch_size {ppo.mini_batch_size}"
-                        f" are shared among {processes} processes: use multiples of {processes}"
-                    )
-                group = ppo.samples_per_prompt  # a prompt's answers stay on one process (their baseline)
-                if (ppo.batch_size // processes) % group:
-                    raise configs.ConfigError(
-                        f"ppo.batch_size {ppo.batch_size} over {processes} processes gives "
-                        f"{ppo.batch_size // processes} answers each, which ppo.samples_per_prompt {group} "
-                        f"does not divide: use a batch_size that is a multiple of {processes * group}"
-                    )
+                config.ppo.check_processes(processes)  # type: ignore[attr-defined]  # as its trainer will
     except configs.ConfigError as exc:
         raise StoreError(str(exc)) from None
     rm = None

@@ -636,6 +636,25 @@ class PPOSettings(Section):
                 "ppo.mini_batch_size",
             )
 
+    def check_processes(self, processes: int) -> None:
+        """The rules of a run on `processes` data-parallel processes, for the trainer and for the
+        studio before it launches one: each process takes an equal share of the batch and of a
+        mini-batch, and a prompt's answers stay on one process (their baseline is taken there)."""
+        if self.batch_size % processes or self.mini_batch_size % processes:
+            raise ConfigError(
+                f"ppo.batch_size {self.batch_size} and ppo.mini_batch_size {self.mini_batch_size} are "
+                f"shared among {processes} processes: use multiples of {processes}, or fewer processes",
+                "ppo.batch_size",
+            )
+        local = self.batch_size // processes
+        if local % self.samples_per_prompt:
+            raise ConfigError(
+                f"ppo.batch_size {self.batch_size} over {processes} processes gives {local} answers each, "
+                f"which ppo.samples_per_prompt {self.samples_per_prompt} does not divide: use a "
+                f"batch_size that is a multiple of {processes * self.samples_per_prompt}",
+                "ppo.batch_size",
+            )
+
 
 # ---------------------------------------------------------------- the stage configs
 

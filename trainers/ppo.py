@@ -57,7 +57,7 @@ from trainers.common import (
     trainable_copy,
     write_meta,
 )
-from trainers.configs import PPOSettings, PPOStageConfig
+from trainers.configs import ConfigError, PPOSettings, PPOStageConfig
 
 RewardFn = Callable[[list[list[dict]], list[str], list[int]], list[float]]
 
@@ -321,19 +321,12 @@ def train_ppo(
     # one process: no distributed state, and the loop below computes exactly what it always did
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     ranks = Ranks(accelerator)
-    if cfg.batch_size % ranks.world or cfg.mini_batch_size % ranks.world:
-        fail(
-            f"ppo.batch_size {cfg.batch_size} and ppo.mini_batch_size {cfg.mini_batch_size} are shared "
-            f"among {ranks.world} processes: use multiples of {ranks.world}, or fewer processes"
-        )
+    try:
+        cfg.check_processes(ranks.world)
+    except ConfigError as exc:
+        fail(str(exc))
     local_batch, local_mini = cfg.batch_size // ranks.world, cfg.mini_batch_size // ranks.world
     group = cfg.samples_per_prompt
-    if local_batch % group:  # a prompt's answers must stay on one rank for their baseline
-        fail(
-            f"ppo.batch_size {cfg.batch_size} over {ranks.world} processes gives {local_batch} answers "
-            f"each, which ppo.samples_per_prompt {group} does not divide: use a batch_size that is a "
-            f"multiple of {ranks.world * group}"
-        )
     device = accelerator.device
     seed_everything(config.seed)
     rows = read_snapshot(args.snapshot)
