@@ -1,14 +1,18 @@
-"""A vLLM start with its default compile warm-up against one with `-O0` (no warm-up).
+"""Two ways of starting vLLM, side by side: seconds to a healthy server, and decoding after it.
 
-The test suite starts a dozen vLLMs with STUDIO_VLLM_ARGS=-O0; users keep vLLM's default.
-This measures what that trades: seconds to a healthy server, and decoding speed after it.
+`--compare O0` (the default): vLLM's compile warm-up against `-O0` (no warm-up). The test
+suite starts a dozen vLLMs with STUDIO_VLLM_ARGS=-O0; users keep vLLM's default.
+`--compare process`: the model in a worker process of its own (vLLM's CPU default) against
+the model in the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the studio's default
+since 2026-12-02), each with vLLM's default compile mode and with -O0.
+
 Per side, alternated A B A B (the machine is noisy): the time from spawn to /health, one
 greedy request of 64 tokens alone, and 32 greedy requests of up to 64 tokens at once, twice.
 The model is the packaged SmolLM2-135M-Instruct, float32, the base without runtime LoRA.
 
-    python benchmarks/vllm_start.py [--rounds 2]
+    python benchmarks/vllm_start.py [--compare O0|process] [--rounds 2]
 
-Run it alone: it starts vLLM 2 x rounds times.
+Run it alone: it starts vLLM (sides x rounds) times.
 """
 
 from __future__ import annotations
@@ -26,14 +30,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SIDES = {"default": [], "O0": ["-O0"]}
+WORKER, IN_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# name -> (vLLM options, environment); each comparison's first side is the one it is set against
+COMPARISONS: dict[str, dict[str, tuple[list[str], dict[str, str]]]] = {
+    "O0": {"default": ([], IN_ENGINE), "O0": (["-O0"], IN_ENGINE)},
+    "process": {
+        "worker process": ([], WORKER),
+        "engine process": ([], IN_ENGINE),
+        "worker process -O0": (["-O0"], WORKER),
+        "engine process -O0": (["-O0"], IN_ENGINE),
+    },
+}
 
 
-def side(extra: list[str], model: Path, log: Path) -> dict:
+def side(extra: list[str], env: dict[str, str], model: Path, log: Path) -> dict:
     from studio.serving.client import OpenAIChatBackend, SamplingParams
     from studio.serving.vllm_server import VLLMServer
 
     quiet = lambda m: None  # noqa: E731
+    os.environ.update(env)  # read by VLLMServer.environment() (setdefault) at the spawn
     server = VLLMServer(model, "base", log, lora=False, max_restarts=0, extra_args=extra, progress=quiet)
     started = time.monotonic()
     server.start()
@@ -63,18 +78,20 @@ def side(extra: list[str], model: Path, log: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="A B pairs, alternated")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="O0", help="which two ways")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of all sides, alternated")
     args = parser.parse_args()
     os.environ.pop("STUDIO_VLLM_ARGS", None)  # each side says its own options
+    sides = COMPARISONS[args.compare]
 
     from studio.model_prep import prepare_default_model
 
-    runs: dict[str, list[dict]] = {name: [] for name in SIDES}
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory(prefix="bench-vllm-start-") as tmp:
         model = prepare_default_model(Path(tmp) / "data").path
         for _ in range(args.rounds):
-            for name, extra in SIDES.items():
-                runs[name].append(side(extra, model, Path(tmp) / f"{name}.log"))
+            for name, (extra, env) in sides.items():
+                runs[name].append(side(extra, env, model, Path(tmp) / f"{name}.log"))
 
     def mean(name: str, key: str) -> float:
         values = [v for r in runs[name] for v in (r[key] if isinstance(r[key], list) else [r[key]])]
@@ -84,9 +101,12 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "runs": runs,
-        "ready_O0_over_default": round(mean("O0", "ready_s") / mean("default", "ready_s"), 2),
-        "batch_O0_over_default": round(mean("O0", "batch_32x64_s") / mean("default", "batch_32x64_s"), 2),
     }
+    names = list(sides)
+    pairs = [(names[i + 1], names[i]) for i in range(0, len(names), 2)]  # each side over the one before
+    for new, old in pairs:
+        summary[f"ready: {new} / {old}"] = round(mean(new, "ready_s") / mean(old, "ready_s"), 2)
+        summary[f"batch: {new} / {old}"] = round(mean(new, "batch_32x64_s") / mean(old, "batch_32x64_s"), 2)
     print(json.dumps(summary, indent=2))
 
 
