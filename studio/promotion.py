@@ -9,9 +9,11 @@ version is held, with the gate's reasons. A person's `promote` is refused while 
 not pass, unless forced; a forced promotion records who forced it. Roll-backs are recorded the
 same way. Every decision is a row of `promotions` (migration 008).
 
-`decide` moves `policy` only from the version's parent (the version it was shown better than):
-when `policy` points elsewhere, or a person already promoted or rolled back the version, the
-gate records a hold and leaves the alias to people.
+`decide` moves `policy` only from a version it was shown better than: the version's parent, or,
+when `policy` points at an older ancestor (a parent that was never promoted: PPO held, then DPO
+trained on top of it), that ancestor, once the version has its own complete evaluation and
+re-battle verdict against it. When `policy` points elsewhere, or a person already promoted or
+rolled back the version, the gate records a hold and leaves the alias to people.
 """
 
 from __future__ import annotations
@@ -69,17 +71,32 @@ def rebattle_campaign(store: Store, version: str, against: str) -> dict[str, Any
     return rows[0] if rows else None
 
 
-def gate_state(store: Store, version: str, config: gating.GateConfig | None = None) -> dict[str, Any]:
-    """Where the gate stands on `version` now: {version, parent, passed, reasons, ready,
+def ancestors(store: Store, version: str) -> list[str]:
+    """The versions `version` descends from, its parent first, the root last."""
+    found: list[str] = []
+    parent = store.model_version(version)["parent"]
+    while parent is not None and parent not in found:  # a cycle cannot be stored; guard anyway
+        found.append(parent)
+        parent = store.model_version(parent)["parent"]
+    return found
+
+
+def gate_state(
+    store: Store, version: str, config: gating.GateConfig | None = None, against: str | None = None
+) -> dict[str, Any]:
+    """Where the gate stands on `version` now: {version, parent, against, passed, reasons, ready,
     eval_id, battle_campaign, verdict, waived}. `ready`: the evidence the gate waits for is in
-    (a complete evaluation against the parent, and the re-battle's verdict when one is open).
-    A version without a parent (the base) is the reference: nothing to pass."""
+    (a complete evaluation against `against`, and the re-battle's verdict when one is open).
+    `against` is the parent unless another ancestor is named (see `decide`). A version without
+    a parent (the base) is the reference: nothing to pass."""
     config = config or gating.load_gate_config()
     v = store.model_version(version)
     parent = v["parent"]
+    against = against or parent
     state: dict[str, Any] = {
         "version": v["name"],
         "parent": parent,
+        "against": against,
         "eval_id": None,
         "battle_campaign": None,
         "verdict": None,
@@ -88,9 +105,9 @@ def gate_state(store: Store, version: str, config: gating.GateConfig | None = No
     }
     if parent is None:
         return state | {"passed": True, "reasons": [], "ready": False, "root": True}
-    evaluation = latest_evaluation(store, v["name"], parent)
-    campaign = rebattle_campaign(store, v["name"], parent)
-    verdict = gating.rebattle_verdict(store, v["name"], parent)
+    evaluation = latest_evaluation(store, v["name"], against)
+    campaign = rebattle_campaign(store, v["name"], against)
+    verdict = gating.rebattle_verdict(store, v["name"], against)
     waived = bool(evaluation and (evaluation["settings"] or {}).get("waived"))
     state |= {
         "eval_id": evaluation["id"] if evaluation else None,
@@ -103,7 +120,7 @@ def gate_state(store: Store, version: str, config: gating.GateConfig | None = No
     decision = gating.gate_decision(metrics, verdict, config, waived=waived)
     reasons = list(decision["reasons"])
     if evaluation is None:
-        pending = latest_evaluation(store, v["name"], parent, complete=False)
+        pending = latest_evaluation(store, v["name"], against, complete=False)
         status = ""
         if pending is not None:
             limit = (pending["settings"] or {}).get("limit")
@@ -111,15 +128,16 @@ def gate_state(store: Store, version: str, config: gating.GateConfig | None = No
             status = f" (the newest, {pending['id']}, {done or pending['status']})"
         # without an evaluation every guard reads "not measured": say the one thing to do
         reasons = [r for r in reasons if r.startswith("re-battle:")]
+        whom, flag = ("its parent ", "") if against == parent else ("", f" --against {against}")
         reasons.insert(
             0,
-            f"evaluation: no complete evaluation against its parent {parent} yet{status}; "
-            f"run `studio eval {v['name']}`",
+            f"evaluation: no complete evaluation against {whom}{against} yet{status}; "
+            f"run `studio eval {v['name']}{flag}`",
         )
     if campaign is None:
+        why = "its run had no held-out prompts; see the run's notes" if against == parent else "none asked"
         reasons = [
-            f"re-battle: none was opened against {parent} (its run had no held-out prompts; see the "
-            "run's notes); an engineer may waive this"
+            f"re-battle: none was opened against {against} ({why}); an engineer may waive this"
             if r.startswith("re-battle: no verdict yet")
             else r
             for r in reasons
@@ -200,9 +218,17 @@ def decide(store: Store, version: str, config: gating.GateConfig | None = None) 
     config = config or gating.load_gate_config()
     with _DECIDE_LOCK:
         state = gate_state(store, version, config)
+        policy = camp.aliases(store).get(camp.POLICY)
+        if not state["root"] and policy != state["parent"] and policy in ancestors(store, state["version"]):
+            # `policy` is older than the parent (the parent was never promoted): what decides is
+            # the evidence against the version this one would replace, once it is all in (an
+            # evaluation against it alone is no request to replace it: a duel or a waiver is)
+            over = gate_state(store, version, config, against=policy)
+            if over["ready"] and (over["battle_campaign"] or over["waived"]):
+                state = over
         if state["root"] or not state["ready"]:
             return None
-        name, parent = state["version"], state["parent"]
+        name, parent, against = state["version"], state["parent"], state["against"]
         done = store.query(
             "SELECT id FROM promotions WHERE decided_by = ? AND version = ?"
             " AND eval_id IS NOT DISTINCT FROM ? AND battle_campaign IS NOT DISTINCT FROM ?"
@@ -211,13 +237,14 @@ def decide(store: Store, version: str, config: gating.GateConfig | None = None) 
         )
         if done:
             return history(store, row_id=done[0]["id"])[0]
-        policy = camp.aliases(store).get(camp.POLICY)
         people = store.query(
             "SELECT decided_by, action FROM promotions WHERE decided_by <> ?"
             " AND (version = ? OR from_version = ?) ORDER BY decided_at DESC LIMIT 1",
             [GATE, name, name],
         )
         notes = [f"re-battle waived in evaluation {state['eval_id']}"] if state["waived"] else []
+        if against != parent:
+            notes.append(f"judged against {against}, where {camp.POLICY} points, not its parent {parent}")
         if state["passed"]:
             if not config.auto_promote:
                 why = "the gate passed; auto_promote is off (data/gate.yaml), so a person promotes it"
@@ -226,11 +253,16 @@ def decide(store: Store, version: str, config: gating.GateConfig | None = None) 
                     f"the gate passed, but {people[0]['decided_by']} already chose for this version "
                     f"({people[0]['action']}); the gate does not overrule a person"
                 )
-            elif policy != parent:
+            elif policy != against:
                 why = (
                     f"the gate passed against {parent}, but {camp.POLICY} points at {policy}, not at "
                     f"{parent}; promote it by hand if it should replace {policy}"
                 )
+                if policy in ancestors(store, name):
+                    why += (
+                        f", or evaluate and re-battle it against {policy}: with that evidence the "
+                        f"gate decides over {policy} itself"
+                    )
             else:
                 before = _move(store, camp.POLICY, name)
                 log.info("the gate promoted %s (policy was %s)", name, before)
@@ -263,8 +295,9 @@ def decide(store: Store, version: str, config: gating.GateConfig | None = None) 
 
 
 def after_verdict(store: Store, campaign: str) -> list[dict[str, Any]]:
-    """A battle campaign recorded its verdict: decide each of its versions that is the other's
-    child (the re-battle of a trained version against its parent)."""
+    """A battle campaign recorded its verdict: decide each of its versions that descends from the
+    other (the re-battle of a trained version against its parent, or a duel with an older
+    ancestor that `policy` may still point at)."""
     row = store.query("SELECT versions FROM battle_campaigns WHERE name = ?", [campaign])
     if not row:
         return []
@@ -272,10 +305,10 @@ def after_verdict(store: Store, campaign: str) -> list[dict[str, Any]]:
     decided = []
     for name in names:
         try:
-            parent = store.model_version(name)["parent"]
+            older = ancestors(store, name)
         except StoreError:
             continue  # an alias in a hand-made campaign: not a trained version's re-battle
-        if parent in names:
+        if any(other in older for other in names):
             found = decide(store, name)
             if found is not None:
                 decided.append(found)
@@ -349,11 +382,12 @@ def start_evaluation(
     store: Store, backend: Any, version: str, against: str | None = None, **kwargs: Any
 ) -> dict[str, Any]:
     """`evals.start_eval`, and when it succeeds the gate decides on the version (if it was
-    compared with its parent; `decide` reads only such evaluations)."""
+    compared with one of its ancestors, its parent or an older one `policy` may point at: `decide`
+    reads only such evaluations)."""
 
     def done(eval_id: str) -> None:
         record = engine.get_eval(store, eval_id)
-        if store.model_version(record["version"])["parent"] == record["against"]:
+        if record["against"] in ancestors(store, record["version"]):
             decide(store, record["version"])
 
     return engine.start_eval(store, backend, version, against, on_done=done, **kwargs)

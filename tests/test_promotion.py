@@ -342,6 +342,66 @@ def test_the_gate_holds_when_switched_off_or_when_policy_moved_on(store: Store) 
     assert off["action"] == "hold" and off["passed"] and "auto_promote is off" in off["reasons"][0]
 
 
+def test_a_version_over_a_held_parent_is_judged_against_where_policy_points(store: Store) -> None:
+    """PPO held (policy stays at base), DPO trained on top of it: beating its parent does not move
+    policy, since DPO was never shown better than base; with its own evaluation and duel against
+    base the gate decides over base itself, and says so. Losing that duel holds it."""
+    ppo = child(store, "ppo-1")
+    record_eval(store, ppo, "base", GOOD)
+    vote_until_closed(store, duel(store, ppo), "base")  # base wins: PPO held
+    assert promotion.history(store, ppo)[0]["action"] == "hold" and camp.aliases(store)["policy"] == "base"
+    dpo = child(store, "dpo-1", parent=ppo)
+    assert promotion.ancestors(store, dpo) == [ppo, "base"]
+    record_eval(store, dpo, ppo, GOOD)
+    vote_until_closed(store, duel(store, dpo, ppo), dpo)
+    held = promotion.history(store, dpo)[0]
+    assert held["action"] == "hold" and held["passed"] and camp.aliases(store)["policy"] == "base"
+    assert "policy points at base, not at ppo-1" in held["reasons"][0]
+    assert "or evaluate and re-battle it against base" in held["reasons"][0]
+    # an evaluation against base alone asks nothing new: the same hold
+    over_eval = record_eval(store, dpo, "base", GOOD)
+    assert promotion.decide(store, dpo)["id"] == held["id"]
+    state = promotion.gate_state(store, dpo, against="base")
+    assert state["against"] == "base" and state["parent"] == ppo and state["eval_id"] == over_eval
+    campaign = f"vsbase-{dpo}"
+    seed_battles(
+        store, campaign, [(dpo, "base", "an answer", "another")] * 40, versions=(dpo, "base"), budget=100
+    )
+    vote_until_closed(store, campaign, dpo)  # the verdict's vote calls the gate: an ancestor's duel
+    promoted = promotion.history(store, dpo)[0]
+    assert camp.aliases(store)["policy"] == dpo
+    assert (promoted["action"], promoted["decided_by"], promoted["from_version"]) == (
+        "promote",
+        "gate",
+        "base",
+    )
+    assert (promoted["eval_id"], promoted["battle_campaign"], promoted["verdict"]) == (
+        over_eval,
+        campaign,
+        "better",
+    )
+    assert promoted["reasons"] == ["judged against base, where policy points, not its parent ppo-1"]
+
+    # the same, but DPO loses its duel with base: held on that evidence, policy stays
+    other_ppo = child(store, "ppo-2", parent=dpo)
+    camp.set_alias(store, "policy", "base")  # as if rolled back past both
+    other = child(store, "dpo-2", parent=other_ppo)
+    record_eval(store, other, other_ppo, GOOD)
+    vote_until_closed(store, duel(store, other, other_ppo), other)
+    record_eval(store, other, "base", GOOD)
+    lost = f"vsbase-{other}"
+    seed_battles(
+        store, lost, [(other, "base", "an answer", "another")] * 40, versions=(other, "base"), budget=100
+    )
+    vote_until_closed(store, lost, "base")
+    decision = promotion.history(store, other)[0]
+    assert decision["action"] == "hold" and not decision["passed"] and decision["battle_campaign"] == lost
+    assert (
+        any(r.startswith("re-battle:") for r in decision["reasons"])
+        and camp.aliases(store)["policy"] == "base"
+    )
+
+
 def test_a_waived_rebattle_and_a_version_without_one(store: Store) -> None:
     name = child(store)
     record_eval(store, name, "base", GOOD)  # no re-battle was opened (no held-out prompts)
