@@ -375,7 +375,8 @@ class VersionRow:
     votes: dict[str, int] | None = None
     gate: dict[str, Any] | None = None
     promoted: bool = False
-    deltas: dict[str, dict[str, Any]] | None = None
+    deltas: dict[str, dict[str, Any]] | None = None  # the evaluation against the parent
+    base_deltas: dict[str, dict[str, Any]] | None = None  # against base, where the parent is not base
     rebattle_verdict: str | None = None
     guard_reasons: list[str] | None = None  # the gate's guards on the evaluation alone
 
@@ -684,7 +685,9 @@ class Demo:
         return {"pairs": len(pairs), "accuracy": right / len(pairs)}
 
     # -------------------------------------------------------------- 6 evaluate, 7 re-battle, 8 gate
-    def evaluate(self, stage: Stage, version: str, parent: str, index: int = 0) -> dict[str, Any]:
+    def evaluate(
+        self, stage: Stage, version: str, parent: str, index: int = 0, total: int = 2
+    ) -> dict[str, Any]:
         """`version` against `parent` on the gate's four suites through the door `studio eval`
         uses; when it is complete and the re-battle has decided, the gate decides on its own.
         Returns the comparison ({version, against, metrics, gate})."""
@@ -698,7 +701,12 @@ class Demo:
         def poll() -> tuple[float, float, str, bool]:
             e = svc.get_eval(self.studio, self.engineer, eval_id)
             state["eval"] = e
-            return index, 2, f"{version} vs {parent}: {e['status']}", e["status"] in ("succeeded", "failed")
+            return (
+                index,
+                total,
+                f"{version} vs {parent}: {e['status']}",
+                e["status"] in ("succeeded", "failed"),
+            )
 
         _wait(stage, poll, 3600, f"evaluation {eval_id}")
         e = state["eval"]
@@ -884,12 +892,16 @@ class Demo:
             battles = list(dict.fromkeys([*duels.values(), *vs_base.values()]))
             voting = workers.submit(self.vote_until_closed, battles, stop)
             rates = [workers.submit(self.sample_rates, v) for v in (ppo, dpo)]
-            evaluations: dict[str, dict[str, Any]] = {}
+            # each version against its parent, and DPO against base too: while PPO is held, base is
+            # what DPO would replace, and the gate then judges it on that evaluation and its duel
+            # with base (studio/promotion.py). Its suite runs are cached from the first two.
+            pairs = ((ppo, "base"), (dpo, ppo), (dpo, "base"))
+            evaluations: dict[tuple[str, str], dict[str, Any]] = {}
             with con.stage(6, "evaluate") as st:
-                for index, (version, parent) in enumerate(((ppo, "base"), (dpo, ppo))):
-                    evaluations[version] = self.evaluate(st, version, parent, index)
+                for index, (version, parent) in enumerate(pairs):
+                    evaluations[version, parent] = self.evaluate(st, version, parent, index, len(pairs))
                 st.summary = "; ".join(
-                    f"{v} vs {e['against']}: " + format_deltas(e["metrics"]) for v, e in evaluations.items()
+                    f"{v} vs {a}: " + format_deltas(e["metrics"]) for (v, a), e in evaluations.items()
                 )
             with con.stage(7, "re-battle") as st:
 
@@ -942,8 +954,11 @@ class Demo:
             if row.version in results:
                 r = results[row.version]
                 row.gate, row.promoted, row.rebattle_verdict = r["gate"], r["promoted"], r["verdict"]
-                row.deltas = evaluations[row.version]["metrics"]
+                row.deltas = evaluations[row.version, row.parent]["metrics"]
                 row.guard_reasons = guard_reasons(row.deltas)
+                if row.parent != "base":
+                    row.base_deltas = evaluations[row.version, "base"]["metrics"]
+                    row.guard_reasons += [f"against base: {r}" for r in guard_reasons(row.base_deltas)]
         reward = {
             "version": rm,
             "heldout_split_accuracy": rm_run["metrics"]["reward"].get("heldout_accuracy"),
@@ -1073,7 +1088,10 @@ def format_table(pref: Preference, report: DemoReport) -> list[str]:
             gate = "-"
         else:
             gate = "promoted" if row.promoted else ("passed" if row.gate["passed"] else "held")
-        body.append([row.version, row.stage, rate, win, votes, gate, format_deltas(row.deltas)])
+        deltas = format_deltas(row.deltas)
+        if row.base_deltas:
+            deltas += f"; against base: {format_deltas(row.base_deltas)}"
+        body.append([row.version, row.stage, rate, win, votes, gate, deltas])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     lines.append("  ".join("-" * w for w in widths))
