@@ -329,6 +329,15 @@ def promote(store: Store, version: str, alias: str, by: str, force: bool = False
     reason with its numbers, unless `force`; the record says who did it and whether it was forced."""
     with _DECIDE_LOCK:
         state = gate_state(store, version)
+        current = camp.aliases(store).get(alias)
+        if (
+            not state["passed"]
+            and current != state["parent"]
+            and current in ancestors(store, state["version"])
+        ):
+            over = gate_state(store, version, against=current)  # as `decide` would judge it
+            if over["passed"]:
+                state = over
         if store.model_version(state["version"])["kind"] == "reward":  # no gate or force changes this
             raise StoreError(
                 f"version '{state['version']}' is a reward model; only policy versions can be promoted"

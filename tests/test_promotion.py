@@ -111,9 +111,10 @@ def child(store: Store, name: str = "dpo-1", parent: str = "base") -> str:
     return name
 
 
-def duel(store: Store, version: str, parent: str = "base", battles: int = 40) -> str:
-    """The re-battle of `version` against `parent`, with `battles` battles ready to vote on."""
-    name = f"rebattle-{version}"
+def duel(store: Store, version: str, parent: str = "base", battles: int = 40, name: str | None = None) -> str:
+    """The re-battle of `version` against `parent` (or the duel `name`), with `battles` battles
+    ready to vote on."""
+    name = name or f"rebattle-{version}"
     seed_battles(
         store,
         name,
@@ -363,10 +364,7 @@ def test_a_version_over_a_held_parent_is_judged_against_where_policy_points(stor
     assert promotion.decide(store, dpo)["id"] == held["id"]
     state = promotion.gate_state(store, dpo, against="base")
     assert state["against"] == "base" and state["parent"] == ppo and state["eval_id"] == over_eval
-    campaign = f"vsbase-{dpo}"
-    seed_battles(
-        store, campaign, [(dpo, "base", "an answer", "another")] * 40, versions=(dpo, "base"), budget=100
-    )
+    campaign = duel(store, dpo, "base", name=f"vsbase-{dpo}")
     vote_until_closed(store, campaign, dpo)  # the verdict's vote calls the gate: an ancestor's duel
     promoted = promotion.history(store, dpo)[0]
     assert camp.aliases(store)["policy"] == dpo
@@ -389,10 +387,7 @@ def test_a_version_over_a_held_parent_is_judged_against_where_policy_points(stor
     record_eval(store, other, other_ppo, GOOD)
     vote_until_closed(store, duel(store, other, other_ppo), other)
     record_eval(store, other, "base", GOOD)
-    lost = f"vsbase-{other}"
-    seed_battles(
-        store, lost, [(other, "base", "an answer", "another")] * 40, versions=(other, "base"), budget=100
-    )
+    lost = duel(store, other, "base", name=f"vsbase-{other}")
     vote_until_closed(store, lost, "base")
     decision = promotion.history(store, other)[0]
     assert decision["action"] == "hold" and not decision["passed"] and decision["battle_campaign"] == lost
@@ -400,6 +395,19 @@ def test_a_version_over_a_held_parent_is_judged_against_where_policy_points(stor
         any(r.startswith("re-battle:") for r in decision["reasons"])
         and camp.aliases(store)["policy"] == "base"
     )
+
+    # a third, whose re-battle against its parent never decided but which beat base in its duel:
+    # the gate promotes it over base, and a person's promote is judged the same way (unforced)
+    third = child(store, "dpo-3", parent=other_ppo)
+    record_eval(store, third, other_ppo, GOOD)
+    duel(store, third, other_ppo)  # open, no verdict
+    assert not promotion.gate_state(store, third)["passed"]
+    record_eval(store, third, "base", GOOD)
+    vote_until_closed(store, duel(store, third, "base", name=f"vsbase-{third}"), third)
+    assert camp.aliases(store)["policy"] == third
+    camp.set_alias(store, "policy", "base")
+    done = svc.promote(svc_ctx(store), ENG, third, svc.PromoteSpec())
+    assert not done["forced"] and camp.aliases(store)["policy"] == third
 
 
 def test_a_waived_rebattle_and_a_version_without_one(store: Store) -> None:
