@@ -3,8 +3,8 @@
 `--compare O0` (the default): vLLM's compile warm-up against `-O0` (no warm-up). The test
 suite starts a dozen vLLMs with STUDIO_VLLM_ARGS=-O0; users keep vLLM's default.
 `--compare process`: the model in a worker process of its own (vLLM's CPU default) against
-the model in the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the studio's default
-since 2026-12-02), each with vLLM's default compile mode and with -O0.
+the model in the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0; not the studio's
+default, see benchmarks/README.md), each with vLLM's default compile mode and with -O0.
 
 Per side, alternated A B A B (the machine is noisy): the time from spawn to /health, one
 greedy request of 64 tokens alone, and 32 greedy requests of up to 64 tokens at once, twice.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 WORKER, IN_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 # name -> (vLLM options, environment); each comparison's first side is the one it is set against
 COMPARISONS: dict[str, dict[str, tuple[list[str], dict[str, str]]]] = {
-    "O0": {"default": ([], IN_ENGINE), "O0": (["-O0"], IN_ENGINE)},
+    "O0": {"default": ([], WORKER), "O0": (["-O0"], WORKER)},
     "process": {
         "worker process": ([], WORKER),
         "engine process": ([], IN_ENGINE),

@@ -203,14 +203,6 @@ class VLLMServer:
             # to a cold start here, 46 s with the older inductor cache, which loads (measured in
             # one run on the 2-core CPU; a start beside a busy server: 262 s -> 117 s).
             env.setdefault("VLLM_USE_AOT_COMPILE", "0")
-            # The model runs inside vLLM's engine-core process, not in a worker process of its
-            # own (vLLM's CPU platform picks one unless this is 0): one Python fewer importing
-            # torch and vLLM at every start, and no worker spinning on a queue beside a starting
-            # server. Measured here: ready in 30-32 s against 42-52 s with -O0, 43-50 against
-            # 52-60 s without it, 32 x 64 tokens decoded in the same time (benchmarks/README.md,
-            # vllm_start.py). vLLM then leaves OpenMP's threads unpinned, which on this 2-core
-            # machine cost nothing; a many-core host can set it back to 1.
-            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # the launcher module must be importable from the child's working directory
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
