@@ -151,6 +151,20 @@ def gate_state(
     }
 
 
+def _over_incumbent(
+    store: Store, state: dict[str, Any], incumbent: str | None, config: gating.GateConfig | None = None
+) -> dict[str, Any] | None:
+    """The gate's state on `state`'s version against `incumbent` (where an alias points) when that
+    is an ancestor older than the parent (the parent was never promoted), else None."""
+    if (
+        incumbent is None
+        or incumbent == state["parent"]
+        or incumbent not in ancestors(store, state["version"])
+    ):
+        return None
+    return gate_state(store, state["version"], config, against=incumbent)
+
+
 # -- recording ------------------------------------------------------------------------------------
 def _record(
     store: Store,
@@ -219,13 +233,11 @@ def decide(store: Store, version: str, config: gating.GateConfig | None = None) 
     with _DECIDE_LOCK:
         state = gate_state(store, version, config)
         policy = camp.aliases(store).get(camp.POLICY)
-        if not state["root"] and policy != state["parent"] and policy in ancestors(store, state["version"]):
-            # `policy` is older than the parent (the parent was never promoted): what decides is
-            # the evidence against the version this one would replace, once it is all in (an
-            # evaluation against it alone is no request to replace it: a duel or a waiver is)
-            over = gate_state(store, version, config, against=policy)
-            if over["ready"] and (over["battle_campaign"] or over["waived"]):
-                state = over
+        over = _over_incumbent(store, state, policy, config)
+        # the evidence against the version this one would replace decides once it is all in (an
+        # evaluation against it alone is no request to replace it: a duel or a waiver is)
+        if over is not None and over["ready"] and (over["battle_campaign"] or over["waived"]):
+            state = over
         if state["root"] or not state["ready"]:
             return None
         name, parent, against = state["version"], state["parent"], state["against"]
@@ -329,14 +341,9 @@ def promote(store: Store, version: str, alias: str, by: str, force: bool = False
     reason with its numbers, unless `force`; the record says who did it and whether it was forced."""
     with _DECIDE_LOCK:
         state = gate_state(store, version)
-        current = camp.aliases(store).get(alias)
-        if (
-            not state["passed"]
-            and current != state["parent"]
-            and current in ancestors(store, state["version"])
-        ):
-            over = gate_state(store, version, against=current)  # as `decide` would judge it
-            if over["passed"]:
+        if not state["passed"]:
+            over = _over_incumbent(store, state, camp.aliases(store).get(alias))  # as `decide` judges
+            if over is not None and over["passed"]:
                 state = over
         if store.model_version(state["version"])["kind"] == "reward":  # no gate or force changes this
             raise StoreError(
