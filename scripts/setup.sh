@@ -73,6 +73,8 @@ install
 if [ "$mode" = "test" ]; then install_browser; fi
 case "$mode" in
   serve) exec "$venv/bin/studio" serve "$@" ;;
-  test) exec "$py" -m pytest "$@" ;;
+  # two lanes (tests/conftest.py): the tests that serve with vLLM on one worker, the rest beside
+  # them on the other; -n 0 runs everything in this one process instead
+  test) exec "$py" -m pytest -n 2 --dist loadgroup "$@" ;;
   install) echo "installed into $venv" ;;
 esac

@@ -27,6 +27,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # on the 2-core CPU. The tests check behaviour, not speed; the benchmarks run vLLM's default.
 os.environ.setdefault("STUDIO_VLLM_ARGS", "-O0")
 
+# The suite runs on two pytest-xdist workers (scripts/setup.sh test: -n 2 --dist loadgroup). A
+# vLLM start is mostly one core importing, and light tests fill the other core meanwhile; the
+# tests that serve with vLLM (they use `live_studio`, or are marked `vllm`) stay together on one
+# worker, in file order, sharing the session's studio, and each other test module is one unit
+# for the other worker, so a module's fixtures (a Ray head, a tiny model) are made once.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+VLLM_GROUP = "vllm"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("vllm") or "live_studio" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(VLLM_GROUP))
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -89,8 +106,18 @@ def easy_judged(store: Store, base_model_path: str) -> Store:
 def _make_model_cache(factory: pytest.TempPathFactory) -> Path:
     from studio.model_prep import prepare_default_model
 
-    root = factory.mktemp("model-cache")
-    prepare_default_model(root)
+    if XDIST_WORKER is None:
+        root = factory.mktemp("model-cache")
+        prepare_default_model(root)
+        return root / "models"
+    # Under pytest-xdist both workers need the converted model: one converts it into the run's
+    # common temporary folder while the other waits on the lock (xdist's documented recipe for
+    # a session fixture shared between workers).
+    from filelock import FileLock
+
+    root = factory.getbasetemp().parent / "model-cache"
+    with FileLock(f"{root}.lock"):
+        prepare_default_model(root)
     return root / "models"
 
 
@@ -137,7 +164,11 @@ def _start_the_session_studio_early(
     """Only when a collected test uses the live studio (a `-k` run of light tests starts none).
     Stopped here, at the session's end: a test that would have used it may have been skipped."""
     global _early
-    if any("live_studio" in getattr(item, "fixturenames", ()) for item in request.session.items):
+    # Under pytest-xdist every worker collects every test, and the one that runs the `vllm` group
+    # starts the studio when its first test asks: the other worker's light tests are the overlap.
+    if XDIST_WORKER is None and any(
+        "live_studio" in getattr(item, "fixturenames", ()) for item in request.session.items
+    ):
         _early = EarlyStudio(tmp_path_factory)
     yield
     if _early is not None:

@@ -264,6 +264,7 @@ def test_the_demo_needs_a_fresh_data_dir(tmp_path: Path) -> None:
 
 # -- the whole loop ---------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.vllm
 # The quick run takes 12-20 minutes here (three training runs are 7 of them): in CI it would take
 # the suite from about 28 minutes past its 30-minute budget, so it runs only when asked for.
 @pytest.mark.skipif(

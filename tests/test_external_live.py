@@ -26,7 +26,7 @@ from studio.users import local_token
 from tests.conftest import LiveStudio, free_port
 from tests.helpers import make_users, random_adapter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")

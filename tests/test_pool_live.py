@@ -27,7 +27,7 @@ from studio.users import local_token
 from tests.conftest import LiveStudio, data_dir_with_model
 from tests.helpers import Traffic, make_users, random_adapter, rest_sender
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 # Requests flow during a swap at an annotating team's pace, not flat out: on 2 cores a serving
 # vLLM kept saturated leaves a starting one a few percent of the CPU, and the swap then takes

@@ -17,7 +17,7 @@ import pytest
 from studio.users import local_token
 from tests.conftest import LiveStudio, data_dir_with_model, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 PROMPTS = ["Name a fruit.", "What is 2 + 2?", "Say hello in French."]
 
