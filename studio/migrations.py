@@ -348,4 +348,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE runs ADD COLUMN launch JSON;
         """,
     ),
+    (
+        "010_root_evaluation",
+        """
+        -- The evaluation against the version's lineage's root whose guards the gate also read
+        -- (data/gate.yaml guard_against_root): a new one is new evidence, decided again.
+        ALTER TABLE promotions ADD COLUMN root_eval_id VARCHAR;
+        """,
+    ),
 ]

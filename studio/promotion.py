@@ -144,11 +144,37 @@ def gate_state(
         ]
     open_battle = campaign is not None and verdict == "none"
     waits_for_battle = open_battle and config.require_rebattle and not waived
+    root_reasons, root_ready = _guards_against_root(store, v["name"], against, config, state)
     return state | {
-        "passed": not reasons,
-        "reasons": reasons,
-        "ready": evaluation is not None and not waits_for_battle,
+        "passed": not reasons and not root_reasons,
+        "reasons": reasons + root_reasons,
+        "ready": evaluation is not None and root_ready and not waits_for_battle,
     }
+
+
+def _guards_against_root(
+    store: Store, version: str, against: str, config: gating.GateConfig, state: dict[str, Any]
+) -> tuple[list[str], bool]:
+    """The guards on `version`'s evaluation against its lineage's root, when the gate asks for
+    them (`guard_against_root`) and the root is not already the version it is judged against:
+    (reasons, whether that evaluation is in). Sets state["lineage_root"] and state["root_eval_id"]."""
+    root = engine.lineage_root(store, version)
+    if not config.guard_against_root or root in (version, against):
+        return [], True
+    state["lineage_root"] = root
+    evaluation = latest_evaluation(store, version, root)
+    if evaluation is None:
+        state["root_eval_id"] = None
+        return [
+            f"guards against {root}, the lineage's root: no complete evaluation against {root} yet; "
+            f"run `studio eval {version} --against {root}` (the tolerances hold against the root "
+            "too, so that they do not add up along the chain; data/gate.yaml)"
+        ], False
+    state["root_eval_id"] = evaluation["id"]
+    metrics = (evaluation["result"] or {}).get("metrics", {})
+    # the guards only: the re-battle that counts is the one against `against`
+    decision = gating.gate_decision(metrics, None, config, waived=True)
+    return [f"against {root}, the lineage's root: {reason}" for reason in decision["reasons"]], True
 
 
 def _over_incumbent(
@@ -184,7 +210,8 @@ def _record(
     with store.transaction() as cur:
         cur.execute(
             "INSERT INTO promotions (id, action, alias, version, from_version, decided_by, forced, passed,"
-            " reasons, eval_id, battle_campaign, verdict) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " reasons, eval_id, battle_campaign, verdict, root_eval_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 row_id,
                 action,
@@ -198,6 +225,7 @@ def _record(
                 state.get("eval_id"),
                 state.get("battle_campaign"),
                 state.get("verdict"),
+                state.get("root_eval_id"),
             ],
         )
     return history(store, row_id=row_id)[0]
@@ -244,8 +272,8 @@ def decide(store: Store, version: str, config: gating.GateConfig | None = None) 
         done = store.query(
             "SELECT id FROM promotions WHERE decided_by = ? AND version = ?"
             " AND eval_id IS NOT DISTINCT FROM ? AND battle_campaign IS NOT DISTINCT FROM ?"
-            " AND verdict IS NOT DISTINCT FROM ?",
-            [GATE, name, state["eval_id"], state["battle_campaign"], state["verdict"]],
+            " AND verdict IS NOT DISTINCT FROM ? AND root_eval_id IS NOT DISTINCT FROM ?",
+            [GATE, name, *(state.get(k) for k in ("eval_id", "battle_campaign", "verdict", "root_eval_id"))],
         )
         if done:
             return history(store, row_id=done[0]["id"])[0]
@@ -411,34 +439,37 @@ def start_evaluation(
 
 def evaluate_new_version(studio: Any, version: str, parent: str, created_by: str) -> dict[str, Any] | None:
     """Queue the evaluation of a version a run just registered against its parent (the default
-    suites and seed, so the parent's stored runs are reused). Never fails the run: when it cannot
+    suites and seed, so the parent's stored runs are reused), and, when the gate holds the guards
+    against the lineage's root as well, against the root after it (its suite runs are the ones
+    just made and the root's, both stored: no new sampling). Never fails the run: when one cannot
     start, the gate records a hold saying why."""
     store: Store = studio.store
-    try:
-        backend = getattr(studio, "backend", None)
-        if backend is None:
-            raise engine.EvalError("no model server to evaluate on")
-        return start_evaluation(store, backend, version, parent, created_by=created_by)
-    except Exception as exc:
-        if isinstance(exc, engine.EvalError):  # a known cause (no model server...): its message says it all
-            log.warning("the automatic evaluation of %s could not start: %s", version, exc)
-        else:
-            log.exception("the automatic evaluation of %s could not start", version)
-        reason = (
-            f"evaluation: the automatic evaluation against {parent} could not start ({exc}); "
-            f"start it with `studio eval {version}`"
-        )
-        _record(
-            store,
-            "hold",
-            camp.POLICY,
-            version,
-            None,
-            GATE,
-            passed=False,
-            reasons=[reason],
-        )
-        return None
+    against = [parent]
+    root = engine.lineage_root(store, version)
+    if root not in (version, parent) and gating.load_gate_config().guard_against_root:
+        against.append(root)
+    first = None
+    for other in against:
+        try:
+            backend = getattr(studio, "backend", None)
+            if backend is None:
+                raise engine.EvalError("no model server to evaluate on")
+            started = start_evaluation(store, backend, version, other, created_by=created_by)
+        except Exception as exc:
+            what = f"the automatic evaluation of {version} against {other} could not start"
+            if isinstance(exc, engine.EvalError):  # a known cause (no model server...): it says it all
+                log.warning("%s: %s", what, exc)
+            else:
+                log.exception(what)
+            flag = "" if other == parent else f" --against {other}"
+            reason = (
+                f"evaluation: the automatic evaluation against {other} could not start ({exc}); "
+                f"start it with `studio eval {version}{flag}`"
+            )
+            _record(store, "hold", camp.POLICY, version, None, GATE, passed=False, reasons=[reason])
+            return first
+        first = first or started
+    return first
 
 
 # -- the version card -----------------------------------------------------------------------------

@@ -329,16 +329,19 @@ def test_the_gate_holds_when_switched_off_or_when_policy_moved_on(store: Store) 
     )
     third = child(store, "dpo-3", parent=first)
     record_eval(store, third, first, GOOD)
+    record_eval(store, third, "base", GOOD)  # the guards hold against the lineage's root too
     vote_until_closed(store, duel(store, third, first), third)
     assert camp.aliases(store)["policy"] == third  # policy was at its parent
     # with auto_promote off the gate only says it passed
     fourth = child(store, "dpo-4", parent=third)
     record_eval(store, fourth, third, GOOD)
+    record_eval(store, fourth, "base", GOOD)
     vote_until_closed(store, duel(store, fourth, third), fourth)
     promotion.after_verdict(store, f"rebattle-{fourth}")  # already decided: the same record
     assert camp.aliases(store)["policy"] == fourth
     fifth = child(store, "dpo-5", parent=fourth)
     record_eval(store, fifth, fourth, GOOD)
+    record_eval(store, fifth, "base", GOOD)
     off = promotion.decide(store, fifth, GateConfig(auto_promote=False, require_rebattle=False))
     assert off["action"] == "hold" and off["passed"] and "auto_promote is off" in off["reasons"][0]
 
@@ -355,12 +358,15 @@ def test_a_version_over_a_held_parent_is_judged_against_where_policy_points(stor
     assert promotion.ancestors(store, dpo) == [ppo, "base"]
     record_eval(store, dpo, ppo, GOOD)
     vote_until_closed(store, duel(store, dpo, ppo), dpo)
-    held = promotion.history(store, dpo)[0]
+    # the guards hold against the lineage's root (base) too: no decision until that evaluation is in
+    assert promotion.history(store, dpo) == []
+    # (the evaluation worker calls decide when it records one; record_eval does not)
+    over_eval = record_eval(store, dpo, "base", GOOD)
+    held = promotion.decide(store, dpo)
     assert held["action"] == "hold" and held["passed"] and camp.aliases(store)["policy"] == "base"
     assert "policy points at base, not at ppo-1" in held["reasons"][0]
     assert "or evaluate and re-battle it against base" in held["reasons"][0]
     # an evaluation against base alone asks nothing new: the same hold
-    over_eval = record_eval(store, dpo, "base", GOOD)
     assert promotion.decide(store, dpo)["id"] == held["id"]
     state = promotion.gate_state(store, dpo, against="base")
     assert state["against"] == "base" and state["parent"] == ppo and state["eval_id"] == over_eval
@@ -408,6 +414,52 @@ def test_a_version_over_a_held_parent_is_judged_against_where_policy_points(stor
     camp.set_alias(store, "policy", "base")
     done = svc.promote(svc_ctx(store), ENG, third, svc.PromoteSpec())
     assert not done["forced"] and camp.aliases(store)["policy"] == third
+
+
+def test_the_guards_hold_against_the_lineage_root_so_tolerances_do_not_add_up(store: Store) -> None:
+    """Full run 8 (docs/demo.md): PPO cost 1.8 points of factual accuracy and DPO on top of it 2.7
+    more, each inside the 3 allowed against its parent and 4.5 together against base. The gate
+    reads the version's evaluation against the root as well: it waits for it, then holds on it."""
+    ppo = child(store, "ppo-1")
+    record_eval(store, ppo, "base", GOOD | {"factual_accuracy": (0.30, 0.28)})
+    vote_until_closed(store, duel(store, ppo), ppo)
+    assert camp.aliases(store)["policy"] == ppo  # 2 points down: inside the 3 allowed
+    dpo = child(store, "dpo-1", parent=ppo)
+    record_eval(store, dpo, ppo, GOOD | {"factual_accuracy": (0.28, 0.255)})  # 2.5 more
+    vote_until_closed(store, duel(store, dpo, ppo), dpo)
+    assert promotion.history(store, dpo) == [] and camp.aliases(store)["policy"] == ppo
+    waiting = promotion.gate_state(store, dpo)
+    assert not waiting["ready"] and not waiting["passed"]
+    assert waiting["reasons"] == [
+        "guards against base, the lineage's root: no complete evaluation against base yet; run "
+        "`studio eval dpo-1 --against base` (the tolerances hold against the root too, so that "
+        "they do not add up along the chain; data/gate.yaml)"
+    ]
+    root_eval = record_eval(store, dpo, "base", GOOD | {"factual_accuracy": (0.30, 0.255)})
+    held = promotion.decide(store, dpo)
+    assert (held["action"], held["passed"], camp.aliases(store)["policy"]) == ("hold", False, ppo)
+    assert held["reasons"] == [
+        "against base, the lineage's root: factual_accuracy: down 4.5 points (0.300 -> 0.255, 95% "
+        "interval of the change [-0.095, +0.005]), more than the allowed 3.0 points"
+    ]
+    assert promotion.gate_state(store, dpo)["root_eval_id"] == root_eval
+    # a person's promote is refused on the same reason, unless forced
+    with pytest.raises(promotion.PromotionRefused, match="against base, the lineage's root: factual"):
+        promotion.promote(store, dpo, "policy", "eng")
+    # switched off, each version answers to its parent alone (the old rule)
+    assert promotion.gate_state(store, dpo, GateConfig(guard_against_root=False))["passed"]
+    # the re-battle read stays the one against the parent: a duel with the root is not asked for
+    fine = child(store, "dpo-2", parent=ppo)
+    record_eval(store, fine, ppo, GOOD)
+    record_eval(store, fine, "base", GOOD)
+    vote_until_closed(store, duel(store, fine, ppo), fine)
+    assert camp.aliases(store)["policy"] == fine
+    assert promotion.history(store, fine)[0]["action"] == "promote"
+    # a new evaluation against the root is new evidence: decided again (passed now; policy moved on)
+    again_eval = record_eval(store, dpo, "base", GOOD)
+    again = promotion.decide(store, dpo)
+    assert again["id"] != held["id"] and again["passed"] and again["root_eval_id"] == again_eval
+    assert "policy points at dpo-2, not at ppo-1" in again["reasons"][0]
 
 
 def test_a_waived_rebattle_and_a_version_without_one(store: Store) -> None:

@@ -69,7 +69,9 @@ class Plan:
         }
 
 
-def _root(store: Store, name: str) -> str:
+def lineage_root(store: Store, name: str) -> str:
+    """The first version of `name`'s lineage (the base it was first trained from); `name` itself
+    for a version without a parent."""
     seen = set()
     version = store.model_version(name)
     while version["parent"] and version["name"] not in seen:
@@ -135,7 +137,7 @@ def plan_eval(
     needs_judge = refusal_judge or any(s.scorer == "pairwise_judge" for s in chosen)
     if judge is None and needs_judge:
         # the default judge is the served base model (the root of the lineage) on the same server
-        judge = JudgeSpec(model=_root(store, other))
+        judge = JudgeSpec(model=lineage_root(store, other))
     if backend is not None:
         try:
             served = backend.models()

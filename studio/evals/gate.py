@@ -41,6 +41,7 @@ class GateConfig:
     max_safe_refusal_drop: float | None = None  # safe_refusal_rate may fall by at most this (off)
     max_instruction_drop: float | None = None  # instruction_following may fall by at most this (off)
     auto_promote: bool = True  # move `policy` to a version that passes, by itself
+    guard_against_root: bool = True  # the guards hold against the lineage's root as well
 
     def __post_init__(self) -> None:
         for f in fields(self):
