@@ -157,14 +157,12 @@ def _guards_against_root(
 ) -> tuple[list[str], bool]:
     """The guards on `version`'s evaluation against its lineage's root, when the gate asks for
     them (`guard_against_root`) and the root is not already the version it is judged against:
-    (reasons, whether that evaluation is in). Sets state["lineage_root"] and state["root_eval_id"]."""
+    (reasons, whether that evaluation is in). Sets state["root_eval_id"] when it is."""
     root = engine.lineage_root(store, version)
     if not config.guard_against_root or root in (version, against):
         return [], True
-    state["lineage_root"] = root
     evaluation = latest_evaluation(store, version, root)
     if evaluation is None:
-        state["root_eval_id"] = None
         return [
             f"guards against {root}, the lineage's root: no complete evaluation against {root} yet; "
             f"run `studio eval {version} --against {root}` (the tolerances hold against the root "
@@ -448,10 +446,10 @@ def evaluate_new_version(studio: Any, version: str, parent: str, created_by: str
     root = engine.lineage_root(store, version)
     if root not in (version, parent) and gating.load_gate_config().guard_against_root:
         against.append(root)
+    backend = getattr(studio, "backend", None)
     first = None
     for other in against:
         try:
-            backend = getattr(studio, "backend", None)
             if backend is None:
                 raise engine.EvalError("no model server to evaluate on")
             started = start_evaluation(store, backend, version, other, created_by=created_by)
