@@ -234,6 +234,29 @@ def test_an_adapter_lost_in_a_restart_is_loaded_again_by_the_request(
         pool.stop()
 
 
+def test_a_restarted_server_that_says_ready_serves_before_its_restart_hook_has_run(
+    fleet: list[FleetServer], tmp_path: Path
+) -> None:
+    # vLLM's watchdog sets "ready" and only then calls the pool's hook; a request in between was
+    # told "not ready, try again" (CI: test_crash's sample right after the restart, one 503)
+    pool = ServingPool("base", tmp_path, progress=lambda m: None)
+    server = VLLMServer(tmp_path, "base", tmp_path / "base.log", port=fleet[0].port, progress=lambda m: None)
+    ep = Endpoint(id="base-1", url=server.url, base="base", client=pool_client(server.url), server=server)
+    ep.state = "up"
+    pool._endpoints.append(ep)
+    try:
+        server.state = "restarting"
+        pool._check(ep)  # as the watcher sees it while vLLM restarts
+        assert ep.state == "down"
+        with pytest.raises(BackendError, match="not ready"):
+            pool.chat("base", MESSAGES, PARAMS)
+        server.state = "ready"  # the restart's health check passed; its hook has not run yet
+        assert pool.chat("base", MESSAGES, PARAMS).completions[0].text == str(fleet[0].port)
+        assert ep.state == "up" and fleet[0].answered == 1
+    finally:
+        pool.stop()
+
+
 def managed(pool: ServingPool, name: str, last_used: float, tmp_path: Path) -> Endpoint:
     """A managed endpoint whose vLLM is never started (the policy looks only at names and use)."""
     server = VLLMServer(tmp_path, name, tmp_path / f"{name}.log", progress=lambda m: None)

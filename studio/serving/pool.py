@@ -504,12 +504,25 @@ class ServingPool:
         with self._cond:
             ep = self._pick(model, exclude)
         if ep is None:
+            self._catch_up(exclude)
             self._make_available(model, exclude)
             with self._cond:
                 ep = self._pick(model, exclude)
         if ep is None:
             raise BackendError(self._why_not(model))
         return ep
+
+    def _catch_up(self, exclude: set[int]) -> None:
+        """Look again at each managed server that is ready while the pool still has it down.
+
+        A restarted vLLM says ready before its restart hook has read what it serves; a request
+        in that gap would be told to try again (CI saw one 503 there). One look costs a
+        /v1/models call, and only servers whose process is ready are looked at, so a server
+        that is really down costs nothing more per request."""
+        for ep in self.endpoints():
+            managed_ready = ep.server is not None and ep.server.state == "ready"
+            if ep.state == "down" and managed_ready and id(ep) not in exclude:
+                self._check(ep)  # marks it up, or leaves it down with the reason
 
     def _release(self, ep: Endpoint, answered: bool) -> None:
         with self._cond:
