@@ -182,11 +182,13 @@ def ranks_by(scores: list[float]) -> list[int]:
 def annotate(
     pref: Preference, completions: list[dict[str, Any]], rng: random.Random, noise: float
 ) -> svc.JudgmentSpec | None:
-    """One scripted judgment of a task's completions (in the order shown), or None to leave the
-    assignment id to the caller. With probability `noise` two answers of different rank swap
+    """One scripted judgment of a task's completions (in the order shown; the caller sets the
+    assignment id), or None for a skip. With probability `noise` two answers of different rank swap
     places (a slip). Flags: an unhelpful refusal or an identity leak where the text shows one.
-    Strength: 2 (clear) for a ranking that separates the answers, 1 for a slip. A full tie is sent
-    as 'all bad'.
+    Strength: 2 (clear) for a ranking that separates the answers, 1 for a slip. A full tie is
+    sent as 'all bad' when no answer has the property, and skipped (None) when every one has it:
+    a person calls such answers neither better nor bad, and the studio takes no ranking that ties
+    every answer.
     """
     from studio.arena import DEFAULT_LEAK_WORDS, find_leak
     from studio.evals.scorers import is_refusal
@@ -210,6 +212,8 @@ def annotate(
         if found:
             flags[pos] = found
     decisive = len(set(ranks)) > 1
+    if not decisive and all(pref.has(t) for t in texts):
+        return None  # skipped: 'all bad' would label good answers bad in the unpaired export
     return svc.JudgmentSpec(
         assignment_id="",
         # the studio takes no ranking that ties every answer: none has what the person wants, so
@@ -553,22 +557,32 @@ class Demo:
         )
 
     def label_until_done(self, stop: threading.Event) -> None:
-        """The annotators work as long as tasks come (a task is judged by `overlap` of them)."""
+        """The annotators work as long as tasks come (a task is judged by `overlap` of them).
+
+        Done when every place is judged, or, once every prompt is sampled, when none of them is
+        offered a task: the places left are of tasks each of them skipped."""
         rngs = {a.name: random.Random(f"{self.config.seed}-{a.name}") for a in self.annotators}
         while not stop.is_set():
+            # read before the round: a task sampled during it is offered in the next one
+            before = svc.get_campaign(self.studio, self.admin, LABEL_CAMPAIGN)["progress"]
+            all_sampled = before["tasks_sampled"] >= before["prompts"]
             worked = False
             for person in self.annotators:
                 task = svc.next_task(self.studio, person, LABEL_CAMPAIGN)["task"]
                 if task is None:
                     continue
+                worked = True
                 spec = annotate(self.pref, task["completions"], rngs[person.name], self.config.label_noise)
-                assert spec is not None
+                if spec is None:
+                    svc.skip(self.studio, person, task["assignment_id"])
+                    continue
                 spec.assignment_id = task["assignment_id"]
                 spec.duration_ms = None
                 svc.submit_judgment(self.studio, person, spec)
-                worked = True
             progress = svc.get_campaign(self.studio, self.admin, LABEL_CAMPAIGN)["progress"]
             if progress["judgments"] >= progress["judgments_needed"]:
+                return
+            if not worked and all_sampled:
                 return
             if not worked:
                 stop.wait(0.2)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -104,6 +105,49 @@ def test_annotator_ranks_by_the_preference_ties_equal_answers_and_flags() -> Non
     assert spec.flags == {2: ["unhelpful_refusal"], 3: ["identity_leak"]}
     tied = demo.annotate(pref, shown[:1] * 3, random.Random(0), noise=0.0)
     assert tied is not None and tied.all_bad and tied.ranks is None and tied.strength is None
+
+
+def test_a_full_tie_of_answers_with_the_property_is_skipped_not_called_all_bad() -> None:
+    pref = demo.PREFERENCES["second_person"]
+    alike = [{"text": "You can do it."}, {"text": "Do what you like."}]
+    assert demo.annotate(pref, alike, random.Random(0), noise=0.5) is None
+
+
+def test_the_annotators_skip_good_full_ties_and_labeling_ends_on_the_tasks_left(tmp_path: Path) -> None:
+    # three annotators at k = 2: a task that each of them skips can never be judged, so the loop
+    # must end on "nothing offered, everything sampled", not on the campaign's judgment count
+    from studio.users import bootstrap_admin
+    from tests.conftest import NoModelStudio
+    from tests.helpers import seed_campaign
+
+    tasks = [
+        ("Say hi.", ["You said hi.", "Hi to you."]),  # alike, both say "you" once: skipped
+        ("Name a fruit.", ["Apple.", "Pear."]),  # alike, neither: all bad
+        ("Name a colour.", ["Red, for you.", "Red."]),  # ranked
+    ]
+    with NoModelStudio(tmp_path) as served:
+        store = served.studio.store
+        bootstrap_admin(store, tmp_path)
+        run = demo.Demo(demo.PREFERENCES["second_person"], tmp_path, demo.QUICK, io.StringIO())
+        run.studio = served.studio
+        run.create_people()
+        seed_campaign(store, demo.LABEL_CAMPAIGN, prompts=3, n=2, overlap=2, content=lambda i: tasks[i])
+        stop = threading.Event()
+        timer = threading.Timer(60, stop.set)  # a loop that never ends fails below, not hangs
+        timer.start()
+        run.label_until_done(stop)
+        timer.cancel()
+        assert not stop.is_set(), "labeling did not end"
+        rows = store.query(
+            "SELECT p.messages->>'$[0].content' AS question, j.all_bad FROM judgments j "
+            "JOIN tasks t ON t.id = j.task_id JOIN prompts p ON p.id = t.prompt_id"
+        )
+        skipped = store.query("SELECT count(*) AS n FROM assignments WHERE status = 'skipped'")[0]["n"]
+    all_bad: dict[str, list[bool]] = {}
+    for row in rows:
+        all_bad.setdefault(row["question"], []).append(row["all_bad"])
+    assert all_bad == {"Name a fruit.": [True, True], "Name a colour.": [False, False]}, rows
+    assert skipped == 3  # each annotator passed on it once
 
 
 def test_label_noise_swaps_some_rankings_at_about_its_rate() -> None:
