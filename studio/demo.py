@@ -444,6 +444,7 @@ class Demo:
         self.server: Any = None
         self.thread: threading.Thread | None = None
         self.log: IO[str] | None = None
+        self._quiet: redirect_stderr[IO[str]] | None = None  # stderr to the log while the studio runs
         self.heldout: list[list[dict[str, str]]] = []
         self.rates: dict[str, list[bool]] = {}
         self.texts: dict[str, list[tuple[int, str]]] = {}
@@ -463,10 +464,13 @@ class Demo:
         (self.data_dir / "logs").mkdir(exist_ok=True)
         self.studio = Studio(settings)
         # the studio's own messages go to its log; the demo prints one line per stage. The file
-        # stays open until the studio stops: log handlers made meanwhile keep writing to it.
+        # stays open until the studio stops: log handlers made meanwhile keep writing to it. The
+        # redirect lasts as long too: the studio's threads print later (a full run once showed
+        # the switch to a runtime-LoRA server, its waits and its probe among the stage lines).
         self.log = open(self.data_dir / "logs" / "demo-studio.log", "a")  # noqa: SIM115
-        with redirect_stderr(self.log):
-            self.studio.start()
+        self._quiet = redirect_stderr(self.log)
+        self._quiet.__enter__()
+        self.studio.start()
         app = create_app(settings, self.studio)
         self.server = uvicorn.Server(
             uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
@@ -478,8 +482,7 @@ class Demo:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise DemoError("the studio's HTTP server did not start; see logs/demo-studio.log")
             time.sleep(0.1)
-        with redirect_stderr(self.log):
-            self.studio.announce()  # server.json: CLI commands on this data directory find the studio
+        self.studio.announce()  # server.json: CLI commands on this data directory find the studio
 
     def stop_studio(self) -> None:
         if self.thread is not None and self.thread.is_alive():
@@ -487,6 +490,9 @@ class Demo:
             self.thread.join(timeout=120)
         if self.studio is not None and self.studio.started:
             self.studio.stop()
+        if self._quiet is not None:
+            self._quiet.__exit__(None, None, None)
+            self._quiet = None
         if self.log is not None:
             self.log.close()
 
