@@ -31,7 +31,9 @@ from tests import crashing
 from tests.conftest import LiveStudio, NoModelStudio, data_dir_with_model, free_port
 from tests.helpers import make_users, seed_campaign, seed_easy_judgments, tiny_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+# the tests that kill the studio or its vLLM share the session's studio, and so its lane
+# (tests/conftest.py); those of trainers and of a full disk run no model server and take the other
+pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 5.0  # "a few seconds": everything the studio started, after a kill -9
