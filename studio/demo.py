@@ -572,8 +572,10 @@ class Demo:
         rngs = {a.name: random.Random(f"{self.config.seed}-{a.name}") for a in self.annotators}
         while not stop.is_set():
             # read before the round: a task sampled during it is offered in the next one
-            before = svc.get_campaign(self.studio, self.admin, LABEL_CAMPAIGN)["progress"]
-            all_sampled = before["tasks_sampled"] >= before["prompts"]
+            progress = svc.get_campaign(self.studio, self.admin, LABEL_CAMPAIGN)["progress"]
+            if progress["judgments"] >= progress["judgments_needed"]:
+                return
+            all_sampled = progress["tasks_sampled"] >= progress["prompts"]
             worked = False
             for person in self.annotators:
                 task = svc.next_task(self.studio, person, LABEL_CAMPAIGN)["task"]
@@ -587,9 +589,6 @@ class Demo:
                 spec.assignment_id = task["assignment_id"]
                 spec.duration_ms = None
                 svc.submit_judgment(self.studio, person, spec)
-            progress = svc.get_campaign(self.studio, self.admin, LABEL_CAMPAIGN)["progress"]
-            if progress["judgments"] >= progress["judgments_needed"]:
-                return
             if not worked and all_sampled:
                 return
             if not worked:
