@@ -309,11 +309,11 @@ def test_the_demo_needs_a_fresh_data_dir(tmp_path: Path) -> None:
 # -- the whole loop ---------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.vllm
-# The quick run takes 12-20 minutes here (three training runs are 7 of them): in CI it would take
+# The quick run takes 14-22 minutes here (three training runs are 7-11 of them): in CI it would take
 # the suite from about 28 minutes past its 30-minute budget, so it runs only when asked for.
 @pytest.mark.skipif(
     os.environ.get("STUDIO_TEST_DEMO") != "1",
-    reason="the demo's whole loop takes 12-20 minutes: run it with STUDIO_TEST_DEMO=1",
+    reason="the demo's whole loop takes 14-22 minutes: run it with STUDIO_TEST_DEMO=1",
 )
 # its own vLLM start, three training runs, three evaluations and battles: past the suite's 900 s
 # default on a loaded 2-core machine (vLLM alone once took 566 s to start there)
