@@ -309,8 +309,9 @@ def test_the_demo_needs_a_fresh_data_dir(tmp_path: Path) -> None:
 # -- the whole loop ---------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.vllm
-# The quick run takes 14-22 minutes here (its three training runs about 10 of them): in CI it would take
-# the suite from about 28 minutes past its 30-minute budget, so it runs only when asked for.
+# The quick run takes 14-22 minutes here (its three training runs about 10 of them): in CI it
+# would take the suite from about 30 minutes to 45, past its 30-minute budget, so it runs only
+# when asked for.
 @pytest.mark.skipif(
     os.environ.get("STUDIO_TEST_DEMO") != "1",
     reason="the demo's whole loop takes 14-22 minutes: run it with STUDIO_TEST_DEMO=1",
