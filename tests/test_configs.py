@@ -80,6 +80,12 @@ def test_unknown_key_in_an_override_is_refused_with_the_nearest_key() -> None:
         ("dpo", {"train.beta": 0}, "train.beta 0.0: must be greater than 0"),
         ("dpo", {"train.loss_type": "sigmod"}, "train.loss_type 'sigmod': use one of sigmoid, hinge"),
         ("dpo", {"train.label_smoothing": 0.5}, r"train.label_smoothing 0.5: use a share .* \[0, 0.5\)"),
+        ("dpo", {"train.sft_weight": -1}, r"train.sft_weight -1.0: must be 0 \(plain DPO\) or more"),
+        (
+            "dpo",
+            {"train.sft_weight": 1, "train.loss_type": "sft"},
+            "train.sft_weight 1.0: loss_type is sft already; set sft_weight to 0",
+        ),
         ("dpo", {"held_out": 1.0}, r"held_out 1.0: use a share of prompts in \[0, 1\)"),
         ("reward", {"held_out": -0.1}, r"held_out -0.1: use a share of prompts in \[0, 1\)"),
         ("sft", {"train.max_steps": 0}, "train.max_steps 0: use -1 .* or a positive number of steps"),
@@ -265,10 +271,13 @@ def test_the_train_sections_are_trl_fields_with_trl_defaults_unless_said() -> No
     from trl import DPOConfig, RewardConfig, SFTConfig
 
     deliberate = {"bf16": False, "max_length": 512, "report_to": []}  # each field's help says why
+    translated = {"sft_weight"}  # trl_kwargs turns it into TRL's loss_type and loss_weights
     for stage, trl_cls in (("reward", RewardConfig), ("dpo", DPOConfig), ("sft", SFTConfig)):
         trl_fields = {f.name: f for f in dataclasses.fields(trl_cls)}
         ours = configs.CONFIGS[stage]().train
         for f in dataclasses.fields(ours):
+            if f.name in translated:
+                continue
             assert f.name in trl_fields, f"{stage}: train.{f.name} is not a field of {trl_cls.__name__}"
             theirs = trl_fields[f.name]
             trl_default = (
@@ -312,3 +321,14 @@ def test_the_stage_hands_its_settings_to_trls_config(tmp_path: Path) -> None:
     assert trl.lr_scheduler_type == "cosine" and trl.warmup_steps == 0.1
     assert trl.beta == 0.3 and trl.loss_type == ["robust"] and trl.bf16 is False
     assert trl.logging_steps == 1 and trl.max_length == 256 and trl.learning_rate == 5e-4
+
+
+def test_sft_weight_becomes_trls_weighted_list_of_losses(tmp_path: Path) -> None:
+    from trl import DPOConfig
+
+    from trainers.common import trl_config
+
+    plain = trl_config(DPOConfig, validate("dpo", RECIPES / "dpo.yaml", {}), tmp_path)
+    assert plain.loss_type == ["sigmoid"] and plain.loss_weights is None
+    rpo = trl_config(DPOConfig, validate("dpo", RECIPES / "dpo.yaml", {"train.sft_weight": 0.5}), tmp_path)
+    assert rpo.loss_type == ["sigmoid", "sft"] and rpo.loss_weights == [1.0, 0.5]

@@ -98,10 +98,13 @@ def test_dpo_stage_and_sft_stacked_on_it_give_one_servable_adapter(
         "robust",
         "--train.label_smoothing",
         "0.1",
+        "--train.sft_weight",  # RPO: TRL must take the weighted list of losses it becomes
+        "1.0",
     )
     assert len(steps_logged(tmp_path / "dpo")) == 3
     assert_all_moved(dpo)
     assert dpo["config"]["train"]["loss_type"] == "robust"
+    assert dpo["config"]["train"]["sft_weight"] == 1.0
     assert (
         dpo["metrics"]["heldout_logp_margin_before"] is not None and "eval_rewards/margins" in dpo["metrics"]
     )

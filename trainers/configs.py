@@ -485,15 +485,36 @@ class DPOTrainSettings(TrainSettings):
             "less in memory during it"
         },
     )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of a negative log-likelihood term on the chosen answers added to the loss "
+            "(RPO, Pang et al. 2024, use 1.0): it anchors the policy on text it was shown to be good, "
+            "where plain DPO can lower both answers' likelihood; 0 for plain DPO"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.sft_weight < 0:
+            raise self.bad("sft_weight", "must be 0 (plain DPO) or more; RPO uses 1.0")
+        if self.sft_weight > 0 and self.loss_type == "sft":
+            raise self.bad("sft_weight", "loss_type is sft already; set sft_weight to 0")
         if self.beta <= 0:
             raise self.bad("beta", "must be greater than 0; 0.1 is usual")
         if self.loss_type not in DPO_LOSSES:
             raise self.bad("loss_type", f"use one of {', '.join(DPO_LOSSES)}")
         if not 0 <= self.label_smoothing < 0.5:
             raise self.bad("label_smoothing", "use a share of flipped labels in [0, 0.5), e.g. 0.1")
+
+    def trl_kwargs(self) -> dict[str, Any]:
+        # TRL 1.x has no rpo_alpha: the same loss is a list of losses with weights
+        kwargs = super().trl_kwargs()
+        weight = kwargs.pop("sft_weight")
+        if weight > 0:
+            kwargs["loss_type"] = [kwargs["loss_type"], "sft"]
+            kwargs["loss_weights"] = [1.0, weight]
+        return kwargs
 
 
 @dataclass
