@@ -268,6 +268,10 @@ def test_one_process_computes_what_the_single_process_trainer_did(model_cache: P
             "approx_kl": 6.840001436358989e-07,
         },
     ]
+    # Float32 sums run in a different order on another CPU's kernels: forcing AVX2 on an AVX-512
+    # machine (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) moved the KL and
+    # approx_kl by 3e-4 of themselves and policy_loss by 6e-5, and an AVX2 CI machine failed at
+    # rel=1e-6. A change of the maths, the RNG or the batching moves these figures by percents.
     for got, want in zip(history, recorded, strict=True):
-        assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-6, abs=1e-9)
+        assert {k: got[k] for k in want} == pytest.approx(want, rel=2e-3, abs=1e-9)
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["processes"] == 1
