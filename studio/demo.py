@@ -276,8 +276,10 @@ FULL = DemoConfig(train_prompts=192, heldout_prompts=48)
 # and its battles a few votes, so the gate holds its versions (docs/demo.md). Its DPO makes one
 # pass over the pairs at full run 2's learning rate: at 12 steps and 2e-4 it left the property
 # where base had it (50% and 50%, 2026-12-02), and the gate holds the quick run's versions on
-# their quick-look evaluations whatever the stronger step costs. 4 answers per held-out prompt:
-# at 2, one answer is 2 points of the rate.
+# their quick-look evaluations whatever the stronger step costs; it keeps the DPO loss alone
+# (sft_weight 0, as in the runs that passed the whole-loop test), since the chosen answers'
+# likelihood term holds the model nearer its parent and was measured only in the full run.
+# 4 answers per held-out prompt: at 2, one answer is 2 points of the rate.
 QUICK = DemoConfig(
     train_prompts=48,
     heldout_prompts=24,
@@ -287,7 +289,7 @@ QUICK = DemoConfig(
     samples_per_prompt=4,
     reward_overrides={"train.max_steps": 12},
     ppo_overrides={"ppo.iterations": 2},
-    dpo_overrides={"train.max_steps": 32, "train.learning_rate": 5e-4},
+    dpo_overrides={"train.max_steps": 32, "train.learning_rate": 5e-4, "train.sft_weight": 0.0},
 )
 SIZES = {"full": FULL, "quick": QUICK}
 
