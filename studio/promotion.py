@@ -471,6 +471,22 @@ def evaluate_new_version(studio: Any, version: str, parent: str, created_by: str
 
 
 # -- the version card -----------------------------------------------------------------------------
+def _gate_shown(store: Store, version: str) -> dict[str, Any]:
+    """The gate's state as a card shows it: against the version the gate last judged `version`
+    against. That is the parent, unless `decide` judged it against an older ancestor `policy`
+    pointed at (PPO held, DPO over it judged against base): then the parent's state would say
+    "does not pass" beside the gate's own promotion (full run 12, docs/demo.md)."""
+    state = gate_state(store, version)
+    rows = store.query(
+        "SELECT e.against FROM promotions p JOIN evals e ON e.id = p.eval_id"
+        " WHERE p.decided_by = ? AND p.version = ? ORDER BY p.decided_at DESC, p.id DESC LIMIT 1",
+        [GATE, version],
+    )
+    if rows and rows[0]["against"] != state["against"]:
+        return gate_state(store, version, against=rows[0]["against"])
+    return state
+
+
 def card(store: Store, version: str) -> dict[str, Any]:
     """Everything about one version for the Models tab, REST and notebooks: its metrics beside its
     parent's (delta and interval), the re-battle (votes, win rate with its interval, verdict), the
@@ -491,7 +507,7 @@ def card(store: Store, version: str) -> dict[str, Any]:
         "evaluations": [],
         "metrics": [],
         "rebattle": None,
-        "gate": gate_state(store, name),
+        "gate": _gate_shown(store, name),
         "promotions": history(store, name),
         "lineage": training.lineage(store, name),
     }

@@ -411,6 +411,11 @@ def test_a_version_over_a_held_parent_is_judged_against_where_policy_points(stor
     record_eval(store, third, "base", GOOD)
     vote_until_closed(store, duel(store, third, "base", name=f"vsbase-{third}"), third)
     assert camp.aliases(store)["policy"] == third
+    # its card shows the gate where it decided (against base), not "does not pass" against the
+    # parent beside its own promotion (full run 12's report said both)
+    shown = promotion.card(store, third)["gate"]
+    assert (shown["against"], shown["passed"], shown["reasons"]) == ("base", True, [])
+    assert not promotion.gate_state(store, third)["passed"]  # the parent's duel is still open
     camp.set_alias(store, "policy", "base")
     done = svc.promote(svc_ctx(store), ENG, third, svc.PromoteSpec())
     assert not done["forced"] and camp.aliases(store)["policy"] == third
