@@ -476,15 +476,13 @@ def _gate_shown(store: Store, version: str) -> dict[str, Any]:
     against. That is the parent, unless `decide` judged it against an older ancestor `policy`
     pointed at (PPO held, DPO over it judged against base): then the parent's state would say
     "does not pass" beside the gate's own promotion (full run 12, docs/demo.md)."""
-    state = gate_state(store, version)
     rows = store.query(
         "SELECT e.against FROM promotions p JOIN evals e ON e.id = p.eval_id"
         " WHERE p.decided_by = ? AND p.version = ? ORDER BY p.decided_at DESC, p.id DESC LIMIT 1",
         [GATE, version],
     )
-    if rows and rows[0]["against"] != state["against"]:
-        return gate_state(store, version, against=rows[0]["against"])
-    return state
+    # None: the parent, as before any decision
+    return gate_state(store, version, against=rows[0]["against"] if rows else None)
 
 
 def card(store: Store, version: str) -> dict[str, Any]:
