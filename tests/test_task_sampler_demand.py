@@ -7,6 +7,7 @@ stand-in that answers chat requests after a delay, so the test is about the samp
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,16 +31,22 @@ from tests.helpers import add_sampled_task, make_users
 
 class SlowServer:
     """Answers after `base + per_seq * sequences in flight` seconds per token: a batching
-    server whose throughput saturates as more sequences run at once."""
+    server whose throughput saturates as more sequences run at once. With `slots`, at most that
+    many requests run at once and the rest queue (vLLM's max_num_seqs): throughput flattens."""
 
-    def __init__(self, base: float = 0.002, per_seq: float = 0.001, tokens: int = 8):
+    def __init__(self, base: float = 0.002, per_seq: float = 0.001, tokens: int = 8, slots: int = 0):
         self.base, self.per_seq, self.tokens = base, per_seq, tokens
+        self.slots = threading.BoundedSemaphore(slots) if slots else contextlib.nullcontext()
         self.lock = threading.Lock()
         self.now = 0
         self.most = 0
         self.requests: list[int] = []
 
     def chat(self, model: str, messages: list[dict[str, str]], params: SamplingParams) -> ChatResult:
+        with self.slots:
+            return self._run(params)
+
+    def _run(self, params: SamplingParams) -> ChatResult:
         with self.lock:
             self.now += params.n
             self.most = max(self.most, self.now)
@@ -302,7 +309,12 @@ def test_seeded_requests_keep_their_prompts_under_the_prefill_budget(
     assert server.most == 8  # 4 requests of 2, though 32 sequences were allowed
 
 
-def test_the_probe_curve_sets_the_level(store: Store, server: SlowServer, running: list[TaskSampler]) -> None:
+def test_the_probe_curve_sets_the_level(store: Store, running: list[TaskSampler]) -> None:
+    # A fixed cost per token ten times the cost per sequence in flight, and 16 slots: 8 in
+    # flight run 4.9x as fast as 1, and past 16 the rate is flat, so the knee is clear. The
+    # fixture's server (2:1, no slots) gave 2.4x and a curve still rising at 64; on a CI machine
+    # busy with the vLLM lane, eight threads waking late from their sleeps measured 1.9x.
+    server = SlowServer(base=0.01, per_seq=0.001, slots=16)
     curve = probe_concurrency(server, "base", levels=(1, 2, 4, 8, 16, 32, 64), max_tokens=8)
     rates = [p["tok_s"] for p in curve]
     assert [p["in_flight"] for p in curve] == [1, 2, 4, 8, 16, 32, 64]
