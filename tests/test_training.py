@@ -16,6 +16,7 @@ import pytest
 
 from studio import training
 from studio.campaigns import set_alias
+from studio.export import build_rows
 from studio.jobs import Runner, progress, register_stage
 from studio.serving.vllm_server import live_group_members
 from studio.store import Store, StoreError
@@ -410,9 +411,13 @@ def test_queued_run_cancels_at_once_and_a_dead_studio_fails_its_running_run(
         runner.stop()
 
 
-def test_advisor_says_why(judged: Store) -> None:
+def test_advisor_says_why(judged: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     advice = training.advise(judged)
     assert advice["stage"] == "dpo" and "no reward model" in advice["why"]
+    # the ten pairs the trainers would get (the export's rows), said first
+    pairs = len(build_rows(judged, "preference")[0])
+    assert advice["signals"]["ranked_pairs"] == pairs == 10
+    assert advice["why"].startswith(f"only {pairs} ranked pairs") and "label more" in advice["why"]
     judged.register_model_version(
         "rm1",
         path="/x",
@@ -430,3 +435,5 @@ def test_advisor_says_why(judged: Store) -> None:
         and "95%" in advice["why"]
         and advice["signals"]["unsafe_rate"] > 0.1
     )
+    monkeypatch.setattr(training, "FEW_PAIRS", 10)  # enough pairs: the stage's reason alone
+    assert "ranked pairs" not in training.advise(judged)["why"]
