@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from studio import services as svc
+from studio.training import FEW_PAIRS
 from studio.users import User
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -891,6 +892,11 @@ class Demo:
                     if alpha is not None
                     else f"{quality['progress']['judgments']} judgments"
                 )
+                if pairs["pairs"] < FEW_PAIRS:  # said now, not an hour later under the table
+                    st.summary += (
+                        f"; under the {FEW_PAIRS} ranked pairs the Train tab's advisor asks for, so "
+                        "expect the reward model and DPO to learn little (docs/demo.md)"
+                    )
             with con.stage(4, "train") as st:
                 rm_run, ppo_run, dpo_run = self.train(st)
             rm = rm_run["versions"][0]

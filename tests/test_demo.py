@@ -331,6 +331,7 @@ def test_the_demo_runs_the_loop_and_the_last_version_beats_base_on_the_property(
     for index in range(1, 9):
         assert f"[{index}/8]" in text, text
     assert "[studio]" not in text, text  # the studio's own messages go to logs/demo-studio.log
+    assert "advisor asks for" in text, text  # about 140 ranked pairs: said after labeling
     table = json.loads((data_dir / "demo.json").read_text())
     rows = {row["stage"]: row for row in table["rows"]}
     assert set(rows) == {"base", "ppo", "dpo"}
