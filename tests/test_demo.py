@@ -292,6 +292,14 @@ def test_table_has_a_row_per_version_with_rate_win_rate_gate_and_deltas() -> Non
     assert any(line.startswith("checks: wins ok, rises ok") for line in lines)
 
 
+def test_dpo_makes_as_many_passes_over_few_pairs_as_over_many() -> None:
+    # second_person's 1,234 and concise's 1,768 pairs keep the recipe's 64 steps (the runs that
+    # held every guard); no_lists' 368 get 20 steps, not 64 (1.4 passes, full run 14)
+    assert demo.dpo_steps(1234) == {} and demo.dpo_steps(1768) == {}
+    assert demo.dpo_steps(368) == {"train.max_steps": 20}
+    assert demo.dpo_steps(3) == {"train.max_steps": demo.DPO_MIN_STEPS}
+
+
 def test_the_demo_needs_a_fresh_data_dir(tmp_path: Path) -> None:
     (tmp_path / "studio.duckdb").write_text("")
     with pytest.raises(ValueError, match="not empty"):
