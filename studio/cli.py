@@ -1130,7 +1130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser(
         "demo",
-        help="run the whole loop with scripted people (about 15 min on 2 CPU cores)",
+        help="run the whole loop with scripted people (about an hour on 2 CPU cores; --quick 12-15 min)",
         description="From a fresh data directory: import prompts, sample, label (scripted annotators), "
         "train a reward model, PPO and DPO, hot-load, evaluate, re-battle blind on held-out prompts "
         "(a scripted expert), gate and promote; then a table of every version. Exit code 3 when a "
@@ -1156,7 +1156,9 @@ def build_parser() -> argparse.ArgumentParser:
         "admin password); Ctrl-C stops it",
     )
     dm.add_argument(
-        "--quick", action="store_true", help="a smaller run: fewer prompts and steps, 4-item evaluations"
+        "--quick",
+        action="store_true",
+        help="a smaller run (12-15 min on 2 cores): fewer prompts and steps, 4-item evaluations",
     )
     dm.add_argument(
         "--port",
