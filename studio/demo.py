@@ -478,6 +478,7 @@ class Demo:
         self.heldout: list[list[dict[str, str]]] = []
         self.rates: dict[str, list[bool]] = {}
         self.texts: dict[str, list[tuple[int, str]]] = {}
+        self.ranked_pairs = 0  # the labeling's, counted once it ends (DPO's steps follow it)
 
     # -------------------------------------------------------------- studio
     def start_studio(self) -> None:
@@ -673,7 +674,7 @@ class Demo:
             stage="dpo",
             recipe="demo-dpo",
             parent=ppo,
-            overrides={**mixed, **dpo_steps(self._pair_count()["pairs"]), **c.dpo_overrides} or None,
+            overrides={**mixed, **dpo_steps(self.ranked_pairs), **c.dpo_overrides} or None,
             eval_prompt_set=HELDOUT_SET,
         )
         metrics = rm_run["metrics"]["reward"]
@@ -906,6 +907,7 @@ class Demo:
                 base_rates.result()
                 quality = svc.campaign_quality(self.studio, self.admin, LABEL_CAMPAIGN)
                 pairs = self._pair_count()
+                self.ranked_pairs = pairs["pairs"]
                 alpha = quality["agreement"].get("krippendorff_alpha")
                 st.summary = (
                     f"{quality['progress']['judgments']} judgments by {len(ANNOTATORS)} annotators at "
