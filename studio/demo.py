@@ -291,7 +291,12 @@ QUICK = DemoConfig(
     samples_per_prompt=4,
     reward_overrides={"train.max_steps": 12},
     ppo_overrides={"ppo.iterations": 2},
-    dpo_overrides={"train.max_steps": 32, "train.learning_rate": 5e-4, "train.sft_weight": 0.0},
+    dpo_overrides={
+        "train.max_steps": 32,
+        "train.learning_rate": 5e-4,
+        "train.sft_weight": 0.0,
+        "train.margin_budget": None,  # as measured in the runs above
+    },
 )
 SIZES = {"full": FULL, "quick": QUICK}
 
@@ -678,11 +683,16 @@ class Demo:
             eval_prompt_set=HELDOUT_SET,
         )
         metrics = rm_run["metrics"]["reward"]
+        dpo_m = dpo_run["metrics"].get("dpo") or {}
+        budget = (
+            f", stopped by its margin budget: held-out margin +{dpo_m['margin_budget_gain']:.2f} nats"
+            if "margin_budget_step" in dpo_m
+            else ""
+        )
         stage.summary = (
             f"reward model {rm} ({metrics.get('train_pairs')} pairs, "
             f"{metrics.get('heldout_accuracy', 0):.0%} on its held-out split), PPO {ppo} against it, "
-            f"DPO {dpo_run['versions'][0]} over {ppo} "
-            f"({(dpo_run['metrics'].get('dpo') or {}).get('steps', '?')} steps)"
+            f"DPO {dpo_run['versions'][0]} over {ppo} ({dpo_m.get('steps', '?')} steps{budget})"
         )
         return rm_run, ppo_run, dpo_run
 

@@ -87,6 +87,12 @@ def test_unknown_key_in_an_override_is_refused_with_the_nearest_key() -> None:
             "train.sft_weight 1.0: loss_type is sft already; set sft_weight to 0",
         ),
         ("dpo", {"held_out": 1.0}, r"held_out 1.0: use a share of prompts in \[0, 1\)"),
+        ("dpo", {"train.margin_budget": 0}, "train.margin_budget 0.0: use a rise in nats greater than 0"),
+        (
+            "dpo",
+            {"train.margin_budget": 1, "held_out": 0},
+            r"held_out 0.0: train.margin_budget is checked on held-out pairs: hold some out",
+        ),
         ("reward", {"held_out": -0.1}, r"held_out -0.1: use a share of prompts in \[0, 1\)"),
         ("sft", {"train.max_steps": 0}, "train.max_steps 0: use -1 .* or a positive number of steps"),
         (
@@ -271,7 +277,8 @@ def test_the_train_sections_are_trl_fields_with_trl_defaults_unless_said() -> No
     from trl import DPOConfig, RewardConfig, SFTConfig
 
     deliberate = {"bf16": False, "max_length": 512, "report_to": []}  # each field's help says why
-    translated = {"sft_weight"}  # trl_kwargs turns it into TRL's loss_type and loss_weights
+    # trl_kwargs turns sft_weight into TRL's loss_type and loss_weights; margin_budget is our stop
+    translated = {"sft_weight", "margin_budget"}
     for stage, trl_cls in (("reward", RewardConfig), ("dpo", DPOConfig), ("sft", SFTConfig)):
         trl_fields = {f.name: f for f in dataclasses.fields(trl_cls)}
         ours = configs.CONFIGS[stage]().train

@@ -101,8 +101,12 @@ def test_dpo_stage_and_sft_stacked_on_it_give_one_servable_adapter(
         "0.1",
         "--train.sft_weight",  # RPO: TRL must take the weighted list of losses it becomes
         "1.0",
+        "--train.margin_budget",  # checked after steps 1 and 2 and never reached: TRL must get no such key
+        "1e6",
     )
     assert len(steps_logged(tmp_path / "dpo")) == 3
+    assert len(steps_logged(tmp_path / "dpo", "heldout_margin_gain")) == 2
+    assert "margin_budget_step" not in dpo["metrics"]
     assert_all_moved(dpo)
     assert dpo["config"]["train"]["loss_type"] == "robust"
     assert dpo["config"]["train"]["sft_weight"] == 1.0
@@ -121,6 +125,27 @@ def test_dpo_stage_and_sft_stacked_on_it_give_one_servable_adapter(
     assert json.loads((tmp_path / "sft" / "adapter_config.json").read_text())[
         "base_model_name_or_path"
     ] == str(tiny)
+
+
+def test_dpo_stops_once_the_held_out_margin_has_risen_by_its_budget(
+    tiny: Path, pref: Path, tmp_path: Path
+) -> None:
+    # a learning rate that moves the tiny model's held-out margin within a step or two
+    dpo = run_stage(
+        "dpo",
+        pref,
+        tiny,
+        tmp_path / "dpo",
+        *("--train.max_steps", "8", "--train.learning_rate", "1e-2", "--train.margin_budget", "0.01"),
+    )
+    m = dpo["metrics"]
+    gains = steps_logged(tmp_path / "dpo", "heldout_margin_gain")
+    assert m["steps"] < 8 and m["margin_budget_step"] == m["steps"] == len(gains), (m, gains)
+    assert m["margin_budget_gain"] == gains[-1] >= 0.01 and all(g < 0.01 for g in gains[:-1])
+    # a run stopped early is still a whole version: trained (LoRA's B first: A moves from step 2),
+    # evaluated, saved
+    assert m["moved_tensors"] > 0
+    assert m["eval_loss"] > 0 and (tmp_path / "dpo" / "adapter_model.safetensors").is_file()
 
 
 def test_lora_enabled_false_trains_all_weights_and_model_dtype_is_honoured(

@@ -57,6 +57,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def from_main(value: float) -> float:
+    """The main process's `value` on every rank, so that a decision only rank 0 measured (e.g.
+    to stop training) is taken by all of them; the value itself when training alone."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(box, src=0)
+    return float(box.item())
+
+
 # ---------------------------------------------------------------- command line and recipe
 
 

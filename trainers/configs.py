@@ -494,8 +494,20 @@ class DPOTrainSettings(TrainSettings):
         },
     )
 
+    margin_budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "stop once the policy's mean log p(chosen) - log p(rejected) on held-out pairs has "
+            "risen this many nats above its parent's (on up to 32 of them, 8 times a run): past a "
+            "small rise DPO pays for the margin with other skills (docs/demo.md: 1 nat in the demo). "
+            "Needs held_out > 0; unset trains every step"
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.margin_budget is not None and not self.margin_budget > 0:
+            raise self.bad("margin_budget", "use a rise in nats greater than 0, e.g. 1.0, or leave it unset")
         if self.sft_weight < 0:
             raise self.bad("sft_weight", "must be 0 (plain DPO) or more; RPO uses 1.0")
         if self.sft_weight > 0 and self.loss_type == "sft":
@@ -510,6 +522,7 @@ class DPOTrainSettings(TrainSettings):
     def trl_kwargs(self) -> dict[str, Any]:
         # TRL 1.x has no rpo_alpha: the same loss is a list of losses with weights
         kwargs = super().trl_kwargs()
+        kwargs.pop("margin_budget")  # the stage's own stop (trainers.dpo), not TRL's
         weight = kwargs.pop("sft_weight")
         if weight > 0:
             kwargs["loss_type"] = [kwargs["loss_type"], "sft"]
@@ -771,6 +784,13 @@ class DPOStageConfig(HeldOutStage):
     train: DPOTrainSettings = field(
         default_factory=DPOTrainSettings, metadata={"help": "TRL's DPOConfig settings"}
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train.margin_budget is not None and not self.held_out:
+            raise self.bad(
+                "held_out", "train.margin_budget is checked on held-out pairs: hold some out (e.g. 0.1)"
+            )
 
 
 @dataclass

@@ -252,7 +252,7 @@ def line_plot(title: str, series: dict[str, list[tuple[float, float]]]) -> str:
 # Which metrics.jsonl keys each run chart draws (the stages name the same curve differently).
 CURVES = {
     "loss": ("loss",),
-    "reward": ("reward", "rewards/margins", "margin"),
+    "reward": ("reward", "rewards/margins", "margin", "heldout_margin_gain"),
     "KL": ("kl", "objective/kl"),
     "accuracy": ("accuracy", "rewards/accuracies", "eval_rewards/accuracies"),
 }
