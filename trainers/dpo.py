@@ -4,6 +4,8 @@ beta and the loss type come from the recipe's `train` section (trainers.configs.
 sigmoid, robust for noisy labels, ipo, hinge, ...).
 After training, TRL's own evaluation on the held-out prompts gives reward accuracy and margins,
 and the policy's chosen-minus-rejected log-probability margin is measured before and after.
+With `train.margin_budget` set, training stops once that margin has risen so many nats on a
+sample of the held-out pairs (checked BUDGET_CHECKS times a run).
 
     python -m trainers.dpo --config data/recipes/dpo.yaml --snapshot SNAP --parent MODEL --output DIR
 """
