@@ -93,6 +93,11 @@ def test_unknown_key_in_an_override_is_refused_with_the_nearest_key() -> None:
             {"train.margin_budget": 1, "held_out": 0},
             r"held_out 0.0: train.margin_budget is checked on held-out pairs: hold some out",
         ),
+        (
+            "dpo",
+            {"train.margin_budget": 1, "train.fsdp": "full_shard auto_wrap"},
+            r"train.margin_budget 1.0: is measured by the main process alone, .* shard with ZeRO-2",
+        ),
         ("reward", {"held_out": -0.1}, r"held_out -0.1: use a share of prompts in \[0, 1\)"),
         ("sft", {"train.max_steps": 0}, "train.max_steps 0: use -1 .* or a positive number of steps"),
         (
@@ -339,3 +344,15 @@ def test_sft_weight_becomes_trls_weighted_list_of_losses(tmp_path: Path) -> None
     assert plain.loss_type == ["sigmoid"] and plain.loss_weights is None
     rpo = trl_config(DPOConfig, validate("dpo", RECIPES / "dpo.yaml", {"train.sft_weight": 0.5}), tmp_path)
     assert rpo.loss_type == ["sigmoid", "sft"] and rpo.loss_weights == [1.0, 0.5]
+
+
+def test_margin_budget_is_refused_with_zero3_sharding_and_taken_with_zero2() -> None:
+    gpu = RECIPES / "gpu"
+    with pytest.raises(ConfigError, match=r"train.margin_budget 1.0: .*DeepSpeed ZeRO-3"):
+        validate(
+            "dpo",
+            RECIPES / "dpo.yaml",
+            {"train.margin_budget": 1, "train.deepspeed": str(gpu / "ds_zero3.json")},
+        )
+    zero2 = {"train.margin_budget": 1, "train.deepspeed": str(gpu / "ds_zero2.json")}
+    assert validate("dpo", RECIPES / "dpo.yaml", zero2).train.margin_budget == 1.0

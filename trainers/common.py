@@ -60,14 +60,13 @@ def is_main() -> bool:
 def from_main(value: float) -> float:
     """The main process's `value` on every rank, so that a decision only rank 0 measured (e.g.
     to stop training) is taken by all of them; the value itself when training alone."""
-    import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    box = torch.tensor([value], dtype=torch.float64)
-    dist.broadcast(box, src=0)
-    return float(box.item())
+    box = [value]
+    dist.broadcast_object_list(box, src=0)  # not a CPU tensor: NCCL (GPU training) carries none
+    return float(box[0])
 
 
 # ---------------------------------------------------------------- command line and recipe

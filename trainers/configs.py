@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import sys
 import textwrap
@@ -787,10 +788,27 @@ class DPOStageConfig(HeldOutStage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.train.margin_budget is not None and not self.held_out:
+        if self.train.margin_budget is None:
+            return
+        if not self.held_out:
             raise self.bad(
                 "held_out", "train.margin_budget is checked on held-out pairs: hold some out (e.g. 0.1)"
             )
+        if self.train.fsdp or _zero_stage(self.train.deepspeed) == 3:
+            # the main process measures alone; a forward pass over sharded weights needs them all
+            raise self.train.bad(
+                "margin_budget",
+                "is measured by the main process alone, which weights sharded across processes "
+                "(train.fsdp, DeepSpeed ZeRO-3) do not allow; unset it and cap train.max_steps, or "
+                "shard with ZeRO-2",
+            )
+
+
+def _zero_stage(deepspeed: str | None) -> int:
+    """The ZeRO stage of a DeepSpeed config file (0 without one)."""
+    if not deepspeed:
+        return 0
+    return int(json.loads(Path(deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
 @dataclass

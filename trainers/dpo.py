@@ -42,7 +42,7 @@ def answer_logprob(model: Any, tokenizer: Any, prompt: list[dict], answer: list[
     prefix = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
     p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(full, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, :-1].float()
     logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
