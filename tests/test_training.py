@@ -142,6 +142,8 @@ def test_dpo_stops_once_the_held_out_margin_has_risen_by_its_budget(
     gains = steps_logged(tmp_path / "dpo", "heldout_margin_gain")
     assert m["steps"] < 8 and m["margin_budget_step"] == m["steps"] == len(gains), (m, gains)
     assert m["margin_budget_gain"] == gains[-1] >= 0.01
+    last = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "end" and last["max_steps"] == m["steps"]  # progress shows it finished
     # a run stopped early is still a whole version: trained (LoRA's B first: A moves from step 2),
     # evaluated, saved
     assert m["moved_tensors"] > 0

@@ -101,6 +101,7 @@ def margin_budget_callback(tokenizer: Any, held: list[dict[str, Any]], budget: f
             if gain >= budget:
                 self.stopped = {"margin_budget_step": step, "margin_budget_gain": gain}
                 control.should_training_stop = True
+                reporter.max_steps = step  # the run is this long now: progress reads step/max, no ETA
 
     return MarginBudget()
 
