@@ -356,3 +356,10 @@ def test_margin_budget_is_refused_with_zero3_sharding_and_taken_with_zero2() -> 
         )
     zero2 = {"train.margin_budget": 1, "train.deepspeed": str(gpu / "ds_zero2.json")}
     assert validate("dpo", RECIPES / "dpo.yaml", zero2).train.margin_budget == 1.0
+
+
+def test_margin_budget_names_a_deepspeed_file_that_is_not_json(tmp_path: Path) -> None:
+    broken = tmp_path / "ds.json"
+    broken.write_text("zero_optimization: {stage: 3}")  # YAML, not the JSON DeepSpeed reads
+    with pytest.raises(ConfigError, match=r"train.deepspeed .*ds.json'?: is not a DeepSpeed JSON config"):
+        validate("dpo", RECIPES / "dpo.yaml", {"train.margin_budget": 1, "train.deepspeed": str(broken)})

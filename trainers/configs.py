@@ -794,7 +794,7 @@ class DPOStageConfig(HeldOutStage):
             raise self.bad(
                 "held_out", "train.margin_budget is checked on held-out pairs: hold some out (e.g. 0.1)"
             )
-        if self.train.fsdp or _zero_stage(self.train.deepspeed) == 3:
+        if self.train.fsdp or _zero_stage(self.train) == 3:
             # the main process measures alone; a forward pass over sharded weights needs them all
             raise self.train.bad(
                 "margin_budget",
@@ -804,11 +804,14 @@ class DPOStageConfig(HeldOutStage):
             )
 
 
-def _zero_stage(deepspeed: str | None) -> int:
-    """The ZeRO stage of a DeepSpeed config file (0 without one)."""
-    if not deepspeed:
+def _zero_stage(train: TrainSettings) -> int:
+    """The ZeRO stage of the train section's DeepSpeed config file (0 without one)."""
+    if not train.deepspeed:
         return 0
-    return int(json.loads(Path(deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0))
+    try:
+        return int(json.loads(Path(train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (ValueError, AttributeError) as exc:
+        raise train.bad("deepspeed", f"is not a DeepSpeed JSON config ({exc}); fix the file") from None
 
 
 @dataclass
