@@ -49,10 +49,8 @@ def answer_logprob(model: Any, tokenizer: Any, prompt: list[dict], answer: list[
     return float(logp[len(p_ids) - 1 :].sum())
 
 
-def logp_margin(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> float | None:
-    """Mean over pairs of log p(chosen) - log p(rejected): what DPO should raise on held-out prompts."""
-    if not rows:
-        return None
+def pair_gaps(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> list[float]:
+    """log p(chosen) - log p(rejected) of each pair: what DPO should raise on held-out prompts."""
     was_training = model.training
     model.eval()
     gaps = [
@@ -61,7 +59,16 @@ def logp_margin(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> float
         for r in rows
     ]
     model.train(was_training)  # a check during training hands the model back as it found it
-    return sum(gaps) / len(gaps)
+    return gaps
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def logp_margin(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> float | None:
+    """The mean over pairs of `pair_gaps`; None without pairs."""
+    return mean(pair_gaps(model, tokenizer, rows))
 
 
 # The margin budget is checked on a fixed sample of at most this many held-out pairs (18-22 s a
@@ -71,31 +78,34 @@ BUDGET_PAIRS = 32
 BUDGET_CHECKS = 8
 
 
-def margin_budget_callback(tokenizer: Any, held: list[dict[str, Any]], budget: float, reporter: Any) -> Any:
+def margin_budget_callback(
+    tokenizer: Any, held: list[dict[str, Any]], before: list[float], budget: float, reporter: Any
+) -> Any:
     """A TrainerCallback that stops training once the held-out log-probability margin has risen
-    `budget` nats above the parent's (the policy before its first step).
+    `budget` nats above the parent's. `before` is `pair_gaps` of the parent over `held`, which the
+    stage measures anyway (on rank 0; empty elsewhere): the sample's start is read from it.
 
     Rank 0 measures and every rank follows its decision, so data-parallel ranks stop together."""
     import random
 
     from transformers import TrainerCallback
 
-    pairs = random.Random(0).sample(held, min(BUDGET_PAIRS, len(held)))
+    chosen = random.Random(0).sample(range(len(held)), min(BUDGET_PAIRS, len(held)))
+    pairs = [held[i] for i in chosen]
+    start = mean([before[i] for i in chosen]) if is_main() else None
 
     class MarginBudget(TrainerCallback):
         def __init__(self) -> None:
-            self.start: float | None = None
             self.stopped: dict[str, float] = {}
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.every = max(1, math.ceil(state.max_steps / BUDGET_CHECKS))
-            self.start = logp_margin(model, tokenizer, pairs) if is_main() else None
 
         def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             step = state.global_step
             if step % self.every or step >= state.max_steps:
                 return
-            gain = logp_margin(model, tokenizer, pairs) - self.start if is_main() else 0.0
+            gain = logp_margin(model, tokenizer, pairs) - start if is_main() else 0.0
             gain = from_main(gain)
             reporter.step(step, heldout_margin_gain=gain)
             if gain >= budget:
@@ -115,13 +125,13 @@ def train(args: argparse.Namespace, config: DPOStageConfig) -> dict[str, Any]:
     train_rows, held = split_held_out(rows, config.held_out)
     tokenizer = load_tokenizer(args.parent)
     model = load_model(args.parent, settings=config.model)
-    before = logp_margin(model, tokenizer, held) if is_main() else None  # rank 0 reports it
+    before = pair_gaps(model, tokenizer, held) if is_main() else []  # rank 0 reports it
     trainer, reporter, lora = policy_trainer(
         "dpo", DPOTrainer, DPOConfig, args, config, model, tokenizer, train_rows, held, COLUMNS
     )
     budget = None
     if config.train.margin_budget is not None:
-        budget = margin_budget_callback(tokenizer, held, config.train.margin_budget, reporter)
+        budget = margin_budget_callback(tokenizer, held, before, config.train.margin_budget, reporter)
         trainer.add_callback(budget)
     result, moved, evaluation, saved = train_policy(trainer, args, tokenizer, lora, evaluate=bool(held))
     if not is_main():
@@ -133,7 +143,7 @@ def train(args: argparse.Namespace, config: DPOStageConfig) -> dict[str, Any]:
         **moved,
         "train_pairs": len(train_rows),
         "heldout_pairs": len(held),
-        "heldout_logp_margin_before": before,
+        "heldout_logp_margin_before": mean(before),
         "heldout_logp_margin_after": logp_margin(trainer.model, tokenizer, held),
         **{k: v for k, v in evaluation.items() if k.startswith("eval_rewards") or k == "eval_loss"},
     }
