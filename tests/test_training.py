@@ -21,6 +21,7 @@ from studio.jobs import Runner, progress, register_stage
 from studio.serving.vllm_server import live_group_members
 from studio.store import Store, StoreError
 from tests.helpers import easy_preference_rows, tiny_model, write_parquet
+from trainers.dpo import next_budget_check
 
 RECIPES = Path(__file__).resolve().parents[1] / "data" / "recipes"
 TINY_LORA = ["--lora.target_modules", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
@@ -127,6 +128,17 @@ def test_dpo_stage_and_sft_stacked_on_it_give_one_servable_adapter(
     ] == str(tiny)
 
 
+def test_the_margin_budget_checks_more_often_near_the_budget_and_stops_nearest_it() -> None:
+    # full run 16's checks every 3rd step read 0.34, 0.96 and 1.73 nats against a budget of 1:
+    # DPO went 0.73 past it and broke a guard
+    assert next_budget_check(3, 0.34, (0, 0.0), 1.0, every=3) == 5  # 5.7 steps left: check after half
+    assert next_budget_check(6, 0.96, (3, 0.34), 1.0, every=3) is None  # 0.2 steps left: stop here
+    assert next_budget_check(6, 0.80, (3, 0.34), 1.0, every=3) == 7  # 1.3 left: check the next step
+    assert next_budget_check(9, 1.73, (6, 0.96), 1.0, every=3) is None  # past the budget
+    assert next_budget_check(8, 0.10, (0, 0.0), 1.0, every=8) == 16  # slow (64-step runs): every 8th
+    assert next_budget_check(16, 0.05, (8, 0.10), 1.0, every=8) == 24  # a fall: nothing to predict
+
+
 def test_dpo_stops_once_the_held_out_margin_has_risen_by_its_budget(
     tiny: Path, pref: Path, tmp_path: Path
 ) -> None:
@@ -139,9 +151,15 @@ def test_dpo_stops_once_the_held_out_margin_has_risen_by_its_budget(
         *("--train.max_steps", "8", "--train.learning_rate", "1e-2", "--train.margin_budget", "0.01"),
     )
     m = dpo["metrics"]
-    gains = steps_logged(tmp_path / "dpo", "heldout_margin_gain")
-    assert m["steps"] < 8 and m["margin_budget_step"] == m["steps"] == len(gains), (m, gains)
-    assert m["margin_budget_gain"] == gains[-1] >= 0.01
+    events = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    checks = [(e["step"], e["heldout_margin_gain"]) for e in events if "heldout_margin_gain" in e]
+    assert m["steps"] < 8 and m["margin_budget_step"] == m["steps"] == checks[-1][0], (m, checks)
+    assert m["margin_budget_gain"] == checks[-1][1] > 0
+    # the run kept to the schedule: each check came when the one before it said, the last said stop
+    previous = (0, 0.0)
+    for (step, gain), (next_step, _) in zip(checks, [*checks[1:], (None, None)], strict=True):
+        assert next_budget_check(step, gain, previous, 0.01, every=1) == next_step, checks
+        previous = (step, gain)
     last = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["event"] == "end" and last["max_steps"] == m["steps"]  # progress shows it finished
     # a run stopped early is still a whole version: trained (LoRA's B first: A moves from step 2),
