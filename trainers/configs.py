@@ -500,9 +500,9 @@ class DPOTrainSettings(TrainSettings):
         metadata={
             "help": "stop at the step nearest where the policy's mean log p(chosen) - log p(rejected) "
             "on held-out pairs has risen this many nats above its parent's (on up to 32 of them, at "
-            "least 8 times a run and every step near the budget): past a small rise DPO pays for the "
-            "margin with other skills (docs/demo.md: 1 nat in the demo). Needs held_out > 0; unset "
-            "trains every step"
+            "least every eighth of the schedule and every step near the budget): past a small rise "
+            "DPO pays for the margin with other skills (docs/demo.md: 1 nat in the demo). Needs "
+            "held_out > 0; unset trains every step"
         },
     )
 

@@ -5,8 +5,8 @@ sigmoid, robust for noisy labels, ipo, hinge, ...).
 After training, TRL's own evaluation on the held-out prompts gives reward accuracy and margins,
 and the policy's chosen-minus-rejected log-probability margin is measured before and after.
 With `train.margin_budget` set, training stops at the step nearest where that margin has risen
-so many nats on a sample of the held-out pairs (checked at least BUDGET_CHECKS times a run, more
-often as the rise nears the budget: `next_budget_check`).
+so many nats on a sample of the held-out pairs (checked at least every 1/BUDGET_CHECKS of the
+schedule, and more often as the rise nears the budget: `next_budget_check`).
 
     python -m trainers.dpo --config data/recipes/dpo.yaml --snapshot SNAP --parent MODEL --output DIR
 """
@@ -74,7 +74,7 @@ def logp_margin(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> float
 
 # The margin budget is checked on a fixed sample of at most this many held-out pairs (18-22 s a
 # check for the demo's answers on 2 cores, about 1.3 DPO steps; batching the forwards gained
-# nothing), at least BUDGET_CHECKS times a run: 64 steps are checked at least every 8th, the
+# nothing), at least every 1/BUDGET_CHECKS of the schedule: 64 steps at least every 8th, the
 # demo's 20 at least every 3rd.
 BUDGET_PAIRS = 32
 BUDGET_CHECKS = 8
