@@ -131,11 +131,12 @@ def test_dpo_stage_and_sft_stacked_on_it_give_one_servable_adapter(
 def test_the_margin_budget_checks_more_often_near_the_budget_and_stops_nearest_it() -> None:
     # full run 16's checks every 3rd step read 0.34, 0.96 and 1.73 nats against a budget of 1:
     # DPO went 0.73 past it and broke a guard
-    assert next_budget_check(3, 0.34, (0, 0.0), 1.0, every=3) == 5  # 5.7 steps left: check after half
+    assert next_budget_check(3, 0.34, (0, 0.0), 1.0, every=3) == 4  # 5.7 steps left: every step now
     assert next_budget_check(6, 0.96, (3, 0.34), 1.0, every=3) is None  # 0.2 steps left: stop here
     assert next_budget_check(6, 0.80, (3, 0.34), 1.0, every=3) == 7  # 1.3 left: check the next step
     assert next_budget_check(9, 1.73, (6, 0.96), 1.0, every=3) is None  # past the budget
     assert next_budget_check(8, 0.10, (0, 0.0), 1.0, every=8) == 16  # slow (64-step runs): every 8th
+    assert next_budget_check(40, 0.80, (32, 0.64), 1.0, every=8) == 42  # 10 steps left: a quarter
     assert next_budget_check(16, 0.05, (8, 0.10), 1.0, every=8) == 24  # a fall: nothing to predict
 
 
